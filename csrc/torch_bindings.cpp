@@ -1,0 +1,41 @@
+// The one schema block of the `mplus` op namespace (STYLE.md habit 3). Kernels register their implementations
+// elsewhere (csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(mplus, CPU, m); Triton kernels: from Python for CUDA).
+// Every op here has a fake kernel in mplus_kernels/<family>/op.py so torch.compile can trace it.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import mplus_kernels._C` loads this library, which runs the static op registrations below and in csrc/cpu.
+// The module itself is empty: ops are reached through torch.ops.mplus.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(mplus, m) {
+  // --- memory update (random drop), mplus_kernels/memory_update -------------------------------------------------
+  // pos/order [L, N] int32 (slot -> logical position, logical position -> slot); victims [L, K] int64 logical
+  // positions, sorted ascending and distinct per layer; slots[i] [L, N, *F_i] per-slot state (hidden, K/V, ages);
+  // new_rows[i] [L, K, *F_i]; dropped[i] [L, K, *F_i] receives the victims' old rows in ascending logical order.
+  m.def(
+      "memory_update_(Tensor(a!) pos, Tensor(b!) order, Tensor victims, Tensor(c!)[] slots, Tensor[] new_rows, "
+      "Tensor(d!)[] dropped) -> ()");
+
+  // --- memory attention, mplus_kernels/attention -------------------------------------------------------------------
+  // q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] (chunk, rotated); mem_k, mem_v [B, M, Hkv, D] (memory, mem_k before RoPE);
+  // mem_pos [M] int32 rows of rope_cos/rope_sin [P, D/2] fp32 (mem_pos None: mem_k used as given). Memory is fully
+  // visible; the chunk is bottom-right causal when `causal`. Returns out [B, Tq, Hq, D] (q's dtype), lse [B, Hq, Tq]
+  // fp32 natural log; queries that see no key: out 0, lse -inf.
+  m.def(
+      "memory_attention(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? mem_pos, "
+      "Tensor? rope_cos, Tensor? rope_sin, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  // out_a, out_b [B, T, H, D]; lse_a, lse_b [B, H, T] fp32 -> exact merge over disjoint key sets.
+  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+
+  // --- retriever scoring + top-K, mplus_kernels/retrieval --------------------------------------------------------
+  // queries [T, ds]; keys [S1, ds]; keys2 [S2, ds] (optional second range, indices continue after S1).
+  // score(s) = mean_t sigmoid(q_t . k_s) in fp32; returns the top min(k, S1+S2): indices int64 ascending, and
+  // their scores fp32; ties at the boundary go to the lower index.
+  m.def("retrieve_topk(Tensor queries, Tensor keys, Tensor? keys2, int k) -> (Tensor indices, Tensor scores)");
+}

@@ -1,0 +1,94 @@
+"""Loading the compiled extension and choosing a backend per op call.
+
+One table decides which implementation runs (STYLE.md habit 4):
+
+| tensors on | ``auto`` picks | also allowed                                           |
+|------------|----------------|--------------------------------------------------------|
+| cuda       | triton         | reference                                              |
+| cpu        | cpp            | reference; triton only under ``TRITON_INTERPRET=1``    |
+
+``MPLUS_BACKEND`` or a per-call ``backend=`` argument overrides ``auto``. A backend that is asked for and absent
+raises :class:`BackendUnavailableError` saying what is missing; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+from . import _config
+
+try:  # the compiled extension registers the C++ kernels of every mplus op on import
+    from . import _C  # noqa: F401
+
+    _C_IMPORT_ERROR: str | None = None
+except ImportError as exc:  # kept, and reported when the cpp backend is asked for
+    _C_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested (explicitly or by ``auto``) that cannot run here."""
+
+
+def cpp_available() -> bool:
+    return _C_IMPORT_ERROR is None
+
+
+def cpp_import_error() -> str | None:
+    return _C_IMPORT_ERROR
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device`` (None when it can)."""
+    if not triton_installed():
+        return "the `triton` package is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if _config.triton_interpret():
+            return None
+        return "Triton kernels run on CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before import)"
+    return f"Triton kernels do not run on device type {device.type!r}"
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The backend that will run ``op`` for tensors on ``device``.
+
+    ``backend`` (a per-call override) wins over ``MPLUS_BACKEND``; ``auto`` maps cuda→triton and cpu→cpp.
+    """
+    requested = (backend or _config.backend_override()).lower()
+    if requested not in _config.BACKENDS:
+        raise ValueError(f"{op}: backend={requested!r} is not one of {', '.join(_config.BACKENDS)}")
+    if requested == "auto":
+        if device.type == "cuda":
+            requested = "triton"
+        elif device.type == "cpu":
+            requested = "cpp"
+        else:
+            raise BackendUnavailableError(f"{op}: no backend for tensors on device type {device.type!r}")
+    if requested == "cpp":
+        if device.type != "cpu":
+            raise BackendUnavailableError(
+                f"{op}: the cpp backend has CPU kernels only; tensors are on {device}. Use backend='triton' or 'auto'."
+            )
+        if not cpp_available():
+            raise BackendUnavailableError(
+                f"{op}: the C++ extension mplus_kernels._C is not built or failed to load ({_C_IMPORT_ERROR}). "
+                "Build it with `pip install -e . --no-build-isolation`, or pass backend='reference'."
+            )
+    elif requested == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: the triton backend cannot run: {reason}")
+    return requested
+
+
+def import_triton_impl(module: str):
+    """Import a ``triton_impl`` module lazily, so ``import mplus_kernels`` never needs triton."""
+    return importlib.import_module(f"mplus_kernels.{module}.triton_impl")

@@ -1,0 +1,30 @@
+"""Every environment variable mplus reads, in one place (STYLE.md habit 6).
+
+| variable          | values                              | effect |
+|-------------------|-------------------------------------|--------|
+| MPLUS_BACKEND     | auto (default), triton, cpp, reference | force one backend for every op (see `_backend.py`) |
+| TRITON_INTERPRET  | 0 (default) / 1                     | run Triton kernels on the CPU through the interpreter |
+| MPLUS_BUILD_CUDA  | unset (auto) / 0 / 1                 | read by `setup.py` only: build `csrc/cuda` or not |
+| MPLUS_CPU_ARCH    | native (default) or a `-march` value | read by `setup.py` only: target ISA of the C++ kernels |
+
+The values are read when asked for, not cached, so tests can change them with `monkeypatch.setenv`.
+"""
+
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+
+
+def backend_override() -> str:
+    """The backend named by ``MPLUS_BACKEND`` (``auto`` when unset)."""
+    value = os.environ.get("MPLUS_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"MPLUS_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")

@@ -1,0 +1,100 @@
+"""Pure-PyTorch reference of M+ memory attention (SPEC.md §3.1, DESIGN.md §2.1), written to be read.
+
+The chunk's queries attend to (a) a memory segment that every query sees and (b) the chunk's own keys, causally and
+bottom-right aligned: query t (of Tq) sees chunk key j (of Tk) iff ``j <= t + Tk - Tq`` (FlashAttention >= 2.1).
+Memory keys are stored *before* RoPE and rotated here by a per-row position table; chunk keys arrive rotated.
+Everything is computed in fp32 (or in ``compute_dtype``, to measure a low-precision reference's own error).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[a, b] -> [-b, a]`` on the two halves of the last dim (Llama's RoPE convention)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: Tensor, positions: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+    """Rotate ``x [..., M, H, D]`` by the rows ``positions [M]`` of the tables ``rope_cos/rope_sin [P, D/2]``."""
+    cos = rope_cos[positions.long()].to(x.dtype)  # [M, D/2]
+    sin = rope_sin[positions.long()].to(x.dtype)
+    cos = torch.cat([cos, cos], dim=-1)[:, None, :]  # [M, 1, D]
+    sin = torch.cat([sin, sin], dim=-1)[:, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def memory_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_pos: Tensor | None = None,
+    rope_cos: Tensor | None = None,
+    rope_sin: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Attention of a chunk over [memory ; chunk].
+
+    Args:
+        q: ``[B, Tq, Hq, D]`` queries (already rotated).
+        k, v: ``[B, Tk, Hkv, D]`` the chunk's keys (already rotated) and values; ``Hq % Hkv == 0`` (GQA).
+        mem_k, mem_v: ``[B, M, Hkv, D]`` memory keys *before* RoPE and values, or None (no memory).
+        mem_pos: ``[M]`` integer positions of the memory rows; None means ``mem_k`` is used as given (no rotation).
+        rope_cos, rope_sin: ``[P, D/2]`` fp32 tables, row p = cos/sin(p · inv_freq); needed when ``mem_pos`` is given.
+        softmax_scale: default ``1/sqrt(D)``.
+        causal: bottom-right causal mask on the chunk part (memory is always fully visible).
+
+    Returns:
+        ``out [B, Tq, Hq, D]`` in q's dtype and ``lse [B, Hq, Tq]`` fp32 (natural log of the softmax denominator,
+        scaled scores). A query that sees no key gets ``out = 0`` and ``lse = -inf``.
+    """
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    keys, values = [], []
+    if mem_k is not None and mem_k.shape[1] > 0:
+        mk = mem_k.to(compute_dtype)
+        if mem_pos is not None:
+            mk = apply_rope(mk, mem_pos, rope_cos.float(), rope_sin.float())
+        keys.append(mk)
+        values.append(mem_v.to(compute_dtype))
+    m = keys[0].shape[1] if keys else 0
+    keys.append(k.to(compute_dtype))
+    values.append(v.to(compute_dtype))
+    kk = torch.cat(keys, dim=1).repeat_interleave(hq // hkv, dim=2)  # [B, M+Tk, Hq, D]
+    vv = torch.cat(values, dim=1).repeat_interleave(hq // hkv, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.to(compute_dtype), kk) * scale  # [B, Hq, Tq, M+Tk]
+    visible = torch.ones(tq, m + tk, dtype=torch.bool, device=q.device)
+    if causal:
+        t = torch.arange(tq, device=q.device)[:, None]
+        j = torch.arange(tk, device=q.device)[None, :]
+        visible[:, m:] = j <= t + tk - tq
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)  # [B, Hq, Tq]
+    probs = torch.exp(scores.float() - lse[..., None]).nan_to_num(0.0).to(compute_dtype)  # -inf rows -> 0
+    out = torch.einsum("bhts,bshd->bthd", probs, vv)
+    return out.to(q.dtype), lse
+
+
+def merge_attention_states_reference(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Exact merge of two partial attentions over disjoint key sets.
+
+    ``out_* [B, T, H, D]``, ``lse_* [B, H, T]`` fp32 → ``(out [B, T, H, D] in out_a's dtype, lse [B, H, T])``.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # both -inf: weights 0, out 0
+    w_a = torch.exp(lse_a - safe).transpose(1, 2)[..., None]  # [B, T, H, 1]
+    w_b = torch.exp(lse_b - safe).transpose(1, 2)[..., None]
+    out = out_a.float() * w_a + out_b.float() * w_b
+    return out.to(out_a.dtype), lse

@@ -1,0 +1,177 @@
+"""``torch.ops.mplus.memory_update_``: contract, validation, backend dispatch and fake kernel.
+
+Short-term memory is a pool of N slots per layer (DESIGN.md §3): per-slot tensors ``[L, N, *F]`` (hidden rows,
+cached K/V, ages, ...), and ``pos``/``order`` ``[L, N]`` int32 mapping slot → logical position and back. One update
+drops K victims per layer and writes K new rows into their slots, so that the *logical* memory afterwards equals the
+official ``cat(memory[keep], new)`` bit for bit, and returns the victims' old rows (for the long-term memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .reference import memory_update_reference_
+
+OP = "mplus::memory_update_"
+
+
+def _shape(t: Tensor) -> str:
+    return f"[{', '.join(str(s) for s in t.shape)}]"
+
+
+def _dense_rows(t: Tensor) -> bool:
+    expected = 1
+    for dim in range(t.dim() - 1, 1, -1):
+        if t.shape[dim] != 1 and t.stride(dim) != expected:
+            return False
+        expected *= t.shape[dim]
+    return True
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"memory_update_: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _validate(
+    pos: Tensor,
+    order: Tensor,
+    victims: Tensor,
+    slots: Sequence[Tensor],
+    new_rows: Sequence[Tensor],
+    dropped: Sequence[Tensor] | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Check everything before anything is written; return victims (sorted, int64, on device) and new rows."""
+    pos = _check_tensor("pos", pos)
+    order = _check_tensor("order", order)
+    victims = _check_tensor("victims", victims)
+    if pos.dim() != 2 or pos.dtype != torch.int32:
+        raise ValueError(f"memory_update_: pos must be an int32 [L, N] tensor, got {pos.dtype} {_shape(pos)}")
+    if order.shape != pos.shape or order.dtype != torch.int32:
+        raise ValueError(
+            f"memory_update_: order must be int32 shaped like pos {_shape(pos)}, got {order.dtype} {_shape(order)}"
+        )
+    if not (pos.is_contiguous() and order.is_contiguous()):
+        raise ValueError("memory_update_: pos and order must be contiguous (they are updated in place)")
+    device = pos.device
+    if order.device != device:
+        raise ValueError(f"memory_update_: order is on {order.device}, pos on {device}; they must share a device")
+    num_layers, n = pos.shape
+    if victims.dim() != 2 or victims.shape[0] != num_layers:
+        raise ValueError(f"memory_update_: victims must be [L={num_layers}, K], got {_shape(victims)}")
+    if victims.dtype.is_floating_point or victims.dtype == torch.bool or victims.is_complex():
+        raise TypeError(f"memory_update_: victims must be an integer tensor, got {victims.dtype}")
+    k = victims.shape[1]
+    if k > n:
+        raise ValueError(f"memory_update_: victims {_shape(victims)} asks to drop K={k} rows of only N={n} per layer")
+    if victims.device not in (device, torch.device("cpu")):
+        raise ValueError(f"memory_update_: victims are on {victims.device}; expected {device} or cpu")
+    v = victims.to(device=device, dtype=torch.int64).sort(dim=1).values.contiguous()
+    if v.numel():
+        lo, hi = int(v.min()), int(v.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"memory_update_: victims must be logical positions in [0, {n}), got range [{lo}, {hi}]")
+        dup = (v[:, 1:] == v[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            layer = int(dup.nonzero()[0])
+            raise ValueError(f"memory_update_: victims of layer {layer} contain duplicates: {v[layer].tolist()}")
+
+    if not isinstance(slots, (list, tuple)) or not isinstance(new_rows, (list, tuple)):
+        raise TypeError("memory_update_: slots and new_rows must be lists of tensors")
+    if len(new_rows) != len(slots):
+        raise ValueError(f"memory_update_: {len(slots)} slot tensors but {len(new_rows)} new_rows tensors")
+    if dropped is not None and len(dropped) != len(slots):
+        raise ValueError(f"memory_update_: {len(slots)} slot tensors but {len(dropped)} dropped tensors")
+    fresh_rows = []
+    for i, slot in enumerate(slots):
+        slot = _check_tensor(f"slots[{i}]", slot)
+        if slot.dim() < 2 or slot.shape[:2] != (num_layers, n):
+            raise ValueError(f"memory_update_: slots[{i}] must be [L={num_layers}, N={n}, ...], got {_shape(slot)}")
+        if slot.device != device:
+            raise ValueError(f"memory_update_: slots[{i}] is on {slot.device}, expected {device} (where pos is)")
+        if not _dense_rows(slot):
+            raise ValueError(f"memory_update_: slots[{i}] {_shape(slot)} must have contiguous rows (dims >= 2)")
+        expected = (num_layers, k, *slot.shape[2:])
+        fresh = _check_tensor(f"new_rows[{i}]", new_rows[i])
+        if tuple(fresh.shape) != expected:
+            raise ValueError(f"memory_update_: new_rows[{i}] must be {list(expected)}, got {_shape(fresh)}")
+        if fresh.dtype != slot.dtype:
+            raise TypeError(f"memory_update_: new_rows[{i}] has dtype {fresh.dtype}, slots[{i}] has {slot.dtype}")
+        if fresh.device != device:
+            raise ValueError(f"memory_update_: new_rows[{i}] is on {fresh.device}, expected {device}")
+        fresh_rows.append(fresh if _dense_rows(fresh) else fresh.contiguous())
+        if dropped is not None:
+            out = _check_tensor(f"dropped[{i}]", dropped[i])
+            if tuple(out.shape) != expected or out.dtype != slot.dtype or out.device != device:
+                raise ValueError(
+                    f"memory_update_: dropped[{i}] must be {list(expected)} {slot.dtype} on {device}, "
+                    f"got {_shape(out)} {out.dtype} on {out.device}"
+                )
+            if not _dense_rows(out):
+                raise ValueError(f"memory_update_: dropped[{i}] {_shape(out)} must have contiguous rows (dims >= 2)")
+    return v, fresh_rows
+
+
+def memory_update_(
+    pos: Tensor,
+    order: Tensor,
+    victims: Tensor,
+    slots: Sequence[Tensor],
+    new_rows: Sequence[Tensor],
+    *,
+    dropped: Sequence[Tensor] | None = None,
+    backend: str | None = None,
+) -> list[Tensor]:
+    """Drop K victims per layer and write K new rows into their slots, in place.
+
+    Args:
+        pos: ``[L, N]`` int32, slot → logical position (updated in place).
+        order: ``[L, N]`` int32, logical position → slot, the inverse of ``pos`` (updated in place).
+        victims: ``[L, K]`` integer logical positions to drop per layer (distinct; any order; cpu or pos's device).
+        slots: per-slot tensors ``[L, N, *F]`` (updated in place), each with contiguous rows.
+        new_rows: ``[L, K, *F]`` per slot tensor, same dtype; row i becomes logical position ``N - K + i``.
+        dropped: optional caller-owned outputs ``[L, K, *F]`` (e.g. a slice of the long-term cache buffer).
+        backend: ``auto`` / ``cpp`` / ``triton`` / ``reference`` (default: ``MPLUS_BACKEND``, else auto).
+
+    Returns:
+        ``dropped``: the victims' rows ``[L, K, *F]`` per slot tensor, in ascending logical order (the official
+        ``memory[l][sort(perm[N-K:])]``).
+
+    Raises ``ValueError``/``TypeError`` before anything is written when an argument is malformed (including victims
+    out of range or repeated within a layer), and ``BackendUnavailableError`` when the chosen backend cannot run.
+    """
+    v, fresh = _validate(pos, order, victims, slots, new_rows, dropped)
+    which = _backend.resolve("memory_update_", pos.device, backend)
+    k = v.shape[1]
+    if dropped is None:
+        dropped = [torch.empty((s.shape[0], k, *s.shape[2:]), dtype=s.dtype, device=s.device) for s in slots]
+    slots, dropped = list(slots), list(dropped)
+    if which == "cpp":
+        torch.ops.mplus.memory_update_(pos, order, v, slots, fresh, dropped)
+    elif which == "triton":
+        _backend.import_triton_impl("memory_update").memory_update_fwd(pos, order, v, slots, fresh, dropped)
+    else:
+        memory_update_reference_(pos, order, v, slots, fresh, dropped)
+    return dropped
+
+
+def _register() -> None:
+    """Fake kernel (for torch.compile / FakeTensor) and the CUDA → Triton kernel, when the schema exists."""
+    if not _backend.cpp_available():
+        return
+
+    @torch.library.register_fake(OP)
+    def _fake(pos, order, victims, slots, new_rows, dropped):  # noqa: ARG001 - mutates only; nothing to allocate
+        return None
+
+    @torch.library.impl(OP, "CUDA")
+    def _cuda(pos, order, victims, slots, new_rows, dropped):
+        _backend.import_triton_impl("memory_update").memory_update_fwd(pos, order, victims, slots, new_rows, dropped)
+
+
+_register()
