@@ -79,10 +79,7 @@ def assert_equal(actual: Tensor, expected: Tensor, *, name: str = "tensor") -> N
             f"{name}: {actual.dtype} {list(actual.shape)} != expected {expected.dtype} {list(expected.shape)}"
         )
     a, e = actual.detach().cpu(), expected.detach().cpu()
-    if a.is_floating_point():
-        bad = ~((a == e) | (a.isnan() & e.isnan()))
-    else:
-        bad = a != e
+    bad = ~((a == e) | (a.isnan() & e.isnan())) if a.is_floating_point() else a != e
     if bad.any():
         raise AssertionError(f"{name} must match exactly: {_describe_mismatch(a, e, bad)}")
 

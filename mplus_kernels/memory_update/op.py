@@ -38,7 +38,7 @@ def _check_tensor(name: str, t: object) -> Tensor:
     return t
 
 
-def _validate(
+def validate_memory_update(
     pos: Tensor,
     order: Tensor,
     victims: Tensor,
@@ -145,7 +145,7 @@ def memory_update_(
     Raises ``ValueError``/``TypeError`` before anything is written when an argument is malformed (including victims
     out of range or repeated within a layer), and ``BackendUnavailableError`` when the chosen backend cannot run.
     """
-    v, fresh = _validate(pos, order, victims, slots, new_rows, dropped)
+    v, fresh = validate_memory_update(pos, order, victims, slots, new_rows, dropped)
     which = _backend.resolve("memory_update_", pos.device, backend)
     k = v.shape[1]
     if dropped is None:

@@ -1,0 +1,59 @@
+"""Shared benchmark plumbing: every result records its provider, shape, dtype and peak extra memory.
+
+Conventions the report (``benchmarks/report.py``) relies on:
+* ``benchmark.group`` names one comparison (same inputs for every provider in the group);
+* ``benchmark.extra_info["provider"]`` names the implementation; the fused one is ``"mplus"``;
+* ``benchmark.extra_info["peak_extra_bytes"]`` is measured in a separate call (``measure_peak_memory``), never
+  during timing; other metrics (``tflops``, ``gbps``, ``gflops``) are optional.
+Benchmarks never assert on time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from mplus_kernels.testing import measure_peak_memory, peak_memory_available
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+
+def pytest_report_header(config):  # noqa: ARG001
+    return f"mplus benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus"
+
+
+def run_benchmark(
+    benchmark: Any,
+    fn: Callable[[], Any],
+    *,
+    group: str,
+    provider: str,
+    shape: str,
+    dtype: torch.dtype | str,
+    rounds: int = 5,
+    warmup_rounds: int = 1,
+    measure_memory: bool = True,
+    **extra: Any,
+) -> Any:
+    """Time ``fn`` with pytest-benchmark (median over ``rounds``) and record the conventions above."""
+    benchmark.group = group
+    info = {"provider": provider, "shape": shape, "dtype": str(dtype).replace("torch.", ""), **extra}
+    if measure_memory and peak_memory_available():
+        fn()  # warm caches and lazy initialisation out of the memory measurement
+        _, info["peak_extra_bytes"] = measure_peak_memory(fn)
+    benchmark.extra_info.update(info)
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+
+
+@pytest.fixture
+def bench(benchmark):
+    """``bench(fn, group=..., provider=..., shape=..., dtype=..., rounds=..., **extra)``."""
+
+    def _run(fn, **kwargs):
+        return run_benchmark(benchmark, fn, **kwargs)
+
+    return _run

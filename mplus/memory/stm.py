@@ -1,0 +1,144 @@
+"""The short-term memory (STM) as a slot pool (DESIGN.md §3, SPEC.md §4.3–4.7).
+
+Per layer, N slots hold a hidden row (and optionally the generation adapter's K/V before RoPE) and an age; ``pos``
+maps slot → logical position and ``order`` the reverse. The logical memory (row i = logical position i) is what the
+official code stores; here an update only touches the K victims' slots (O(K·d) bytes) and renumbers positions
+(O(N) ints), through ``mplus_kernels.memory_update_``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mplus_kernels import draw_victims, memory_update_
+from mplus_kernels.memory_update import logical_view, validate_memory_update
+
+AgeMode = Literal["reference", "training"]
+
+
+@dataclasses.dataclass
+class DroppedRows:
+    """What one update removed from the STM, per layer, in ascending logical order (for the long-term memory)."""
+
+    hidden: Tensor  # [L, K, d]
+    age: Tensor  # [L, K]
+    victims: Tensor  # [L, K] logical positions (before the update), ascending
+    k: Tensor | None = None  # [L, K, Hkv, D] (pre-RoPE), when the STM caches K/V
+    v: Tensor | None = None
+
+
+class ShortTermMemory:
+    """STM of ``num_layers`` layers × ``n`` slots of width ``d``.
+
+    Args:
+        hidden: ``[L, N, d]`` initial rows in logical order (e.g. the checkpoint's ``memory``); stored as given
+            (no copy when already contiguous).
+        age: ``[L, N]`` initial ages (default zeros, float64 like the official ``memory_ages``).
+        kv_shape: ``(Hkv, D)`` to keep a per-slot K/V cache (pre-RoPE) of ``kv_dtype``; None for no cache.
+        age_mode: ``"reference"`` (official inference code: survivors' ages frozen) or ``"training"`` (all ages
+            advance by ``1 + max(new ages)`` before the drop, SPEC.md §4.7).
+    """
+
+    def __init__(
+        self,
+        hidden: Tensor,
+        age: Tensor | None = None,
+        *,
+        kv_shape: tuple[int, int] | None = None,
+        kv_dtype: torch.dtype | None = None,
+        age_mode: AgeMode = "reference",
+    ) -> None:
+        if hidden.dim() != 3:
+            raise ValueError(f"ShortTermMemory: hidden must be [L, N, d], got {list(hidden.shape)}")
+        if age_mode not in ("reference", "training"):
+            raise ValueError(f"ShortTermMemory: age_mode={age_mode!r}, expected 'reference' or 'training'")
+        num_layers, n, _ = hidden.shape
+        device = hidden.device
+        self.hidden = hidden.contiguous()
+        if age is None:
+            age = torch.zeros(num_layers, n, dtype=torch.float64, device=device)
+        if tuple(age.shape) != (num_layers, n):
+            raise ValueError(f"ShortTermMemory: age must be [L={num_layers}, N={n}], got {list(age.shape)}")
+        self.age = age.to(device).contiguous()
+        self.pos = torch.arange(n, dtype=torch.int32, device=device).repeat(num_layers, 1)
+        self.order = self.pos.clone()
+        self.age_mode = age_mode
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        if kv_shape is not None:
+            dtype = kv_dtype or hidden.dtype
+            self.k = torch.zeros(num_layers, n, *kv_shape, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+
+    @property
+    def num_layers(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.hidden.shape[1]
+
+    def logical(self, name: str = "hidden") -> Tensor:
+        """A copy of ``hidden``/``age``/``k``/``v`` in logical order (row i = logical position i)."""
+        t = getattr(self, name)
+        if t is None:
+            raise ValueError(f"ShortTermMemory has no {name!r} cache")
+        return logical_view(t, self.order)
+
+    def slots_of(self, logical_positions: Tensor) -> Tensor:
+        """Slots ``[L, len]`` holding the given logical positions (e.g. the last K rows: ``arange(N-K, N)``)."""
+        return self.order[:, logical_positions.to(self.order.device).long()]
+
+    def update(
+        self,
+        new_hidden: Tensor,
+        *,
+        new_age: Tensor | None = None,
+        new_k: Tensor | None = None,
+        new_v: Tensor | None = None,
+        victims: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        dropped: DroppedRows | None = None,
+        backend: str | None = None,
+    ) -> DroppedRows:
+        """Drop K rows per layer and append ``new_hidden [L, K, d]`` as the K newest logical rows.
+
+        ``victims [L, K]`` gives the logical positions to drop; when None they are drawn as the official code does
+        (``draw_victims``: per layer ``torch.randperm(N)`` on ``generator``, default torch's global CPU generator).
+        ``new_age`` defaults to ``K-1, …, 0`` (the official ages of a new chunk). ``dropped`` may hold caller-owned
+        output buffers. The state is unchanged when an argument is invalid.
+        """
+        num_layers, n = self.num_layers, self.size
+        d = self.hidden.shape[2]
+        if new_hidden.dim() != 3 or new_hidden.shape[0] != num_layers or new_hidden.shape[2] != d:
+            raise ValueError(f"update: new_hidden must be [L={num_layers}, K, d={d}], got {list(new_hidden.shape)}")
+        k = new_hidden.shape[1]
+        if k > n:
+            raise ValueError(f"update: new_hidden brings K={k} rows, more than the N={n} slots per layer")
+        if (new_k is None) != (self.k is None) or (new_v is None) != (self.v is None):
+            raise ValueError("update: new_k/new_v must be given exactly when the STM keeps a K/V cache")
+        if new_age is None:
+            new_age = torch.arange(k - 1, -1, -1, dtype=self.age.dtype, device=self.age.device)
+        new_age = new_age.to(self.age.device, self.age.dtype)
+        if new_age.dim() == 1:
+            new_age = new_age.expand(num_layers, k)
+        if victims is None:
+            victims = draw_victims(num_layers, n, k, generator)
+        slots = [self.hidden, self.age]
+        fresh = [new_hidden, new_age]
+        if self.k is not None:
+            slots += [self.k, self.v]
+            fresh += [new_k, new_v]
+        outs = None
+        if dropped is not None:
+            outs = [dropped.hidden, dropped.age] + ([dropped.k, dropped.v] if self.k is not None else [])
+        if self.age_mode == "training" and k > 0:
+            validate_memory_update(self.pos, self.order, victims, slots, fresh, outs)  # before touching ages
+            self.age += 1 + new_age.max()
+        out = memory_update_(self.pos, self.order, victims, slots, fresh, dropped=outs, backend=backend)
+        v_sorted = victims.to(torch.int64).sort(dim=1).values
+        return DroppedRows(out[0], out[1], v_sorted, *(out[2:4] if self.k is not None else ()))
