@@ -41,8 +41,12 @@ def test_official_cat(bench, mplus_size):
     memory, ages = hidden.clone(), age.clone()
     bench(
         lambda: mk.official_memory_update_([memory, ages], victims, [new, new_age]),
-        group="memory_update/mplus_size", provider="official", shape=_shape(), dtype=DTYPE, rounds=3,
-    )  # fmt: skip
+        group="memory_update/mplus_size",
+        provider="official",
+        shape=_shape(),
+        dtype=DTYPE,
+        rounds=3,
+    )
 
 
 def test_torch_inplace(bench, mplus_size):
@@ -75,9 +79,13 @@ def test_mplus(bench, mplus_size):
     dropped = [torch.empty(L, K, D, dtype=DTYPE), torch.empty(L, K, dtype=torch.float64)]
     bench(
         lambda: mk.memory_update_(pos, order, victims, [hidden, age], [new, new_age], dropped=dropped),
-        group="memory_update/mplus_size", provider="mplus", shape=_shape(), dtype=DTYPE, rounds=20,
+        group="memory_update/mplus_size",
+        provider="mplus",
+        shape=_shape(),
+        dtype=DTYPE,
+        rounds=20,
         moved_bytes=4 * L * K * D * 2,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(("n", "k"), [(2560, 256), (10240, 256), (40960, 256), (10240, 64), (10240, 1024)])
@@ -90,6 +98,9 @@ def test_mplus_scaling(bench, n, k):
     dropped = [torch.empty(num_layers, k, D, dtype=DTYPE), torch.empty(num_layers, k, dtype=torch.float64)]
     bench(
         lambda: mk.memory_update_(pos, order, victims, [hidden, age], [new, new_age], dropped=dropped),
-        group=f"memory_update/scaling/N{n}_K{k}", provider="mplus", shape=_shape(num_layers, n, D, k), dtype=DTYPE,
+        group=f"memory_update/scaling/N{n}_K{k}",
+        provider="mplus",
+        shape=_shape(num_layers, n, D, k),
+        dtype=DTYPE,
         rounds=20,
-    )  # fmt: skip
+    )

@@ -4,7 +4,8 @@ Conventions the report (``benchmarks/report.py``) relies on:
 * ``benchmark.group`` names one comparison (same inputs for every provider in the group);
 * ``benchmark.extra_info["provider"]`` names the implementation; the fused one is ``"mplus"``;
 * ``benchmark.extra_info["peak_extra_bytes"]`` is measured in a separate call (``measure_peak_memory``), never
-  during timing; other metrics (``tflops``, ``gbps``, ``gflops``) are optional.
+  during timing; other metrics (``tflops``, ``gbps``, ``gflops``) are optional; ``moved_bytes`` (bytes read +
+  written once) turns into ``gbps`` from the measured median.
 Benchmarks never assert on time.
 """
 
@@ -46,7 +47,10 @@ def run_benchmark(
         fn()  # warm caches and lazy initialisation out of the memory measurement
         _, info["peak_extra_bytes"] = measure_peak_memory(fn)
     benchmark.extra_info.update(info)
-    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    if "moved_bytes" in extra:  # bandwidth from the measured median
+        benchmark.extra_info["gbps"] = extra["moved_bytes"] / benchmark.stats.stats.median / 1e9
+    return result
 
 
 @pytest.fixture

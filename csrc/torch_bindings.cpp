@@ -38,4 +38,9 @@ TORCH_LIBRARY(mplus, m) {
   // score(s) = mean_t sigmoid(q_t . k_s) in fp32; returns the top min(k, S1+S2): indices int64 ascending, and
   // their scores fp32; ties at the boundary go to the lower index.
   m.def("retrieve_topk(Tensor queries, Tensor keys, Tensor? keys2, int k) -> (Tensor indices, Tensor scores)");
+
+  // --- long-term-memory row gather, mplus_kernels/gather -------------------------------------------------------
+  // out [R, *F] (dense rows); src_a [Na, *F], src_b [Nb, *F]; index [R] int64 in [0, Na + Nb):
+  // out[r] = src_a[index[r]] if index[r] < Na else src_b[index[r] - Na].
+  m.def("gather_rows_(Tensor(a!) out, Tensor src_a, Tensor src_b, Tensor index) -> ()");
 }

@@ -117,8 +117,9 @@ def test_training_age_mode_matches_spec_example():
         ("reference", [5, 3, 1, 0, 1, 0], [4, 2]),
         ("training", [7, 5, 3, 2, 1, 0], [6, 4]),
     ]:
-        stm = ShortTermMemory(torch.randn(1, 6, 4), torch.tensor([[5.0, 4, 3, 2, 1, 0]], dtype=torch.float64),
-                              age_mode=mode)  # fmt: skip
+        stm = ShortTermMemory(
+            torch.randn(1, 6, 4), torch.tensor([[5.0, 4, 3, 2, 1, 0]], dtype=torch.float64), age_mode=mode
+        )
         out = stm.update(torch.randn(1, 2, 4), victims=torch.tensor([[1, 3]]))
         assert stm.logical("age").tolist() == [ages], mode
         assert out.age.tolist() == [dropped_ages], mode

@@ -35,8 +35,12 @@ def _env_without_interpreter() -> dict[str, str]:
 def compile_results():
     proc = subprocess.run(
         [sys.executable, "-m", "mplus_kernels.compile_check", "--json"],
-        capture_output=True, text=True, env=_env_without_interpreter(), cwd=ROOT, timeout=1200,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=_env_without_interpreter(),
+        cwd=ROOT,
+        timeout=1200,
+    )
     try:
         results = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -94,8 +98,9 @@ def test_compile_check_flags_spills(tmp_path):
     """A kernel that must spill (a 128×128 fp32 tile live in two warps) compiles but is reported as not ok."""
     script = tmp_path / "hog.py"
     script.write_text(HOG)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=_env_without_interpreter(), timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=_env_without_interpreter(), timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["error"] is None, result
@@ -128,10 +133,20 @@ def _nvcc_compile(source: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [f"-I{tmp_path / 'shim'}", *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}"]
     cmd = [
-        NVCC, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), "-std=c++20", "-O3",
-        "-DMPLUS_WITH_CUDA", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
+        NVCC,
+        "-c",
+        str(source),
+        "-o",
+        str(tmp_path / (source.stem + ".o")),
+        "-std=c++20",
+        "-O3",
+        "-DMPLUS_WITH_CUDA",
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_90a,code=sm_90a",
         *includes,
-    ]  # fmt: skip
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 

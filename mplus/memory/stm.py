@@ -102,7 +102,7 @@ class ShortTermMemory:
         new_v: Tensor | None = None,
         victims: Tensor | None = None,
         generator: torch.Generator | None = None,
-        dropped: DroppedRows | None = None,
+        dropped: dict[str, Tensor] | None = None,
         backend: str | None = None,
     ) -> DroppedRows:
         """Drop K rows per layer and append ``new_hidden [L, K, d]`` as the K newest logical rows.
@@ -110,7 +110,9 @@ class ShortTermMemory:
         ``victims [L, K]`` gives the logical positions to drop; when None they are drawn as the official code does
         (``draw_victims``: per layer ``torch.randperm(N)`` on ``generator``, default torch's global CPU generator).
         ``new_age`` defaults to ``K-1, …, 0`` (the official ages of a new chunk). ``dropped`` may hold caller-owned
-        output buffers. The state is unchanged when an argument is invalid.
+        output buffers ``{"hidden", "age"[, "k", "v"]}`` of shape ``[L, K, ...]`` (e.g.
+        ``LongTermMemory.cache_views(K)``), so the dropped rows land where they are kept, with no extra copy.
+        The state is unchanged when an argument is invalid.
         """
         num_layers, n = self.num_layers, self.size
         d = self.hidden.shape[2]
@@ -135,7 +137,7 @@ class ShortTermMemory:
             fresh += [new_k, new_v]
         outs = None
         if dropped is not None:
-            outs = [dropped.hidden, dropped.age] + ([dropped.k, dropped.v] if self.k is not None else [])
+            outs = [dropped["hidden"], dropped["age"]] + ([dropped["k"], dropped["v"]] if self.k is not None else [])
         if self.age_mode == "training" and k > 0:
             validate_memory_update(self.pos, self.order, victims, slots, fresh, outs)  # before touching ages
             self.age += 1 + new_age.max()

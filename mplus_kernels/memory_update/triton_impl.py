@@ -109,10 +109,21 @@ def memory_update_fwd(
         s, f, o = _bits(slot), _bits(fresh), _bits(out)
         grid = (num_layers, triton.cdiv(k * row, ROWS_BLOCK))
         _memory_update_rows_kernel[grid](
-            s, f, o, vslot, k, row,
-            s.stride(0), s.stride(1), f.stride(0), f.stride(1), o.stride(0), o.stride(1),
-            BLOCK=ROWS_BLOCK, num_warps=NUM_WARPS,
-        )  # fmt: skip
+            s,
+            f,
+            o,
+            vslot,
+            k,
+            row,
+            s.stride(0),
+            s.stride(1),
+            f.stride(0),
+            f.stride(1),
+            o.stride(0),
+            o.stride(1),
+            BLOCK=ROWS_BLOCK,
+            num_warps=NUM_WARPS,
+        )
     steps = max(1, int(k).bit_length())
     grid = (num_layers, triton.cdiv(n, RENUMBER_BLOCK))
     _memory_update_renumber_kernel[grid](pos, order, victims, n, k, steps, BLOCK=RENUMBER_BLOCK, num_warps=NUM_WARPS)
@@ -140,7 +151,7 @@ def compile_specs() -> list[KernelSpec]:
                     "stride_ol": "i64",
                     "stride_ok": "i64",
                     "BLOCK": "constexpr",
-                },  # fmt: skip
+                },
                 constexprs={"BLOCK": ROWS_BLOCK},
                 num_warps=NUM_WARPS,
             )
@@ -157,7 +168,7 @@ def compile_specs() -> list[KernelSpec]:
                 "K": "i32",
                 "NUM_STEPS": "i32",
                 "BLOCK": "constexpr",
-            },  # fmt: skip
+            },
             constexprs={"BLOCK": RENUMBER_BLOCK},
             num_warps=NUM_WARPS,
         )

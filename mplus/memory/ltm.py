@@ -1,0 +1,454 @@
+"""The long-term memory (LTM) of M+ and its dropped-row cache (SPEC.md §4.4, §4.6, §5.2; DESIGN.md §3).
+
+Rows dropped from the short-term memory wait in a cache; every ``update_ltm_frequency`` updates the cache is merged
+into the LTM, recall frequencies decay, and rows whose frequency reaches zero are evicted (unless too few would
+remain). Here, unlike the official ``torch.cat`` pattern, every buffer is preallocated and written in place:
+
+* per layer, growable capacity buffers for hidden rows (CPU), retriever keys (``key_device``, e.g. the GPU), ages
+  and recall frequencies (float64, exact), and optionally the generation K/V before RoPE;
+* one cache buffer ``[L, update_ltm_frequency · num_tokens, ...]``, into which the short-term update can write its
+  dropped rows directly (``cache_views``), so an update copies only the rows it adds;
+* eviction compacts in place (non-overlapping chunked moves), never through a second copy of the store.
+
+Bookkeeping reproduces the official inference code exactly (reference semantics): at each update every LTM age and
+every cached age grows by ``num_tokens`` *before* the just-dropped rows are appended; at a merge new rows get recall
+frequency ``initial_rf``, then all frequencies drop by ``decay_frequency`` and rows with frequency <= 0.01 are
+removed — unless that would leave ``num_retrieved`` rows or fewer, in which case the decay is undone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mplus_kernels import gather_rows_
+
+RetrievalMode = Literal["fast", "reference"]
+_ALIVE_THRESHOLD = 0.01  # the official `rf > 0.01`
+
+
+class LTMBudgetError(MemoryError):
+    """Growing the store would exceed its memory budget; nothing was allocated or changed."""
+
+
+@dataclasses.dataclass
+class Retrieved:
+    """Rows retrieved for one layer, oldest first (descending age)."""
+
+    index: Tensor  # [R] int64 positions in [LTM rows ; cached rows], in the returned (age) order
+    hidden: Tensor  # [R, d]
+    age: Tensor  # [R] float64
+    scores: Tensor | None = None  # [R] fp32 retrieval scores (None when nothing was scored)
+    k: Tensor | None = None  # [R, Hkv, D] pre-RoPE generation K/V, when the store keeps them
+    v: Tensor | None = None
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _runs(keep: Tensor) -> list[tuple[int, int]]:
+    """Maximal runs ``(start, length)`` of consecutive indices in the ascending index list ``keep``."""
+    if keep.numel() == 0:
+        return []
+    breaks = (keep[1:] - keep[:-1] != 1).nonzero().squeeze(1) + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    ends = torch.cat([breaks, torch.tensor([keep.numel()])])
+    return [(int(keep[s]), int(e - s)) for s, e in zip(starts.tolist(), ends.tolist())]
+
+
+def _compact_(buf: Tensor, runs: list[tuple[int, int]]) -> None:
+    """Move the row runs of ``buf`` down to the front, in place, in chunks whose source and target never overlap."""
+    dst = 0
+    for start, length in runs:
+        if start != dst:
+            step = start - dst  # > 0: rows only move towards the front
+            for off in range(0, length, step):
+                c = min(step, length - off)
+                buf[dst + off : dst + off + c].copy_(buf[start + off : start + off + c])
+        dst += length
+
+
+class LongTermMemory:
+    """Per-layer long-term memory plus the cache of rows dropped since the last merge.
+
+    Args:
+        num_layers, hidden_size, key_dim: L, d and the retriever key width ds.
+        num_tokens: K, rows dropped (and ``update_step`` advance) per update.
+        update_ltm_frequency: merge the cache every this many updates.
+        num_retrieved: K0, rows retrieved per layer; also the eviction floor.
+        decay_frequency, initial_rf: recall-frequency decay per merge and the value rows enter with.
+        dtype: of hidden rows and keys. ``key_device``: where keys live (scoring runs there).
+        capacity: initial per-layer row capacity (grows by 1.5× when exceeded).
+        budget_bytes: the store (all buffers) never grows past this; growth that would is an ``LTMBudgetError``.
+        kv_shape, kv_dtype: ``(Hkv, D)`` to also keep pre-RoPE generation K/V per row.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        key_dim: int,
+        *,
+        num_tokens: int,
+        update_ltm_frequency: int,
+        num_retrieved: int,
+        decay_frequency: float = 1.0,
+        initial_rf: float = 10.0,
+        dtype: torch.dtype = torch.float32,
+        key_device: torch.device | str = "cpu",
+        capacity: int = 0,
+        budget_bytes: int | None = None,
+        kv_shape: tuple[int, int] | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        for name, value in [
+            ("num_layers", num_layers),
+            ("hidden_size", hidden_size),
+            ("key_dim", key_dim),
+            ("num_tokens", num_tokens),
+            ("update_ltm_frequency", update_ltm_frequency),
+        ]:
+            if value <= 0:
+                raise ValueError(f"LongTermMemory: {name}={value} must be > 0")
+        if num_retrieved < 0 or capacity < 0:
+            raise ValueError(f"LongTermMemory: num_retrieved={num_retrieved}, capacity={capacity} must be >= 0")
+        self.num_layers, self.hidden_size, self.key_dim = num_layers, hidden_size, key_dim
+        self.num_tokens, self.update_ltm_frequency = num_tokens, update_ltm_frequency
+        self.num_retrieved = num_retrieved
+        self.decay_frequency, self.initial_rf = float(decay_frequency), float(initial_rf)
+        self.dtype, self.key_device = dtype, torch.device(key_device)
+        self.budget_bytes = budget_bytes
+        self.kv_shape, self.kv_dtype = kv_shape, (kv_dtype or dtype)
+        self.update_step = 0
+        self.cache_len = 0
+        cache_rows = update_ltm_frequency * num_tokens
+        self._check_budget(self._row_bytes() * (num_layers * (capacity + cache_rows)), "allocating the store")
+        self.hidden = [torch.empty(capacity, hidden_size, dtype=dtype) for _ in range(num_layers)]
+        self.keys = [torch.empty(capacity, key_dim, dtype=dtype, device=self.key_device) for _ in range(num_layers)]
+        self.age = [torch.empty(capacity, dtype=torch.float64) for _ in range(num_layers)]
+        self.rf = [torch.empty(capacity, dtype=torch.float64) for _ in range(num_layers)]
+        self.kv: list[list[Tensor]] | None = None
+        if kv_shape is not None:
+            self.kv = [
+                [torch.empty(capacity, *kv_shape, dtype=self.kv_dtype) for _ in range(2)] for _ in range(num_layers)
+            ]
+        self.size = [0] * num_layers
+        self.cache_hidden = torch.empty(num_layers, cache_rows, hidden_size, dtype=dtype)
+        self.cache_keys = torch.empty(num_layers, cache_rows, key_dim, dtype=dtype, device=self.key_device)
+        self.cache_age = torch.empty(num_layers, cache_rows, dtype=torch.float64)
+        self.cache_kv = None
+        if kv_shape is not None:
+            self.cache_kv = [torch.empty(num_layers, cache_rows, *kv_shape, dtype=self.kv_dtype) for _ in range(2)]
+
+    # ---------------------------------------------------------------------------------------------------- sizes
+    def _row_bytes(self) -> int:
+        b = _nbytes((self.hidden_size,), self.dtype) + _nbytes((self.key_dim,), self.dtype) + 8  # + age
+        if self.kv_shape is not None:
+            b += 2 * _nbytes(self.kv_shape, self.kv_dtype)
+        return b
+
+    def nbytes(self) -> int:
+        """Bytes held by every buffer (capacity, not just used rows), recall frequencies included."""
+        total = sum(t.numel() * t.element_size() for t in [*self.hidden, *self.keys, *self.age, *self.rf])
+        total += sum(t.numel() * t.element_size() for t in [self.cache_hidden, self.cache_keys, self.cache_age])
+        if self.kv is not None:
+            total += sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
+            total += sum(t.numel() * t.element_size() for t in self.cache_kv)
+        return total
+
+    def capacity(self, layer: int) -> int:
+        return self.hidden[layer].shape[0]
+
+    def _check_budget(self, new_total: int, what: str) -> None:
+        if self.budget_bytes is not None and new_total > self.budget_bytes:
+            raise LTMBudgetError(
+                f"LongTermMemory: {what} needs {new_total / 2**20:.1f} MiB, over the budget of "
+                f"{self.budget_bytes / 2**20:.1f} MiB (budget_bytes={self.budget_bytes})"
+            )
+
+    def _reserve(self, layer: int, rows: int) -> None:
+        """Make room for ``rows`` rows in ``layer`` (amortised: 1.5× growth), checking the budget first."""
+        cap = self.capacity(layer)
+        if rows <= cap:
+            return
+        new_cap = max(rows, int(cap * 1.5) + 1)
+        extra = (new_cap - cap) * (self._row_bytes() + 8)  # + recall frequency
+        self._check_budget(self.nbytes() + extra, f"growing layer {layer} to {new_cap} rows")
+        n = self.size[layer]
+
+        def grown(t: Tensor) -> Tensor:
+            out = torch.empty((new_cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            out[:n].copy_(t[:n])
+            return out
+
+        self.hidden[layer] = grown(self.hidden[layer])
+        self.keys[layer] = grown(self.keys[layer])
+        self.age[layer] = grown(self.age[layer])
+        self.rf[layer] = grown(self.rf[layer])
+        if self.kv is not None:
+            self.kv[layer] = [grown(t) for t in self.kv[layer]]
+
+    def clear(self) -> None:
+        """Forget every row and counter; capacity buffers are kept for reuse."""
+        self.size = [0] * self.num_layers
+        self.cache_len = 0
+        self.update_step = 0
+
+    # ------------------------------------------------------------------------------------------------- loading
+    def append_rows_(
+        self, layer: int, hidden: Tensor, keys: Tensor, age: Tensor, rf: Tensor, kv: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        """Append rows to one layer's LTM (e.g. from a checkpoint). O(rows) copies."""
+        r = hidden.shape[0]
+        if hidden.shape != (r, self.hidden_size) or keys.shape != (r, self.key_dim):
+            raise ValueError(
+                f"append_rows_: hidden {list(hidden.shape)} / keys {list(keys.shape)} must be [{r}, {self.hidden_size}]"
+                f" / [{r}, {self.key_dim}]"
+            )
+        if age.shape != (r,) or rf.shape != (r,):
+            raise ValueError(f"append_rows_: age {list(age.shape)} and rf {list(rf.shape)} must be [{r}]")
+        if (kv is None) != (self.kv is None):
+            raise ValueError("append_rows_: kv must be given exactly when the store keeps K/V")
+        n = self.size[layer]
+        self._reserve(layer, n + r)
+        self.hidden[layer][n : n + r].copy_(hidden)
+        self.keys[layer][n : n + r].copy_(keys)
+        self.age[layer][n : n + r].copy_(age)
+        self.rf[layer][n : n + r].copy_(rf)
+        if kv is not None:
+            for dst, src in zip(self.kv[layer], kv):
+                dst[n : n + r].copy_(src)
+        self.size[layer] = n + r
+
+    # ------------------------------------------------------------------------------------------------- updates
+    def cache_views(self, rows: int) -> dict[str, Tensor]:
+        """Views ``[L, rows, ...]`` of the next free cache rows: pass them as the short-term update's ``dropped``
+        outputs, then call :meth:`push_dropped` with ``written=True``."""
+        if self.cache_len + rows > self.cache_hidden.shape[1]:
+            raise ValueError(
+                f"cache_views: {rows} rows do not fit the cache ({self.cache_len} of {self.cache_hidden.shape[1]} used)"
+            )
+        window = slice(self.cache_len, self.cache_len + rows)
+        views = {"hidden": self.cache_hidden[:, window], "age": self.cache_age[:, window]}
+        if self.cache_kv is not None:
+            views["k"], views["v"] = self.cache_kv[0][:, window], self.cache_kv[1][:, window]
+        return views
+
+    def push_dropped(
+        self,
+        keys: Tensor,
+        *,
+        hidden: Tensor | None = None,
+        age: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        written: bool = False,
+    ) -> bool:
+        """Record one short-term update's dropped rows (``[L, k, ...]``) and advance the bookkeeping.
+
+        ``keys [L, k, ds]`` are their retriever keys. With ``written=True`` the rows and ages were already written
+        into :meth:`cache_views` (zero-copy); otherwise ``hidden``/``age`` (and ``kv``) are copied in.
+        Returns True when this update triggered a merge into the LTM. Invalid input changes nothing.
+        """
+        num_layers, k = keys.shape[0], keys.shape[1] if keys.dim() == 3 else -1
+        if keys.dim() != 3 or num_layers != self.num_layers or keys.shape[2] != self.key_dim:
+            raise ValueError(
+                f"push_dropped: keys must be [L={self.num_layers}, k, ds={self.key_dim}], got {list(keys.shape)}"
+            )
+        if self.cache_len + k > self.cache_hidden.shape[1]:
+            raise ValueError(
+                f"push_dropped: {k} rows overflow the cache ({self.cache_len} of {self.cache_hidden.shape[1]} used); "
+                f"each update must drop num_tokens={self.num_tokens} rows"
+            )
+        if not written:
+            if hidden is None or age is None:
+                raise ValueError("push_dropped: give hidden and age, or write them into cache_views and written=True")
+            if hidden.shape != (self.num_layers, k, self.hidden_size) or age.shape != (self.num_layers, k):
+                raise ValueError(
+                    f"push_dropped: hidden {list(hidden.shape)} / age {list(age.shape)} must be "
+                    f"[{self.num_layers}, {k}, {self.hidden_size}] / [{self.num_layers}, {k}]"
+                )
+            if (kv is None) != (self.cache_kv is None):
+                raise ValueError("push_dropped: kv must be given exactly when the store keeps K/V")
+        views = self.cache_views(k)
+        if not written:
+            views["hidden"].copy_(hidden)
+            views["age"].copy_(age)
+            if kv is not None:
+                views["k"].copy_(kv[0])
+                views["v"].copy_(kv[1])
+        # Official order: every existing LTM and cached age grows, then the just-dropped rows join the cache.
+        for layer in range(self.num_layers):
+            self.age[layer][: self.size[layer]] += self.num_tokens
+        self.cache_age[:, : self.cache_len] += self.num_tokens
+        self.cache_keys[:, self.cache_len : self.cache_len + k].copy_(keys)
+        self.cache_len += k
+        self.update_step += self.num_tokens
+        if self.update_step >= self.update_ltm_frequency * self.num_tokens:
+            self.merge()
+            return True
+        return False
+
+    def merge(self) -> None:
+        """Move the cache into the LTM, decay recall frequencies, evict (SPEC.md §4.4), reset the cache."""
+        m = self.cache_len
+        for layer in range(self.num_layers):
+            self._reserve(layer, self.size[layer] + m)
+        for layer in range(self.num_layers):
+            n = self.size[layer]
+            self.hidden[layer][n : n + m].copy_(self.cache_hidden[layer, :m])
+            self.keys[layer][n : n + m].copy_(self.cache_keys[layer, :m])
+            self.age[layer][n : n + m].copy_(self.cache_age[layer, :m])
+            self.rf[layer][n : n + m].fill_(self.initial_rf)
+            if self.kv is not None:
+                for dst, src in zip(self.kv[layer], self.cache_kv):
+                    dst[n : n + m].copy_(src[layer, :m])
+            n += m
+            rf = self.rf[layer][:n]
+            rf -= self.decay_frequency
+            alive = rf > _ALIVE_THRESHOLD
+            count = int(alive.sum())
+            if count > self.num_retrieved:
+                if count < n:
+                    runs = _runs(alive.nonzero().squeeze(1))
+                    for buf in [
+                        self.hidden[layer],
+                        self.keys[layer],
+                        self.age[layer],
+                        self.rf[layer],
+                        *(self.kv[layer] if self.kv is not None else []),
+                    ]:
+                        _compact_(buf, runs)
+                    n = count
+            else:
+                rf += self.decay_frequency  # too few would remain: undo the decay, evict nothing
+            self.size[layer] = n
+        self.cache_len = 0
+        self.update_step = 0
+
+    # ----------------------------------------------------------------------------------------------- retrieval
+    def retrieve(
+        self,
+        layer: int,
+        queries: Tensor,
+        *,
+        num_retrieved: int | None = None,
+        mode: RetrievalMode = "fast",
+        backend: str | None = None,
+    ) -> Retrieved:
+        """The rows of ``layer`` that the retriever picks for ``queries [T, ds]``, oldest first.
+
+        Scores ``mean_t sigmoid(q_t · k)`` over [LTM keys ; cached keys] and keeps the top K0 (``retrieve_topk``),
+        then orders them by descending age, ties broken as ``np.argsort(ages, kind="stable")[::-1]`` (the later
+        candidate first). When the LTM is smaller than K0: ``reference`` mode applies the official rule (no
+        scoring; the LTM indices ``0..S-1`` repeated to K0 entries, cache ignored; S = 0 returns nothing where the
+        official code hangs); ``fast`` mode returns every LTM and cached row once (no duplicates).
+        """
+        k0 = self.num_retrieved if num_retrieved is None else num_retrieved
+        if k0 < 0:
+            raise ValueError(f"retrieve: num_retrieved={k0} must be >= 0")
+        if mode not in ("fast", "reference"):
+            raise ValueError(f"retrieve: mode={mode!r}, expected 'fast' or 'reference'")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"retrieve: layer={layer} out of range [0, {self.num_layers})")
+        n, m = self.size[layer], self.cache_len
+        scores = None
+        if mode == "reference" and n < k0:
+            reps = -(-k0 // n) if n else 0
+            index = torch.arange(n).repeat(reps)[-k0:] if n else torch.empty(0, dtype=torch.long)
+        elif mode == "fast" and n + m <= k0:
+            index = torch.arange(n + m)
+        else:
+            from mplus_kernels.retrieval import retrieve_topk
+
+            index, scores = retrieve_topk(
+                queries, self.keys[layer][:n], k0, keys2=self.cache_keys[layer, :m] if m else None, backend=backend
+            )
+            index = index.cpu()
+        ages = torch.empty(index.numel(), dtype=torch.float64)
+        in_ltm = index < n
+        ages[in_ltm] = self.age[layer][index[in_ltm]]
+        ages[~in_ltm] = self.cache_age[layer][index[~in_ltm] - n]
+        order = torch.sort(ages, stable=True).indices.flip(0)
+        index, ages = index[order], ages[order]
+        if scores is not None:
+            scores = scores.cpu()[order]
+        hidden = torch.empty(index.numel(), self.hidden_size, dtype=self.dtype)
+        gather_rows_(hidden, self.hidden[layer][:n], self.cache_hidden[layer, :m], index)
+        out = Retrieved(index=index, hidden=hidden, age=ages, scores=scores)
+        if self.kv is not None:
+            out.k = torch.empty(index.numel(), *self.kv_shape, dtype=self.kv_dtype)
+            out.v = torch.empty_like(out.k)
+            for dst, src, cache in zip((out.k, out.v), self.kv[layer], self.cache_kv):
+                gather_rows_(dst, src[:n], cache[layer, :m], index)
+        return out
+
+    # -------------------------------------------------------------------------------------------- save / load
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every used row and counter, in the official names where they exist (plus cache, counters, K/V)."""
+        sd: dict[str, Tensor] = {}
+        for layer in range(self.num_layers):
+            n = self.size[layer]
+            sd[f"ltm.{layer}"] = self.hidden[layer][:n]
+            sd[f"ltm_keys.{layer}"] = self.keys[layer][:n].cpu()
+            sd[f"ltm_ages.{layer}"] = self.age[layer][:n]
+            sd[f"ltm_recall_frequencies.{layer}"] = self.rf[layer][:n]
+            if self.kv is not None:
+                sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = (t[:n] for t in self.kv[layer])
+        m = self.cache_len
+        sd["cached_dropped_memories"] = self.cache_hidden[:, :m]
+        sd["cached_dropped_keys"] = self.cache_keys[:, :m].cpu()
+        sd["cached_dropped_memory_ages"] = self.cache_age[:, :m]
+        if self.cache_kv is not None:
+            sd["cached_dropped_k"], sd["cached_dropped_v"] = (t[:, :m] for t in self.cache_kv)
+        sd["update_step"] = torch.tensor([self.update_step], dtype=torch.int64)
+        return {k: v.contiguous() for k, v in sd.items()}
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Replace the whole state by ``sd`` (as written by :meth:`state_dict`); validated before anything changes."""
+        missing = [
+            f"{name}.{layer}"
+            for layer in range(self.num_layers)
+            for name in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")
+            if f"{name}.{layer}" not in sd
+        ]
+        missing += [
+            k
+            for k in ("cached_dropped_memories", "cached_dropped_keys", "cached_dropped_memory_ages", "update_step")
+            if k not in sd
+        ]
+        if missing:
+            raise KeyError(f"load_state_dict: missing {missing}")
+        m = sd["cached_dropped_memories"].shape[1]
+        if m > self.cache_hidden.shape[1]:
+            raise ValueError(f"load_state_dict: {m} cached rows exceed the cache capacity {self.cache_hidden.shape[1]}")
+        self.size = [0] * self.num_layers
+        for layer in range(self.num_layers):
+            kv = (sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"]) if self.kv is not None else None
+            self.append_rows_(
+                layer,
+                sd[f"ltm.{layer}"],
+                sd[f"ltm_keys.{layer}"],
+                sd[f"ltm_ages.{layer}"].double(),
+                sd[f"ltm_recall_frequencies.{layer}"].double(),
+                kv,
+            )
+        self.cache_hidden[:, :m].copy_(sd["cached_dropped_memories"])
+        self.cache_keys[:, :m].copy_(sd["cached_dropped_keys"])
+        self.cache_age[:, :m].copy_(sd["cached_dropped_memory_ages"])
+        if self.cache_kv is not None:
+            self.cache_kv[0][:, :m].copy_(sd["cached_dropped_k"])
+            self.cache_kv[1][:, :m].copy_(sd["cached_dropped_v"])
+        self.cache_len = m
+        self.update_step = int(sd["update_step"].reshape(-1)[0])
+
+    def save(self, path: str) -> None:
+        save_file(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(load_file(path))
