@@ -48,8 +48,11 @@ def run_benchmark(
         _, info["peak_extra_bytes"] = measure_peak_memory(fn)
     benchmark.extra_info.update(info)
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    median = benchmark.stats.stats.median
     if "moved_bytes" in extra:  # bandwidth from the measured median
-        benchmark.extra_info["gbps"] = extra["moved_bytes"] / benchmark.stats.stats.median / 1e9
+        benchmark.extra_info["gbps"] = extra["moved_bytes"] / median / 1e9
+    if "tokens_per_s_tokens" in extra:
+        benchmark.extra_info["tokens_per_s"] = extra["tokens_per_s_tokens"] / median
     return result
 
 

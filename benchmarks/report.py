@@ -12,7 +12,7 @@ import argparse
 import json
 from collections import defaultdict
 
-METRICS = ("tflops", "gflops", "gbps")
+METRICS = ("tflops", "gflops", "gbps", "tokens_per_s")
 
 
 def _fmt_time(seconds: float) -> str:

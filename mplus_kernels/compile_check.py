@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import Any
 
-OP_FAMILIES = ("memory_update", "gather")
+OP_FAMILIES = ("memory_update", "attention", "retrieval", "gather")
 
 # Opt-in shared memory per block (bytes) and registers per SM.
 TARGETS = {

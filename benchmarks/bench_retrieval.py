@@ -1,0 +1,89 @@
+"""Retriever scoring + top-K0 at M+ shapes: the fused op vs the official-style reference and a chunked PyTorch version.
+
+M+ retrieval (SPEC.md §5.2): T prompt queries (256 or 2,048), S long-term keys (25,600 = 10 injections, 153,600 =
+the LTM cap, 1,000,000 = an oversized store), ds 256, K0 2,560, bf16 (the model dtype) and fp32. Providers, on the
+same inputs:
+
+* ``official``: ``sigmoid(Q @ Kᵀ).mean(0)`` as model-dtype tensors, ``topk``, ``sort`` (materialises [T, S] twice);
+* ``chunked``: fp32 scores in ``[T, chunk]`` tiles of ~4 MiB, then a threshold select (pure PyTorch);
+* ``mplus``: ``mplus_kernels.retrieve_topk`` (the C++ kernel on CPU).
+
+``gflops`` counts the 2·T·S·ds of the dot products only. The official provider at S = 1M is run once per shape (it
+takes ~17 s and 7.6 GiB in bf16 at T 2048): its time comes from that one call, which also measures its memory. At
+T 2048 / S 1M in fp32 it would need ~16 GiB (two [2048, 1M] fp32 matrices) on a 24 GiB machine shared with other
+jobs, so that one case is skipped. From S = 153,600 on, every provider runs 2 timed rounds after the memory-meter call
+(which doubles as the warm-up), so the whole file stays within a few minutes.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import mplus_kernels as mk
+from mplus_kernels.testing import measure_peak_memory, peak_memory_available
+
+DS, K0 = 256, 2560
+T_MAX = 2048
+PROVIDERS = {
+    "official": mk.official_retrieve_reference,
+    "chunked": mk.retrieve_topk_chunked,
+    "mplus": mk.retrieve_topk,
+}
+
+_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _inputs(s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [2048, ds] and keys [S, ds] with q·k ~ N(0, 1); one (S, dtype) pair kept alive at a time."""
+    key = (s, dtype)
+    if key not in _cache:
+        _cache.clear()
+        gc.collect()
+        gen = torch.Generator().manual_seed(s)
+        std = DS**-0.25
+        queries = (torch.randn(T_MAX, DS, generator=gen) * std).to(dtype)
+        keys = torch.empty(s, DS, dtype=dtype)
+        for s0 in range(0, s, 1 << 17):  # in slices: no 1 GiB fp32 temporary for bf16 keys
+            keys[s0 : s0 + (1 << 17)] = torch.randn(min(1 << 17, s - s0), DS, generator=gen) * std
+        _cache[key] = (queries, keys)
+    return _cache[key]
+
+
+# Parametrisation order (top varies fastest): all providers and T for one (S, dtype) before the next inputs.
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("t", [256, 2048])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("s", [25_600, 153_600, 1_000_000])
+def test_retrieval(bench, benchmark, provider, t, dtype, s):
+    big_official = provider == "official" and s >= 1_000_000
+    if provider == "official" and 2 * t * s * dtype.itemsize > 8 * 2**30:
+        pytest.skip(f"official at T{t}/S{s}/{dtype} needs ~16 GiB ([T, S] scores + sigmoid copy); machine has 24 GiB")
+    queries, keys = _inputs(s, dtype)
+    q = queries[:t]
+    impl = PROVIDERS[provider]
+
+    def fn():
+        return impl(q, keys, K0)
+
+    common = {
+        "group": f"retrieval/T{t}/S{s}/{dtype}".replace("torch.", ""),
+        "provider": provider,
+        "shape": f"T{t} S{s} ds{DS} K0{K0}",
+        "dtype": dtype,
+    }
+    if big_official:  # one call in all: timed, and metered from inside (the meter costs microseconds)
+        box = {}
+
+        def once():
+            box["out"], box["peak"] = measure_peak_memory(fn) if peak_memory_available() else (fn(), None)
+
+        bench(once, rounds=1, warmup_rounds=0, measure_memory=False, **common)
+        if box["peak"] is not None:
+            benchmark.extra_info["peak_extra_bytes"] = box["peak"]
+    else:
+        rounds, warmup = (2, 0) if s >= 153_600 else (3, 1)
+        bench(fn, rounds=rounds, warmup_rounds=warmup, **common)
+    benchmark.extra_info["gflops"] = 2 * t * s * DS / benchmark.stats.stats.median / 1e9

@@ -1,0 +1,310 @@
+"""``FusedMemoryAttention``: a drop-in Llama attention whose queries see a latent memory, on the mplus kernel.
+
+M+ attention per layer (SPEC.md §3.1): the chunk's queries attend to a memory prefix that every query sees (BOS, the
+retrieved long-term rows, the short-term rows) and to the chunk itself, bottom-right causal. The memory keys are kept
+*before* RoPE (one cache row per memory slot, :class:`MemoryKV`) and rotated inside the kernel by a per-row position,
+so updating a slot never invalidates the cached keys of the others, and no ``[memory ; chunk]`` concatenation, mask
+tensor or ``repeat_kv`` is ever built.
+
+The module keeps Llama's parameter names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so official M+ and Hugging
+Face state dicts load unchanged, and :meth:`FusedMemoryAttention.from_llama` wraps an existing ``LlamaAttention``
+without copying its weights.
+
+Importing this module also registers the ``"mplus"`` attention implementation with transformers, so a stock
+``LlamaForCausalLM`` runs plain causal attention through the mplus kernel with ``attn_implementation="mplus"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mplus_kernels.attention import memory_attention, rotate_half
+
+__all__ = [
+    "FusedMemoryAttention",
+    "KVCache",
+    "MemoryKV",
+    "mplus_attention_forward",
+    "register_with_transformers",
+    "rope_tables",
+]
+
+
+def rope_tables(inv_freq: Tensor, num_positions: int, attention_scaling: float = 1.0) -> tuple[Tensor, Tensor]:
+    """RoPE tables ``(cos, sin)``, each ``[num_positions, D/2]`` fp32: row p = ``cos/sin(p · inv_freq) · scaling``.
+
+    ``inv_freq [D/2]`` as the model's rotary embedding holds it (bf16-rounded when reproducing the official M+ run,
+    SPEC.md §3.2: the angles are still formed in fp32). Row p equals the first half of what
+    ``LlamaRotaryEmbedding`` returns for position p (before its cast to the model dtype).
+    """
+    angles = torch.arange(num_positions, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
+
+
+@dataclasses.dataclass
+class MemoryKV:
+    """One layer's memory as its attention sees it.
+
+    Attributes:
+        k: ``[B, M, Hkv, D]`` memory keys *before* RoPE (model dtype); a memory shared by the batch may be
+            ``x.expand(B, -1, -1, -1)`` (no copy).
+        v: ``[B, M, Hkv, D]`` memory values.
+        positions: ``[M]`` int32/int64, the RoPE position of each row (generation: BOS 0, long-term rows 1..K0,
+            short-term rows K0+1..K0+N in logical order — DESIGN.md §3), indexing the tables below.
+        rope_cos, rope_sin: ``[P, D/2]`` fp32 (see :func:`rope_tables`), ``P > max(positions)``.
+    """
+
+    k: Tensor
+    v: Tensor
+    positions: Tensor
+    rope_cos: Tensor
+    rope_sin: Tensor
+
+
+@dataclasses.dataclass
+class KVCache:
+    """A preallocated per-layer cache of the chunk tokens' keys (after RoPE) and values.
+
+    Attributes:
+        k, v: ``[B, S_max, Hkv, D]`` storage (may be views into a larger buffer).
+        length: rows already valid; :meth:`FusedMemoryAttention.forward` writes the next ``T`` rows and advances it.
+    """
+
+    k: Tensor
+    v: Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v [B, T, Hkv, D]`` at ``length``; return views of all valid rows ``[B, length + T, Hkv, D]``."""
+        if k.shape != v.shape or k.dim() != 4:
+            raise ValueError(
+                f"KVCache.append: k and v must both be [B, T, Hkv, D], got {list(k.shape)}, {list(v.shape)}"
+            )
+        b, t, hkv, d = k.shape
+        cap_b, cap, cap_h, cap_d = self.k.shape
+        if (b, hkv, d) != (cap_b, cap_h, cap_d):
+            raise ValueError(
+                f"KVCache.append: rows [B={b}, T, Hkv={hkv}, D={d}] do not fit the cache {list(self.k.shape)}"
+            )
+        end = self.length + t
+        if end > cap:
+            raise ValueError(f"KVCache.append: {self.length} + {t} rows exceed the cache capacity S_max={cap}")
+        self.k[:, self.length : end] = k
+        self.v[:, self.length : end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+
+class FusedMemoryAttention(nn.Module):
+    """Llama attention (GQA, RoPE, no dropout) over ``[memory ; chunk]`` through ``mplus_kernels.memory_attention``.
+
+    Args:
+        hidden_size: model width d (Llama-3.1-8B: 4096).
+        num_heads: query heads Hq (32). num_kv_heads: key/value heads Hkv (8), ``Hq % Hkv == 0``.
+        head_dim: D (default ``hidden_size // num_heads``; 128).
+        bias: biases on q/k/v/o projections (Llama's ``attention_bias``).
+        layer_idx: the decoder layer index (kept for callers; the module itself does not use it).
+        softmax_scale: default ``1/sqrt(D)``.
+        backend: ``auto`` / ``cpp`` / ``triton`` / ``reference`` for the attention kernel (None: ``MPLUS_BACKEND``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int | None = None,
+        *,
+        bias: bool = False,
+        layer_idx: int | None = None,
+        softmax_scale: float | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        head_dim = head_dim or hidden_size // num_heads
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.scaling = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+        self.backend = backend
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **kw)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **kw)
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int | None = None, **kwargs) -> FusedMemoryAttention:
+        """Build from a ``LlamaConfig`` (``hidden_size``, heads, ``head_dim``, ``attention_bias``)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim,
+            bias=getattr(config, "attention_bias", False),
+            layer_idx=layer_idx,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_llama(cls, attn: nn.Module, *, backend: str | None = None) -> FusedMemoryAttention:
+        """Wrap a ``LlamaAttention``: the new module *shares* its projection modules (no weight copy)."""
+        q_out, hidden = attn.q_proj.weight.shape
+        head_dim = attn.head_dim
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.hidden_size = hidden
+        new.num_heads = q_out // head_dim
+        new.num_kv_heads = attn.k_proj.weight.shape[0] // head_dim
+        new.head_dim = head_dim
+        new.layer_idx = getattr(attn, "layer_idx", None)
+        new.scaling = float(getattr(attn, "scaling", head_dim**-0.5))
+        new.backend = backend
+        new.q_proj, new.k_proj, new.v_proj, new.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        return new
+
+    def project_memory(self, memory_hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Memory keys (before RoPE) and values of normalised memory rows.
+
+        ``memory_hidden [B, M, d]`` (already through the layer's input RMSNorm) → ``k, v [B, M, Hkv, D]``, what
+        :class:`MemoryKV` caches per memory slot.
+        """
+        b, m, _ = memory_hidden.shape
+        shape = (b, m, self.num_kv_heads, self.head_dim)
+        return self.k_proj(memory_hidden).view(shape), self.v_proj(memory_hidden).view(shape)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        memory: MemoryKV | None = None,
+        kv_cache: KVCache | None = None,
+        return_lse: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attention output of a chunk.
+
+        Args:
+            hidden_states: ``[B, T, d]`` the chunk (already through the input RMSNorm).
+            position_embeddings: ``(cos, sin)``, each ``[B, T, D]`` (or ``[1, T, D]``), the chunk's RoPE in the Hugging
+                Face convention (``LlamaRotaryEmbedding`` output).
+            memory: the layer's memory (keys before RoPE), seen by every query; None for plain causal attention.
+            kv_cache: a preallocated cache of past chunk tokens; this chunk's rotated keys/values are appended and the
+                queries attend to all valid cache rows (bottom-right causal), then to nothing else of the past.
+            return_lse: also return the natural-log LSE ``[B, Hq, T]`` fp32 (to merge with other partial attentions).
+
+        Returns:
+            ``[B, T, d]`` (after ``o_proj``), and ``lse [B, Hq, T]`` when ``return_lse``.
+        """
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)
+        cos, sin = position_embeddings
+        cos = cos.to(q.dtype).unsqueeze(2)  # [B, T, 1, D]
+        sin = sin.to(q.dtype).unsqueeze(2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        if memory is None:
+            out, lse = memory_attention(q, k, v, softmax_scale=self.scaling, causal=True, backend=self.backend)
+        else:
+            out, lse = memory_attention(
+                q,
+                k,
+                v,
+                memory.k,
+                memory.v,
+                memory.positions,
+                memory.rope_cos,
+                memory.rope_sin,
+                softmax_scale=self.scaling,
+                causal=True,
+                backend=self.backend,
+            )
+        y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return (y, lse) if return_lse else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, backend={self.backend or 'MPLUS_BACKEND/auto'}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers integration: attn_implementation="mplus"
+# --------------------------------------------------------------------------------------------------------------------
+def mplus_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """A transformers attention function (``AttentionInterface``) running ``mplus_kernels.memory_attention``.
+
+    ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` (Hugging Face layout, already rotated; GQA native) →
+    ``(out [B, Tq, Hq, D], None)``. Bottom-right causal when the module is causal, so prefill and cached decoding
+    are both right. No padding: the registered mask function passes a mask only when some token is padded, and that
+    raises here.
+    """
+    if attention_mask is not None:
+        raise ValueError(
+            f"attn_implementation='mplus' supports unpadded batches only, got an attention mask "
+            f"{list(attention_mask.shape)}; drop the padding or use attn_implementation='sdpa'"
+        )
+    if dropout:
+        raise ValueError(f"attn_implementation='mplus' has no attention dropout, got dropout={dropout}")
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    out, _ = memory_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=causal
+    )
+    return out, None
+
+
+def register_with_transformers() -> None:
+    """Register ``"mplus"`` with transformers' attention and mask registries (idempotent; a no-op without
+    transformers)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError:
+        return
+    AttentionInterface.register("mplus", mplus_attention_forward)
+    # FlashAttention's mask rule: None when nothing is padded (the kernel is causal by itself), else the 2-D padding
+    # mask, which mplus_attention_forward rejects. Without a registered mask function transformers would pass None
+    # even for padded batches.
+    AttentionMaskInterface.register("mplus", flash_attention_mask)
+
+
+register_with_transformers()

@@ -1,0 +1,195 @@
+"""Official checkpoint layout (SPEC.md §2) → :class:`MPlusForCausalLM`, and the full memory state in safetensors.
+
+The official state dict has the module parameters under Llama/PEFT names (which ``MPlusForCausalLM`` reproduces,
+so they load by name) plus the memory: ``memory`` [L, N, d], ``ltm.{l}``, ``ltm_keys.{l}``, ``ltm_ages.{l}``,
+``ltm_recall_frequencies.{l}``. Everything is validated before anything is assigned: a missing or mis-shaped tensor
+is a ``ValueError`` naming it, and the model's memory is left as it was.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import MPlusConfig
+
+MEMORY_KEYS = ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
+IGNORED = ("rotary_emb.inv_freq",)
+
+
+def read_tensors(path: str) -> dict[str, Tensor]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def load_checkpoint(cls, path: str, *, dtype: torch.dtype | None = None, **kwargs):
+    with open(os.path.join(path, "config.json")) as f:
+        config = MPlusConfig(**json.load(f))
+    tensors = read_tensors(path)
+    if dtype is None:
+        dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else torch.float32
+    model = cls(config, dtype=dtype, **kwargs)
+    model.eval()
+    load_official_state(model, tensors)
+    return model
+
+
+def load_official_state(model, tensors: dict[str, Tensor]) -> None:
+    """Assign an official state dict to ``model`` (weights, STM, LTM) after validating every tensor."""
+    cfg = model.config
+    L, N, d = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size  # noqa: N806
+    own = model.state_dict()
+    expected = {k: v.shape for k, v in own.items() if k != "inv_freq"}
+    expected["memory"] = torch.Size([L, N, d])
+    problems = []
+    for key, shape in expected.items():
+        if key not in tensors:
+            problems.append(f"missing {key} {list(shape)}")
+        elif tensors[key].shape != shape:
+            problems.append(f"{key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
+    ltm_sizes = []
+    if model.ltm is not None:
+        for layer in range(L):
+            names = [f"{p}{layer}" for p in MEMORY_KEYS]
+            absent = [n for n in names if n not in tensors]
+            if absent:
+                problems.append(f"missing {absent}")
+                continue
+            s = tensors[names[0]].shape[0]
+            want = {names[0]: (s, d), names[1]: (s, cfg.selector_hidden_dim), names[2]: (s,), names[3]: (s,)}
+            problems += [
+                f"{n} has shape {list(tensors[n].shape)}, expected {list(w)}"
+                for n, w in want.items()
+                if tuple(tensors[n].shape) != w
+            ]
+            ltm_sizes.append(s)
+    if "initialized" in tensors and int(tensors["initialized"].reshape(-1)[0]) == 0:
+        problems.append("initialized = 0: this MemoryLLM memory was never filled (training-time state)")
+    known = set(expected) | {f"{p}{layer}" for p in MEMORY_KEYS for layer in range(L)} | {"initialized"}
+    unknown = [k for k in tensors if k not in known and not k.endswith(IGNORED)]
+    problems += [f"unexpected tensor {k}" for k in unknown]
+    if problems:
+        raise ValueError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+
+    dtype = model.lm_head.weight.dtype
+    model.load_state_dict({k: tensors[k].to(dtype) for k in own if k != "inv_freq"}, strict=False)
+    model.stm.hidden.copy_(tensors["memory"].to(dtype))
+    model.stm.age.zero_()
+    model.stm.pos.copy_(torch.arange(N, dtype=torch.int32).expand(L, N))
+    model.stm.order.copy_(model.stm.pos)
+    refresh_memory_kv(model)
+    if model.ltm is not None:
+        model.ltm.clear()
+        for layer in range(L):
+            rows = tensors[f"ltm.{layer}"].to(dtype)
+            kv = model_kv(model, layer, rows)
+            model.ltm.append_rows_(
+                layer,
+                rows,
+                tensors[f"ltm_keys.{layer}"].to(dtype),
+                tensors[f"ltm_ages.{layer}"].double().trunc(),  # official: .int() (truncation), without bf16 rounding
+                tensors[f"ltm_recall_frequencies.{layer}"].double(),
+                kv,
+            )
+
+
+@torch.no_grad()
+def model_kv(model, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Generation-adapter K/V (before RoPE) of memory rows of one layer."""
+    with model.adapters.use("decoder_adapter"):
+        return model.layers[layer].memory_kv(rows)
+
+
+@torch.no_grad()
+def refresh_memory_kv(model) -> None:
+    """Recompute the short-term slots' cached K/V from their hidden rows (after loading weights or memory)."""
+    for layer in range(model.config.num_hidden_layers):
+        k, v = model_kv(model, layer, model.stm.hidden[layer])
+        model.stm.k[layer].copy_(k)
+        model.stm.v[layer].copy_(v)
+
+
+def memory_state(model) -> dict[str, Tensor]:
+    """The whole memory state (STM in logical order + slot layout, ages, LTM, cache, counters, RNG)."""
+    stm = model.stm
+    sd = {
+        "stm.hidden": stm.hidden,
+        "stm.age": stm.age,
+        "stm.pos": stm.pos,
+        "stm.order": stm.order,
+        "stm.k": stm.k,
+        "stm.v": stm.v,
+        "rng.cpu": torch.get_rng_state(),
+    }
+    if model.ltm is not None:
+        sd.update({f"ltm_store.{k}": v for k, v in model.ltm.state_dict().items()})
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def save_memory(model, path: str) -> None:
+    save_file(memory_state(model), path)
+
+
+def load_memory(model, path: str) -> None:
+    """Restore a state written by :func:`save_memory` (including torch's CPU RNG, so drops continue identically)."""
+    sd = load_file(path)
+    stm = model.stm
+    for name in ("hidden", "age", "pos", "order", "k", "v"):
+        key = f"stm.{name}"
+        if key not in sd or sd[key].shape != getattr(stm, name).shape:
+            raise ValueError(f"load_memory: {key} missing or mis-shaped in {path}")
+    if model.ltm is not None:
+        model.ltm.load_state_dict({k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")})
+    for name in ("hidden", "age", "pos", "order", "k", "v"):
+        getattr(stm, name).copy_(sd[f"stm.{name}"])
+    torch.set_rng_state(sd["rng.cpu"])
+
+
+@torch.no_grad()
+def load_official_memory(model, state: dict[str, Tensor]) -> None:
+    """Set the memory from an official *inference-form* state (``memory``, ``memory_ages``, ``ltm.*``,
+    ``cached_dropped_*``, ``update_step``), as the official model holds it after ``put_ltm_to_numpy`` and
+    injections; K/V caches are recomputed with the generation adapter."""
+    cfg, dtype = model.config, model.lm_head.weight.dtype
+    L, N = cfg.num_hidden_layers, cfg.stm_size  # noqa: N806
+    model.stm.hidden.copy_(state["memory"].to(dtype))
+    model.stm.age.copy_(state.get("memory_ages", torch.zeros(L, N, dtype=torch.float64)))
+    model.stm.pos.copy_(torch.arange(N, dtype=torch.int32).expand(L, N))
+    model.stm.order.copy_(model.stm.pos)
+    refresh_memory_kv(model)
+    if model.ltm is None:
+        return
+    sd: dict[str, Tensor] = {}
+    for layer in range(L):
+        rows = state[f"ltm.{layer}"].to(dtype)
+        sd[f"ltm.{layer}"], sd[f"ltm_keys.{layer}"] = rows, state[f"ltm_keys.{layer}"].to(dtype)
+        sd[f"ltm_ages.{layer}"] = state[f"ltm_ages.{layer}"].double().trunc()
+        sd[f"ltm_recall_frequencies.{layer}"] = state[f"ltm_recall_frequencies.{layer}"].double()
+        sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = model_kv(model, layer, rows)
+    if "cached_dropped_memories" in state:  # after a merge the official cache is None (stale keys ignored)
+        rows = state["cached_dropped_memories"].to(dtype)
+        sd["cached_dropped_memories"], sd["cached_dropped_keys"] = rows, state["cached_dropped_keys"].to(dtype)
+        sd["cached_dropped_memory_ages"] = state["cached_dropped_memory_ages"].double()
+        kv = [model_kv(model, layer, rows[layer]) for layer in range(L)]
+        sd["cached_dropped_k"], sd["cached_dropped_v"] = (
+            torch.stack([a for a, _ in kv]),
+            torch.stack([b for _, b in kv]),
+        )
+    else:
+        ds, hkv, dh = cfg.selector_hidden_dim, cfg.num_key_value_heads, cfg.head_dim
+        sd["cached_dropped_memories"] = torch.empty(L, 0, cfg.hidden_size, dtype=dtype)
+        sd["cached_dropped_keys"] = torch.empty(L, 0, ds, dtype=dtype)
+        sd["cached_dropped_memory_ages"] = torch.empty(L, 0, dtype=torch.float64)
+        sd["cached_dropped_k"] = sd["cached_dropped_v"] = torch.empty(L, 0, hkv, dh, dtype=dtype)
+    sd["update_step"] = state["update_step"]
+    model.ltm.load_state_dict(sd)

@@ -1,0 +1,62 @@
+"""Unmerged LoRA with two adapters and O(1) switching (SPEC.md §2.1; fixes P13).
+
+The official model wraps q/k/v/gate/up/down with PEFT LoRA layers holding two adapters, ``default`` (update) and
+``decoder_adapter`` (generation), and switches by walking every module on every forward. Here each
+:class:`LoRALinear` reads the active adapter from one shared :class:`AdapterState`, so switching is one assignment.
+Parameter names follow PEFT's (``base_layer.weight``, ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+
+class AdapterState:
+    """The adapter every :class:`LoRALinear` of a model applies (``None``: base weights only)."""
+
+    def __init__(self, active: str | None = None) -> None:
+        self.active = active
+
+    @contextlib.contextmanager
+    def use(self, adapter: str | None) -> Iterator[None]:
+        previous, self.active = self.active, adapter
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + (alpha / r) · B_a(A_a(x))`` for the active adapter ``a`` (dropout off: inference only)."""
+
+    def __init__(self, base: nn.Linear, adapters: Sequence[str], r: int, alpha: float, state: AdapterState) -> None:
+        super().__init__()
+        self.base_layer = base
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.ModuleDict({a: nn.Linear(base.in_features, r, bias=False, **kw) for a in adapters})
+        self.lora_B = nn.ModuleDict({a: nn.Linear(r, base.out_features, bias=False, **kw) for a in adapters})
+        self.scaling = alpha / r
+        self._state = state
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        adapter = self._state.active
+        if adapter is None:
+            return y
+        lora_a = self.lora_A[adapter]
+        return y + self.lora_B[adapter](lora_a(x.to(lora_a.weight.dtype))).to(y.dtype) * self.scaling

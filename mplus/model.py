@@ -1,0 +1,418 @@
+"""A thin M+ / MemoryLLM on Llama (SPEC.md §3–5, DESIGN.md §3–4): few hundred readable lines on mplus kernels.
+
+State, per layer: the short-term memory as a slot pool (``ShortTermMemory``, with each slot's generation-adapter K/V
+cached before RoPE), the long-term memory store (``LongTermMemory``, M+ only), the per-layer BOS row.
+
+* ``inject(context_ids)`` — the update path (SPEC.md §4): encoder adapter; per layer the context attends to
+  [BOS ; last K short-term rows]; the last K outputs of each layer become that layer's new memory rows; K rows are
+  dropped per layer (official RNG: per layer ``torch.randperm(N)`` on torch's default CPU generator) and go to the
+  long-term cache (M+) or are discarded (MemoryLLM).
+* ``forward(input_ids)`` / ``generate(...)`` — generation (SPEC.md §5): decoder adapter; per layer, the prompt
+  retrieves K0 long-term rows (prefill only), then attends to [BOS ; long-term rows ; short-term rows] and itself.
+  Nothing is concatenated per step: the short-term memory is attended in slot order with its cached K/V, the
+  BOS + long-term rows as a second segment, and the two partial attentions are merged through their LSE.
+
+``semantics="reference"`` reproduces the official implementation (small-LTM repeat rule, bf16-rounded RoPE
+``inv_freq`` when the model runs in bf16); ``"fast"`` (default) takes the documented fixes. ``kernels="reference"``
+runs every op on its pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mplus_kernels.attention import memory_attention, merge_attention_states
+
+from .attention import FusedMemoryAttention, KVCache, MemoryKV, rope_tables
+from .config import MPlusConfig
+from .lora import AdapterState, LoRALinear
+from .memory import ShortTermMemory
+from .memory.ltm import LongTermMemory
+from .memory.transfer import TransferEngine
+from .retriever import Projector, rms_norm
+
+ENCODER, DECODER = "default", "decoder_adapter"
+Semantics = Literal["fast", "reference"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MPlusConfig, lora, dtype) -> None:
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = lora(nn.Linear(d, i, bias=config.mlp_bias, dtype=dtype))
+        self.up_proj = lora(nn.Linear(d, i, bias=config.mlp_bias, dtype=dtype))
+        self.down_proj = lora(nn.Linear(i, d, bias=config.mlp_bias, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Llama decoder layer whose attention sees memory segments (keys before RoPE, each with its positions)."""
+
+    def __init__(self, config: MPlusConfig, lora, dtype, backend: str | None) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.input_layernorm = RMSNorm(d, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps, dtype)
+        attn = FusedMemoryAttention.from_config(config, dtype=dtype, backend=backend)
+        attn.q_proj, attn.k_proj, attn.v_proj = lora(attn.q_proj), lora(attn.k_proj), lora(attn.v_proj)
+        if config.has_ltm:
+            ds, n = config.selector_hidden_dim, config.num_selector_layers
+            attn.query_proj = Projector(d, ds, n, dtype)
+            attn.key_proj = Projector(d, ds, n, dtype)
+            if config.add_encoder_retriever:
+                attn.encoder_query_proj = Projector(d, ds, n, dtype)
+        self.self_attn = attn
+        self.mlp = MLP(config, lora, dtype)
+        self.backend = backend
+
+    def memory_kv(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Pre-RoPE K/V ``[M, Hkv, D]`` of memory rows ``[M, d]`` under the active adapter."""
+        k, v = self.self_attn.project_memory(self.input_layernorm(rows)[None])
+        return k[0], v[0]
+
+    def forward(self, h: Tensor, pos: tuple[Tensor, Tensor], memories: list, cache: KVCache | None) -> Tensor:
+        """``h [1, T, d]`` → ``[1, T, d]``; ``pos`` = the chunk's (cos, sin) ``[1, T, D]``. ``memories``: segments
+        (``MemoryKV``, or a callable returning one when it is still being fetched; replaced in the list once done)."""
+        attn = self.self_attn
+        b, t, _ = h.shape
+        x = self.input_layernorm(h)
+        hq, hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q = attn.q_proj(x).view(b, t, hq, dh)
+        k = attn.k_proj(x).view(b, t, hkv, dh)
+        v = attn.v_proj(x).view(b, t, hkv, dh)
+        cos, sin = (p.to(q.dtype).unsqueeze(2) for p in pos)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out = lse = None
+        for i, mem in enumerate(memories):  # the first segment is attended with the chunk, the rest alone
+            if callable(mem):  # a segment still in transfer: resolved now, after the others' attention ran
+                mem = memories[i] = mem()
+            kk, vv = (k, v) if i == 0 else (k[:, :0], v[:, :0])
+            o, s = memory_attention(
+                q,
+                kk,
+                vv,
+                mem.k,
+                mem.v,
+                mem.positions,
+                mem.rope_cos,
+                mem.rope_sin,
+                softmax_scale=attn.scaling,
+                causal=True,
+                backend=self.backend,
+            )
+            out, lse = (o, s) if out is None else merge_attention_states(out, lse, o, s, backend=self.backend)
+        if out is None:
+            out, lse = memory_attention(q, k, v, softmax_scale=attn.scaling, causal=True, backend=self.backend)
+        h = h + attn.o_proj(out.reshape(b, t, hq * dh))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class MPlusModel(nn.Module):
+    def __init__(self, config: MPlusConfig, lora, dtype, backend: str | None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, lora, dtype, backend) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+
+@dataclasses.dataclass
+class MPlusCache:
+    """Per-generate state: each layer's chunk KV cache and its fixed memory segments (built at prefill)."""
+
+    layers: list[KVCache]
+    memories: list[list[MemoryKV]]
+    retrieved: list[Tensor | None]  # per layer: indices of the long-term rows used (age order), for inspection
+    is_compileable = False  # read by transformers' generate (no automatic torch.compile of the decode step)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # the name transformers' generation utilities call
+        return self.layers[layer_idx].length
+
+
+class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
+    """M+ (or MemoryLLM) on Llama. Build with :meth:`from_pretrained` from an official checkpoint directory.
+
+    Args:
+        config: :class:`MPlusConfig`.
+        semantics: ``"fast"`` (default) or ``"reference"`` (official quirks; see the module docstring).
+        kernels: ``"fused"`` (mplus kernels, backend ``auto``) or ``"reference"`` (pure PyTorch everywhere).
+        dtype: parameter and memory dtype. max_length: longest prompt + generated tokens of one ``generate`` call.
+        ltm_capacity: rows per layer reserved in the long-term store (grows beyond on demand).
+    """
+
+    config_class = MPlusConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+
+    def __init__(
+        self,
+        config: MPlusConfig,
+        *,
+        semantics: Semantics = "fast",
+        kernels: Literal["fused", "reference"] = "fused",
+        dtype: torch.dtype = torch.float32,
+        max_length: int = 2048,
+        ltm_capacity: int = 0,
+    ) -> None:
+        super().__init__(config)
+        if semantics not in ("fast", "reference") or kernels not in ("fused", "reference"):
+            raise ValueError(f"semantics={semantics!r} (fast|reference), kernels={kernels!r} (fused|reference)")
+        if not config.add_bos_embedding:
+            raise ValueError("MPlusForCausalLM: configs without add_bos_embedding are not supported")
+        self.semantics, self.kernels, self.max_length = semantics, kernels, max_length
+        self.backend = "reference" if kernels == "reference" else None
+        self.adapters = AdapterState(DECODER)
+        names = [ENCODER, DECODER] if config.add_decoder_lora else [ENCODER]
+        r, alpha = config.lora_config["r"], config.lora_config["lora_alpha"]
+        lora = lambda lin: LoRALinear(lin, names, r, alpha, self.adapters)  # noqa: E731
+        L, N, d = config.num_hidden_layers, config.stm_size, config.hidden_size  # noqa: N806
+        self.model = MPlusModel(config, lora, dtype, self.backend)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False, dtype=dtype)
+        self.bos_embedding = nn.Parameter(torch.zeros(L, 1, d, dtype=dtype), requires_grad=False)
+        self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d, dtype=dtype), requires_grad=False)
+        kv_shape = (config.num_key_value_heads, config.head_dim)
+        self.stm = ShortTermMemory(torch.zeros(L, N, d, dtype=dtype), kv_shape=kv_shape, kv_dtype=dtype)
+        self.ltm: LongTermMemory | None = None
+        if config.has_ltm:
+            self.ltm = LongTermMemory(
+                L,
+                d,
+                config.selector_hidden_dim,
+                num_tokens=config.num_tokens,
+                update_ltm_frequency=config.update_ltm_frequency,
+                num_retrieved=config.num_ltm_tokens,
+                decay_frequency=config.decay_frequency,
+                initial_rf=config.initial_rf_when_moving_stm_to_ltm,
+                dtype=dtype,
+                capacity=ltm_capacity,
+                kv_shape=kv_shape,
+                kv_dtype=dtype,
+            )
+        inv_freq = config.rope_inv_freq()
+        if semantics == "reference" and dtype == torch.bfloat16:
+            inv_freq = inv_freq.to(torch.bfloat16).float()  # the official README's model.to(bf16) quirk (SPEC §3.2)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        table = config.memory_prefix_len + max_length
+        self.rope_cos, self.rope_sin = rope_tables(inv_freq, table)
+
+    def set_kernels(self, kernels: Literal["fused", "reference"]) -> None:
+        """Switch every op of the model between the mplus kernels and their pure-PyTorch references."""
+        if kernels not in ("fused", "reference"):
+            raise ValueError(f"set_kernels: kernels={kernels!r}, expected 'fused' or 'reference'")
+        self.kernels, self.backend = kernels, ("reference" if kernels == "reference" else None)
+        for layer in self.layers:
+            layer.backend = layer.self_attn.backend = self.backend
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def _chunk_rope(self, start: int, t: int) -> tuple[Tensor, Tensor]:
+        if start + t > self.rope_cos.shape[0]:
+            raise ValueError(
+                f"positions up to {start + t} exceed the RoPE table ({self.rope_cos.shape[0]}): raise "
+                f"max_length (now {self.max_length})"
+            )
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        return torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
+
+    def _mem(self, k: Tensor, v: Tensor, positions: Tensor) -> MemoryKV:
+        return MemoryKV(k[None], v[None], positions, self.rope_cos, self.rope_sin)
+
+    def _check_ids(self, ids: Tensor, what: str) -> None:
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"{what}: expected integer token ids [1, T], got {getattr(ids, 'shape', type(ids))}")
+        if ids.shape[0] != 1:
+            raise ValueError(f"{what}: batch size {ids.shape[0]} is not supported (M+ memory is per sequence: use 1)")
+        if ids.shape[1] == 0:
+            raise ValueError(f"{what}: empty input (T = 0)")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"{what}: token ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+
+    # ---------------------------------------------------------------------------------------------- update
+    @torch.no_grad()
+    def inject(
+        self,
+        context_ids: Tensor,
+        *,
+        update_memory: bool = True,
+        victims: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Write a context into memory (SPEC.md §4). ``context_ids [1, T]``; returns the delta memory ``[L, K, d]``
+        (and the per-layer input hidden states with ``output_hidden_states``).
+
+        ``victims [L, K]`` overrides the drop choices (logical positions); by default they are drawn as the official
+        code does, from torch's default CPU generator. With ``update_memory=False`` nothing changes.
+        """
+        self._check_ids(context_ids, "inject")
+        k, n = self.config.num_tokens, self.config.stm_size
+        t = context_ids.shape[1]
+        if k + t + 1 > self.rope_cos.shape[0]:
+            raise ValueError(
+                f"inject: a context of {t} tokens exceeds the {self.rope_cos.shape[0] - k - 1}-token limit"
+            )
+        deltas, hiddens = [], []
+        with self.adapters.use(ENCODER):
+            h = self.model.embed_tokens(context_ids.to(self.lm_head.weight.device))
+            p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
+            pos = self._chunk_rope(p, k + t + 1 - p)
+            memory_pos = torch.arange(p, dtype=torch.int32)
+            for layer_idx, layer in enumerate(self.layers):
+                hiddens.append(h)
+                tail = self.stm.hidden[layer_idx].index_select(0, self.stm.order[layer_idx, n - k :].long())
+                x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
+                x[-k:] += self.new_memory_positional_emb[0, 0]
+                mk, mv = layer.memory_kv(x[:p])
+                out = layer(x[None, p:], pos, [self._mem(mk, mv, memory_pos)], None)
+                deltas.append(out[0, -k:])
+                h = out[:, -t:]
+            hiddens.append(self.model.norm(h))
+        delta = torch.stack(deltas)
+        if update_memory:
+            self._update_memory(delta, victims)
+        return (delta, hiddens) if output_hidden_states else delta
+
+    def _update_memory(self, delta: Tensor, victims: Tensor | None) -> None:
+        with self.adapters.use(DECODER):  # the short-term K/V cache holds generation-adapter keys and values
+            kv = [layer.memory_kv(delta[i]) for i, layer in enumerate(self.layers)]
+        new_k, new_v = torch.stack([a for a, _ in kv]), torch.stack([b for _, b in kv])
+        views = self.ltm.cache_views(delta.shape[1]) if self.ltm is not None else None
+        dropped = self.stm.update(delta, new_k=new_k, new_v=new_v, victims=victims, dropped=views, backend=self.backend)
+        if self.ltm is not None:
+            keys = torch.stack(
+                [
+                    layer.self_attn.key_proj(layer.input_layernorm(dropped.hidden[i]))
+                    for i, layer in enumerate(self.layers)
+                ]
+            )
+            self.ltm.push_dropped(keys, written=True)
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _layer_memories(self, layer_idx: int, layer: DecoderLayer, h: Tensor, cache: MPlusCache) -> list:
+        """[short-term slots (cached K/V, slot order)] and [BOS ; retrieved long-term rows], with their positions.
+
+        The long-term part is retrieved and gathered on the transfer engine's worker thread while this thread
+        attends to the short-term memory and the chunk; the layer resolves it last and merges through the LSE."""
+        k0 = self.config.num_ltm_tokens
+        stm = self._mem(self.stm.k[layer_idx], self.stm.v[layer_idx], self.stm.pos[layer_idx] + (1 + k0))
+        bos_k, bos_v = layer.memory_kv(self.bos_embedding[layer_idx])
+        if self.ltm is None:
+            return [stm, self._mem(bos_k, bos_v, torch.zeros(1, dtype=torch.int32))]
+        queries = layer.self_attn.query_proj(layer.input_layernorm(h[0]))
+        handle = self.transfer.submit(
+            f"ltm-layer{layer_idx}",
+            lambda: self.ltm.retrieve(layer_idx, queries, mode=self.semantics, backend=self.backend),
+        )
+
+        def resolve() -> MemoryKV:
+            got = handle.wait()
+            cache.retrieved[layer_idx] = got.index
+            seg_k, seg_v = torch.cat([bos_k, got.k.to(bos_k.device)]), torch.cat([bos_v, got.v.to(bos_v.device)])
+            return self._mem(seg_k, seg_v, torch.arange(1 + got.index.numel(), dtype=torch.int32))
+
+        return [stm, resolve]
+
+    @property
+    def transfer(self) -> TransferEngine:
+        """The engine that overlaps long-term retrieval and gather with compute (created on first use)."""
+        if getattr(self, "_transfer", None) is None:
+            self._transfer = TransferEngine(self.lm_head.weight.device)
+        return self._transfer
+
+    def new_cache(self, max_tokens: int | None = None) -> MPlusCache:
+        """An empty generation cache for up to ``max_tokens`` prompt + generated tokens (default ``max_length``)."""
+        cap = max_tokens or self.max_length
+        if cap > self.max_length:
+            raise ValueError(f"new_cache: {cap} tokens exceed max_length={self.max_length} (set it at load time)")
+        cfg = self.config
+        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        layers = [
+            KVCache.empty(1, cap, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        return MPlusCache(layers, [[] for _ in layers], [None] * len(layers))
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor,
+        past_key_values: MPlusCache | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Generation-mode forward (SPEC.md §5). ``input_ids [1, T]``; with an empty (or no) cache this is the
+        prefill: each layer retrieves its long-term rows. ``logits_to_keep``: only the last n positions (0 = all).
+        ``attention_mask``/``position_ids`` are not used (batch 1, no padding; positions follow the memory)."""
+        self._check_ids(input_ids, "forward")
+        cache = past_key_values if past_key_values is not None else self.new_cache()
+        prefill = cache.length == 0
+        t = input_ids.shape[1]
+        pos = self._chunk_rope(self.config.memory_prefix_len + cache.length, t)
+        hiddens = []
+        with self.adapters.use(DECODER):
+            h = self.model.embed_tokens(input_ids.to(self.lm_head.weight.device))
+            for layer_idx, layer in enumerate(self.layers):
+                hiddens.append(h)
+                if prefill:
+                    cache.memories[layer_idx] = self._layer_memories(layer_idx, layer, h, cache)
+                h = layer(h, pos, cache.memories[layer_idx], cache.layers[layer_idx])
+            h = self.model.norm(h)
+        hiddens.append(h)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
+        return CausalLMOutputWithPast(
+            logits=logits,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(hiddens) if output_hidden_states else None,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """``generate`` gets a preallocated :class:`MPlusCache` (the memory prefix is never copied per step)."""
+        if model_kwargs.get("past_key_values") is None:
+            model_kwargs["past_key_values"] = self.new_cache()
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: MPlusCache | None = None, **kwargs):
+        if past_key_values is not None and past_key_values.length:
+            input_ids = input_ids[:, past_key_values.length :]
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "logits_to_keep": 1}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> MPlusForCausalLM:  # type: ignore[override]
+        """Load an official M+ / MemoryLLM checkpoint directory (``config.json`` + safetensors, SPEC.md §2)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(cls, path, **kwargs)

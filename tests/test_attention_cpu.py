@@ -1,0 +1,279 @@
+"""The C++ CPU kernels of memory attention and of the exact merge (csrc/cpu/attention.cpp), called directly through
+``torch.ops.mplus`` and compared with the fp32 reference (mplus_kernels/attention/reference.py).
+
+Tolerances: fp32 outputs with ``assert_close`` (TOLERANCES[fp32]); bf16/fp16 outputs with FlashAttention's rule
+(``assert_within_reference_error``: no worse than twice the reference's own error when it runs in that precision);
+LSE (always fp32 arithmetic inside the kernel) against the fp32 reference at 1e-4.
+The kernel has two paths — "decode" (G*Tq <= 8 rows per KV head and D in {64, 128, 256}, split-KV) and "prefill"
+(rows in vector lanes, 32-key tiles) — and the shapes below exercise both, with tails in every blocked dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mplus_kernels  # noqa: F401  (loads the extension: registers the ops and their CPU kernels)
+from mplus_kernels import _backend
+from mplus_kernels.attention.reference import memory_attention_reference, merge_attention_states_reference
+from mplus_kernels.testing import assert_close, assert_equal, assert_within_reference_error
+
+if not _backend.cpp_available():  # a missing build is a failure, not a skip
+    raise ImportError(f"the C++ extension did not load: {_backend.cpp_import_error()}")
+
+attention = torch.ops.mplus.memory_attention
+merge = torch.ops.mplus.merge_attention_states
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LSE_TOL = 1e-4
+
+
+def rope_tables(p: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama-style tables [P, D/2] (theta 500000), fp32."""
+    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = torch.arange(p, dtype=torch.float32)[:, None] * inv[None]
+    return ang.cos(), ang.sin()
+
+
+def make_case(b, tq, tk, m, hq, hkv, d, dtype, *, use_pos=True, gen_seed=0):
+    """Inputs of one call: q, k, v, mem_k, mem_v (None when m is None), mem_pos (a random permutation of slot
+    positions, as after memory updates), rope tables."""
+    g = torch.Generator().manual_seed(gen_seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    q, k, v = rnd(b, tq, hq, d), rnd(b, tk, hkv, d), rnd(b, tk, hkv, d)
+    mem_k = mem_v = pos = cos = sin = None
+    if m is not None:
+        mem_k, mem_v = rnd(b, m, hkv, d), rnd(b, m, hkv, d)
+        if use_pos:
+            cos, sin = rope_tables(m + tk + 16, d)
+            pos = torch.randperm(m + 16, generator=g)[:m].to(torch.int32)
+    return q, k, v, mem_k, mem_v, pos, cos, sin
+
+
+def check(args, scale, causal, *, name=""):
+    """Run the kernel on ``args`` and compare out and lse with the reference; return (out, lse)."""
+    q = args[0]
+    out, lse = attention(*args, scale, causal)
+    ref, ref_lse = memory_attention_reference(*args, softmax_scale=scale, causal=causal)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert not out.isnan().any(), f"{name}: NaN in out"
+    if q.dtype == torch.float32:
+        assert_close(out, ref, name=f"{name} out")
+    else:
+        ref_lowp, _ = memory_attention_reference(*args, softmax_scale=scale, causal=causal, compute_dtype=q.dtype)
+        assert_within_reference_error(out, ref, ref_lowp, name=f"{name} out")
+    check_lse(lse, ref_lse, name=f"{name} lse")
+    return out, lse
+
+
+def check_lse(lse, ref_lse, *, name="lse"):
+    """Same -inf pattern (rows that see no key), finite values within LSE_TOL."""
+    assert_equal(torch.isneginf(lse), torch.isneginf(ref_lse), name=f"{name} -inf pattern")
+    finite = torch.isfinite(ref_lse)
+    assert_close(lse[finite], ref_lse[finite], atol=LSE_TOL, rtol=LSE_TOL, name=name)
+
+
+# --- the main grid: query lengths x memory lengths x GQA ratios x dtypes (batch 2, one KV head: Hq = G) -----------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("m", [0, 1, 100, 1001])
+@pytest.mark.parametrize("tq", [1, 7, 64, 129])
+def test_matches_reference(tq, m, group, dtype):
+    d = 128 if (tq + m) % 2 else 64  # both head dims across the grid
+    args = make_case(2, tq, tq, m, group, 1, d, dtype, gen_seed=tq * 7 + m)
+    check(args, 1 / math.sqrt(d), True, name=f"Tq={tq} M={m} G={group} D={d}")
+
+
+# --- options: head dim, causal or not, memory rotated or used as given --------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("use_pos", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tq", [3, 40])
+def test_options(tq, d, causal, use_pos, dtype):
+    args = make_case(1, tq, tq, 77, 8, 2, d, dtype, use_pos=use_pos, gen_seed=d + tq)
+    check(args, 0.7 / math.sqrt(d), causal, name=f"D={d} causal={causal} pos={use_pos}")
+
+
+@pytest.mark.parametrize("d", [8, 40, 96, 256])
+@pytest.mark.parametrize("tq", [1, 20])
+def test_other_head_dims(tq, d):
+    """D = 256 takes the decode path; 8, 40, 96 always the prefill one (40: the PV tile pads the head dim)."""
+    args = make_case(1, tq, tq + 3, 50, 4, 1, d, torch.float32, gen_seed=d)
+    check(args, 1 / math.sqrt(d), True, name=f"D={d}")
+
+
+# --- chunk length != query length ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [0, 50])
+@pytest.mark.parametrize(
+    ("tq", "tk", "group"),
+    [
+        (1, 37, 4),  # decode over a cache: Tk > Tq
+        (2, 2, 4),  # 8 rows: decode path with a causal mask inside the chunk
+        (3, 9, 1),
+        (5, 64, 8),
+        (64, 200, 4),
+        (70, 30, 2),  # Tq > Tk: the first 40 queries see no chunk key
+        (9, 1, 8),
+        (16, 0, 4),  # empty chunk
+        (1, 0, 8),
+    ],
+)
+def test_chunk_length_differs(tq, tk, group, m, dtype):
+    args = make_case(1, tq, tk, m, 2 * group, 2, 64, dtype, gen_seed=tq * 31 + tk)
+    check(args, 0.125, True, name=f"Tq={tq} Tk={tk}")
+
+
+def test_rows_without_keys():
+    """No memory, Tq > Tk, causal: queries t < Tq - Tk see nothing -> out exactly 0, lse -inf; the others match."""
+    tq, tk = 12, 4
+    args = make_case(1, tq, tk, None, 8, 2, 64, torch.float32)
+    out, lse = check(args, 0.125, True, name="rows without keys")
+    assert_equal(out[:, : tq - tk], torch.zeros_like(out[:, : tq - tk]), name="out of rows without keys")
+    assert torch.isneginf(lse[..., : tq - tk]).all() and torch.isfinite(lse[..., tq - tk :]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_keys_at_all(dtype):
+    q = torch.randn(2, 5, 4, 64).to(dtype)
+    empty = torch.empty(2, 0, 2, 64, dtype=dtype)
+    out, lse = attention(q, empty, empty, empty, empty, torch.empty(0, dtype=torch.int32), None, None, 0.1, True)
+    assert_equal(out, torch.zeros_like(q), name="out")
+    assert torch.isneginf(lse).all() and lse.shape == (2, 4, 5)
+
+
+def test_empty_queries():
+    args = make_case(1, 0, 0, 10, 4, 2, 64, torch.float32)
+    out, lse = attention(*args, 0.125, True)
+    assert out.shape == (1, 0, 4, 64) and lse.shape == (1, 4, 0)
+
+
+# --- layouts: strided views of preallocated buffers ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tq", [1, 33])
+def test_non_contiguous_inputs(tq, dtype):
+    """q a head-strided view, k/v the valid rows of a preallocated KV cache, memory a slice of a slot pool, expanded
+    over the batch (stride 0); a transposed rope table and an int32 view with a stride for mem_pos."""
+    b, hq, hkv, d, tk, m = 2, 8, 2, 64, tq + 5, 90
+    qbuf = torch.randn(b, tq, 2 * hq, d).to(dtype)
+    cache = torch.randn(2, b, 128, hkv, d).to(dtype)  # [k|v, B, Tmax, Hkv, D]
+    pool = torch.randn(1, 2 * m, hkv, d).to(dtype)
+    q, k, v = qbuf[:, :, ::2], cache[0, :, 3 : 3 + tk], cache[1, :, 3 : 3 + tk]
+    mem_k, mem_v = pool[:, :m].expand(b, -1, -1, -1), pool[:, m:].expand(b, -1, -1, -1)
+    cos, sin = rope_tables(2 * m, d)
+    cos = cos.t().contiguous().t()  # same values, column-major
+    pos = torch.randperm(2 * m).to(torch.int32)[::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or mem_k.is_contiguous() or pos.is_contiguous())
+    args = (q, k, v, mem_k, mem_v, pos, cos, sin)
+    out, lse = check(args, 0.125, True, name="strided")
+    dense = tuple(x.contiguous() for x in args)
+    out_d, lse_d = attention(*dense, 0.125, True)
+    assert_equal(out, out_d, name="strided vs dense out")
+    assert_equal(lse, lse_d, name="strided vs dense lse")
+
+
+def test_last_dim_strided_is_copied():
+    """A view whose last dim is not dense (not a layout the kernels read) still gives the right answer."""
+    args = list(make_case(1, 9, 9, 20, 4, 2, 64, torch.float32))
+    args[0] = torch.randn(1, 9, 4, 128)[..., ::2]
+    check(tuple(args), 0.125, True, name="last dim strided")
+
+
+# --- split-KV decode and merging ---------------------------------------------------------------------------------------
+@pytest.fixture
+def four_threads():
+    """More threads than batch x splits would need, so decode splits the keys (the merge path of split-KV)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tq", "group"), [(1, 8), (1, 4), (2, 4), (8, 1)])
+def test_decode_split_kv(four_threads, tq, group, dtype):  # noqa: ARG001
+    args = make_case(1, tq, 300, 3000, group, 1, 128, dtype, gen_seed=group)
+    check(args, 1 / math.sqrt(128), True, name=f"split-KV Tq={tq} G={group}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_of_parts_equals_single_call(dtype):
+    """attention over [mem ; chunk] == merge(attention over mem only, attention over the chunk only)."""
+    q, k, v, mem_k, mem_v, pos, cos, sin = make_case(2, 21, 21, 150, 8, 2, 128, dtype)
+    none = torch.empty(2, 0, 2, 128, dtype=dtype)
+    whole, lse = attention(q, k, v, mem_k, mem_v, pos, cos, sin, 0.09, True)
+    a, lse_a = attention(q, none, none, mem_k, mem_v, pos, cos, sin, 0.09, True)
+    b, lse_b = attention(q, k, v, None, None, None, None, None, 0.09, True)
+    merged, merged_lse = merge(a, lse_a, b, lse_b)
+    check_lse(merged_lse, lse, name="merged lse")
+    if dtype == torch.float32:
+        assert_close(merged, whole, name="merged out")
+    else:  # the parts are rounded to the dtype before merging: within a few ulps
+        assert_close(merged.float(), whole.float(), atol=4e-3 if dtype == torch.bfloat16 else 1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_matches_reference(dtype):
+    b, t, h, d = 2, 13, 6, 72
+    out_a, out_b = torch.randn(b, t, h, d).to(dtype), torch.randn(b, t, h, d).to(dtype)
+    lse_a, lse_b = 3 * torch.randn(b, h, t), 3 * torch.randn(b, h, t)
+    lse_a[0, 0, :4] = float("-inf")  # part a saw no key
+    lse_b[0, 0, 2:6] = float("-inf")  # ... part b neither (2, 3): both -inf -> out 0, lse -inf
+    out_a[0, :4, 0] = 0
+    out_b[0, 2:6, 0] = 0
+    out, lse = merge(out_a, lse_a, out_b, lse_b)
+    ref, ref_lse = merge_attention_states_reference(out_a, lse_a, out_b, lse_b)
+    assert out.dtype == dtype and out.shape == (b, t, h, d)
+    assert_close(out.float(), ref.float(), dtype=dtype, name="merged out")
+    check_lse(lse, ref_lse, name="merged lse")
+    assert_equal(out[0, 2:4, 0], torch.zeros_like(out[0, 2:4, 0]), name="rows with no key in either part")
+
+
+def test_merge_strided_inputs():
+    """out_* as [B, H, T, D] buffers seen transposed, lse_* as [B, T, H] transposed."""
+    b, t, h, d = 1, 7, 4, 64
+    out_a, out_b = torch.randn(b, h, t, d).transpose(1, 2), torch.randn(b, h, t, d).transpose(1, 2)
+    lse_a, lse_b = torch.randn(b, t, h).transpose(1, 2), torch.randn(b, t, h).transpose(1, 2)
+    out, lse = merge(out_a, lse_a, out_b, lse_b)
+    ref, ref_lse = merge_attention_states_reference(out_a, lse_a, out_b, lse_b)
+    assert_close(out, ref, name="out")
+    assert_close(lse, ref_lse, name="lse")
+
+
+# --- registration ------------------------------------------------------------------------------------------------------
+def _has_fake(op: str) -> bool:
+    from torch._library.simple_registry import singleton
+
+    return singleton.find(op).fake_impl.kernel is not None
+
+
+@pytest.mark.parametrize("tq", [1, 20])
+def test_opcheck_memory_attention(tq):
+    args = (*make_case(1, tq, tq, 40, 4, 2, 64, torch.float32), 0.125, True)
+    utils = ["test_schema", "test_autograd_registration"]
+    if _has_fake("mplus::memory_attention"):  # registered by mplus_kernels/attention/op.py
+        utils += ["test_faketensor", "test_aot_dispatch_dynamic"]
+    torch.library.opcheck(attention, args, test_utils=utils)
+
+
+def test_opcheck_merge():
+    args = (torch.randn(1, 5, 4, 32), torch.randn(1, 4, 5), torch.randn(1, 5, 4, 32), torch.randn(1, 4, 5))
+    utils = ["test_schema", "test_autograd_registration"]
+    if _has_fake("mplus::merge_attention_states"):
+        utils += ["test_faketensor", "test_aot_dispatch_dynamic"]
+    torch.library.opcheck(merge, args, test_utils=utils)
+
+
+def test_rejects_bad_inputs():
+    q, k, v, mem_k, mem_v, pos, cos, sin = make_case(1, 4, 4, 10, 4, 2, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        attention(q, k[:, :, :1].expand(1, 4, 3, 64), v, mem_k, mem_v, pos, cos, sin, 0.1, True)
+    with pytest.raises(RuntimeError, match="mem_pos values"):
+        attention(q, k, v, mem_k, mem_v, pos + 1000, cos, sin, 0.1, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        attention(q, k.double(), v, mem_k, mem_v, pos, cos, sin, 0.1, True)
+    with pytest.raises(RuntimeError, match="mem_pos must be a CPU int32"):
+        attention(q, k, v, mem_k, mem_v, pos.long(), cos, sin, 0.1, True)
