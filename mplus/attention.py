@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mplus_kernels.attention import memory_attention, rotate_half
+from mplus_kernels.attention import memory_attention, merge_attention_states, rotate_half
 
 __all__ = [
     "FusedMemoryAttention",
@@ -202,7 +203,7 @@ class FusedMemoryAttention(nn.Module):
         self,
         hidden_states: Tensor,
         position_embeddings: tuple[Tensor, Tensor],
-        memory: MemoryKV | None = None,
+        memory: MemoryKV | Sequence[MemoryKV | Callable[[], MemoryKV]] | None = None,
         kv_cache: KVCache | None = None,
         return_lse: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -212,7 +213,12 @@ class FusedMemoryAttention(nn.Module):
             hidden_states: ``[B, T, d]`` the chunk (already through the input RMSNorm).
             position_embeddings: ``(cos, sin)``, each ``[B, T, D]`` (or ``[1, T, D]``), the chunk's RoPE in the Hugging
                 Face convention (``LlamaRotaryEmbedding`` output).
-            memory: the layer's memory (keys before RoPE), seen by every query; None for plain causal attention.
+            memory: the layer's memory (keys before RoPE), seen by every query; None for plain causal attention. A
+                list holds disjoint memory segments (e.g. short-term slots; BOS + retrieved long-term rows): the first
+                is attended together with the chunk, each other one alone, and the partial results are merged exactly
+                through their LSE, so the segments are never concatenated. A segment may be a callable returning its
+                ``MemoryKV`` (one still being fetched): it is called only after the segments before it were attended,
+                and the list entry is replaced by its result.
             kv_cache: a preallocated cache of past chunk tokens; this chunk's rotated keys/values are appended and the
                 queries attend to all valid cache rows (bottom-right causal), then to nothing else of the past.
             return_lse: also return the natural-log LSE ``[B, Hq, T]`` fp32 (to merge with other partial attentions).
@@ -231,22 +237,18 @@ class FusedMemoryAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        if memory is None:
+        segments = [] if memory is None else [memory] if isinstance(memory, MemoryKV) else memory
+        if not segments:
             out, lse = memory_attention(q, k, v, softmax_scale=self.scaling, causal=True, backend=self.backend)
-        else:
-            out, lse = memory_attention(
-                q,
-                k,
-                v,
-                memory.k,
-                memory.v,
-                memory.positions,
-                memory.rope_cos,
-                memory.rope_sin,
-                softmax_scale=self.scaling,
-                causal=True,
-                backend=self.backend,
-            )
+        for i, segment in enumerate(segments):
+            if callable(segment):
+                segment = segments[i] = segment()
+            chunk_k, chunk_v = (k, v) if i == 0 else (k[:, :0], v[:, :0])
+            o, s = memory_attention(
+                q, chunk_k, chunk_v, segment.k, segment.v, segment.positions, segment.rope_cos, segment.rope_sin,
+                softmax_scale=self.scaling, causal=True, backend=self.backend,
+            )  # fmt: skip
+            out, lse = (o, s) if i == 0 else merge_attention_states(out, lse, o, s, backend=self.backend)
         y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         return (y, lse) if return_lse else y
 

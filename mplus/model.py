@@ -27,8 +27,6 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mplus_kernels.attention import memory_attention, merge_attention_states
-
 from .attention import FusedMemoryAttention, KVCache, MemoryKV, rope_tables
 from .config import MPlusConfig
 from .lora import AdapterState, LoRALinear
@@ -81,7 +79,6 @@ class DecoderLayer(nn.Module):
                 attn.encoder_query_proj = Projector(d, ds, n, dtype)
         self.self_attn = attn
         self.mlp = MLP(config, lora, dtype)
-        self.backend = backend
 
     def memory_kv(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Pre-RoPE K/V ``[M, Hkv, D]`` of memory rows ``[M, d]`` under the active adapter."""
@@ -89,48 +86,10 @@ class DecoderLayer(nn.Module):
         return k[0], v[0]
 
     def forward(self, h: Tensor, pos: tuple[Tensor, Tensor], memories: list, cache: KVCache | None) -> Tensor:
-        """``h [1, T, d]`` → ``[1, T, d]``; ``pos`` = the chunk's (cos, sin) ``[1, T, D]``. ``memories``: segments
-        (``MemoryKV``, or a callable returning one when it is still being fetched; replaced in the list once done)."""
-        attn = self.self_attn
-        b, t, _ = h.shape
-        x = self.input_layernorm(h)
-        hq, hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        q = attn.q_proj(x).view(b, t, hq, dh)
-        k = attn.k_proj(x).view(b, t, hkv, dh)
-        v = attn.v_proj(x).view(b, t, hkv, dh)
-        cos, sin = (p.to(q.dtype).unsqueeze(2) for p in pos)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.append(k, v)
-        out = lse = None
-        for i, mem in enumerate(memories):  # the first segment is attended with the chunk, the rest alone
-            if callable(mem):  # a segment still in transfer: resolved now, after the others' attention ran
-                mem = memories[i] = mem()
-            kk, vv = (k, v) if i == 0 else (k[:, :0], v[:, :0])
-            o, s = memory_attention(
-                q,
-                kk,
-                vv,
-                mem.k,
-                mem.v,
-                mem.positions,
-                mem.rope_cos,
-                mem.rope_sin,
-                softmax_scale=attn.scaling,
-                causal=True,
-                backend=self.backend,
-            )
-            out, lse = (o, s) if out is None else merge_attention_states(out, lse, o, s, backend=self.backend)
-        if out is None:
-            out, lse = memory_attention(q, k, v, softmax_scale=attn.scaling, causal=True, backend=self.backend)
-        h = h + attn.o_proj(out.reshape(b, t, hq * dh))
+        """``h [1, T, d]`` → ``[1, T, d]``; ``pos`` = the chunk's (cos, sin) ``[1, T, D]``; ``memories``: the
+        segments :meth:`FusedMemoryAttention.forward` takes (entries still being fetched are resolved in place)."""
+        h = h + self.self_attn(self.input_layernorm(h), pos, memories, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
 
 
 class MPlusModel(nn.Module):
@@ -218,8 +177,9 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
                 kv_dtype=dtype,
             )
         inv_freq = config.rope_inv_freq()
-        if semantics == "reference" and dtype == torch.bfloat16:
-            inv_freq = inv_freq.to(torch.bfloat16).float()  # the official README's model.to(bf16) quirk (SPEC §3.2)
+        if semantics == "reference" and dtype == torch.bfloat16 and config.has_ltm:
+            # M+'s README has model.to(bf16) round inv_freq (SPEC §3.2); MemoryLLM keeps it fp32 (SPEC §10)
+            inv_freq = inv_freq.to(torch.bfloat16).float()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         table = config.memory_prefix_len + max_length
         self.rope_cos, self.rope_sin = rope_tables(inv_freq, table)
@@ -230,7 +190,7 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"set_kernels: kernels={kernels!r}, expected 'fused' or 'reference'")
         self.kernels, self.backend = kernels, ("reference" if kernels == "reference" else None)
         for layer in self.layers:
-            layer.backend = layer.self_attn.backend = self.backend
+            layer.self_attn.backend = self.backend
 
     # ------------------------------------------------------------------------------------------ properties
     @property

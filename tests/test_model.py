@@ -193,3 +193,15 @@ def test_bad_checkpoint_is_rejected(tmp_path):
     expected = r"(?s)bos_embedding has shape \[3, 1, 65\].*missing model.layers.1.mlp.up_proj.lora_B.default.weight"
     with pytest.raises(ValueError, match=expected):
         MPlusForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_reference_semantics_round_inv_freq_in_bf16():
+    """SPEC.md §3.2: the official M+ runs with bf16-rounded RoPE inv_freq (model.to(bf16)); fast keeps fp32."""
+    from mplus.config import MPlusConfig
+
+    cfg = MPlusConfig.from_json_file(str(GOLDEN / "model" / "config.json"))
+    ref = MPlusForCausalLM(cfg, semantics="reference", dtype=torch.bfloat16, max_length=8)
+    fast = MPlusForCausalLM(cfg, semantics="fast", dtype=torch.bfloat16, max_length=8)
+    assert_equal(ref.inv_freq, cfg.rope_inv_freq().bfloat16().float(), name="reference inv_freq")
+    assert_equal(fast.inv_freq, cfg.rope_inv_freq(), name="fast inv_freq")
+    assert not torch.equal(ref.inv_freq, fast.inv_freq)

@@ -167,7 +167,9 @@ def _tied_keys(s1, s2, ds, dtype, seed, num_protos=6):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
-@pytest.mark.parametrize(("s1", "s2", "groups_before"), [(60, 0, 2), (31, 29, 2), (0, 45, 1), (50, 50, 0), (70, 30, 4)])
+@pytest.mark.parametrize(
+    ("s1", "s2", "groups_before"), [(60, 0, 2), (31, 29, 2), (0, 45, 1), (50, 50, 0), (70, 30, 4), (1500, 1100, 2)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ties_go_to_the_lower_index(backend, s1, s2, groups_before, dtype):
     """k falls inside a group of identical keys: the group's lowest indices (across both ranges) are kept."""
@@ -184,6 +186,23 @@ def test_ties_go_to_the_lower_index(backend, s1, s2, groups_before, dtype):
     for p in which[idx].unique():  # copies of one key get bit-identical scores
         group = sc[which[idx] == p]
         assert bool((group == group[0]).all()), f"copies of prototype {int(p)} scored differently: {group.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_selection_across_many_blocks(monkeypatch, dtype):
+    """Small selection blocks: the radix passes, the block-offset scan (several steps) and the ranked writes cross
+    many block boundaries, with ties straddling them."""
+    from mplus_kernels.retrieval import triton_impl
+
+    monkeypatch.setattr(triton_impl, "SELECT_BLOCK", 64)
+    monkeypatch.setattr(triton_impl, "SCAN_BLOCK", 4)
+    q, k1, k2, which, proto_scores = _tied_keys(700, 333, 16, dtype, seed=4)
+    best_first = torch.sort(-proto_scores[which], stable=True).indices
+    for k in (1, 300, 517, 1000):
+        idx, sc = _run("triton", q, k1, k, k2)
+        assert_equal(idx, best_first[:k].sort().values, name=f"k={k}")
+    q, k1, k2 = _inputs(3, 900, 150, 16, dtype, seed=8)
+    _check_against_reference(*_run("triton", q, k1, 400, k2), q, k1, k2, 400)
 
 
 def test_all_keys_identical():

@@ -6,18 +6,14 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._utils import dense_rows
 from .reference import gather_rows_reference_
 
 OP = "mplus::gather_rows_"
 
 
-def _dense_rows(t: Tensor) -> bool:
-    expected = 1
-    for dim in range(t.dim() - 1, 0, -1):
-        if t.shape[dim] != 1 and t.stride(dim) != expected:
-            return False
-        expected *= t.shape[dim]
-    return True
+def _dense_rows(t: Tensor) -> bool:  # [R, *F]: each row contiguous
+    return dense_rows(t, 0)
 
 
 def gather_rows_(out: Tensor, src_a: Tensor, src_b: Tensor, index: Tensor, *, backend: str | None = None) -> Tensor:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._utils import BITS_TRITON, as_bits
 from ..compile_check import KernelSpec
 
 BLOCK = 1024
 NUM_WARPS = 4
-_BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BITS_TRITON = {1: "*i8", 2: "*i16", 4: "*i32", 8: "*i64"}
 
 
 @triton.jit
@@ -32,8 +30,7 @@ def gather_rows_fwd(out: Tensor, src_a: Tensor, src_b: Tensor, index: Tensor) ->
     rows, row = out.shape[0], out[0].numel() if out.shape[0] else 0
     if rows == 0 or row == 0:
         return
-    bits = _BITS_DTYPE[out.element_size()]
-    o, a, b = out.view(bits), src_a.view(bits), src_b.view(bits)
+    o, a, b = as_bits(out), as_bits(src_a), as_bits(src_b)
     grid = (rows, triton.cdiv(row, BLOCK))
     _gather_rows_kernel[grid](
         o, a, b, index, src_a.shape[0], row, o.stride(0), a.stride(0), b.stride(0), BLOCK=BLOCK, num_warps=NUM_WARPS
@@ -60,5 +57,5 @@ def compile_specs() -> list[KernelSpec]:
             constexprs={"BLOCK": BLOCK},
             num_warps=NUM_WARPS,
         )
-        for width, ptr in _BITS_TRITON.items()
+        for width, ptr in BITS_TRITON.items()
     ]

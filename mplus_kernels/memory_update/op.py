@@ -14,22 +14,15 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._utils import dense_rows
+from .._utils import shape_str as _shape
 from .reference import memory_update_reference_
 
 OP = "mplus::memory_update_"
 
 
-def _shape(t: Tensor) -> str:
-    return f"[{', '.join(str(s) for s in t.shape)}]"
-
-
-def _dense_rows(t: Tensor) -> bool:
-    expected = 1
-    for dim in range(t.dim() - 1, 1, -1):
-        if t.shape[dim] != 1 and t.stride(dim) != expected:
-            return False
-        expected *= t.shape[dim]
-    return True
+def _dense_rows(t: Tensor) -> bool:  # slot tensors [L, N, *F]: each (l, n) row is contiguous
+    return dense_rows(t, 1)
 
 
 def _check_tensor(name: str, t: object) -> Tensor:

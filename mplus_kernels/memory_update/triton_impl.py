@@ -12,19 +12,17 @@ The victims' slots (``order`` gathered at the victims) are read before launch 2 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._utils import BITS_TRITON, as_bits
 from ..compile_check import KernelSpec
 
 ROWS_BLOCK = 1024
 RENUMBER_BLOCK = 1024
 NUM_WARPS = 4
 
-_BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BITS_TRITON = {1: "*i8", 2: "*i16", 4: "*i32", 8: "*i64"}
 
 
 @triton.jit
@@ -88,11 +86,6 @@ def _memory_update_renumber_kernel(
     tl.store(order_ptr + i_l * N + b_new, o_s.to(tl.int32), mask=m_s)
 
 
-def _bits(t: Tensor) -> Tensor:
-    """The same memory seen as integers of the element's width (a view, no copy)."""
-    return t.view(_BITS_DTYPE[t.element_size()])
-
-
 def memory_update_fwd(
     pos: Tensor, order: Tensor, victims: Tensor, slots: list[Tensor], new_rows: list[Tensor], dropped: list[Tensor]
 ) -> None:
@@ -106,7 +99,7 @@ def memory_update_fwd(
         row = slot[0, 0].numel()
         if row == 0:
             continue
-        s, f, o = _bits(slot), _bits(fresh), _bits(out)
+        s, f, o = as_bits(slot), as_bits(fresh), as_bits(out)
         grid = (num_layers, triton.cdiv(k * row, ROWS_BLOCK))
         _memory_update_rows_kernel[grid](
             s,
@@ -132,7 +125,7 @@ def memory_update_fwd(
 def compile_specs() -> list[KernelSpec]:
     """Every launch configuration :func:`memory_update_fwd` can use, for the ahead-of-time compile check."""
     specs = []
-    for width, ptr in _BITS_TRITON.items():
+    for width, ptr in BITS_TRITON.items():
         specs.append(
             KernelSpec(
                 name=f"memory_update_rows[{width * 8}-bit]",
