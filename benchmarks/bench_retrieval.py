@@ -5,7 +5,7 @@ the LTM cap, 1,000,000 = an oversized store), ds 256, K0 2,560, bf16 (the model 
 same inputs:
 
 * ``official``: ``sigmoid(Q @ Kᵀ).mean(0)`` as model-dtype tensors, ``topk``, ``sort`` (materialises [T, S] twice);
-* ``chunked``: fp32 scores in ``[T, chunk]`` tiles of ~4 MiB, then a threshold select (pure PyTorch);
+* ``chunked``: fp32 scores in ``[T, chunk]`` tiles of ~16 MiB, then a threshold select (pure PyTorch);
 * ``mplus``: ``mplus_kernels.retrieve_topk`` (the C++ kernel on CPU).
 
 ``gflops`` counts the 2·T·S·ds of the dot products only. The official provider at S = 1M is run once per shape (it

@@ -10,6 +10,7 @@ The kernel has two paths — "decode" (G*Tq <= 8 rows per KV head and D in {64, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -51,18 +52,35 @@ def make_case(b, tq, tk, m, hq, hkv, d, dtype, *, use_pos=True, gen_seed=0):
     return q, k, v, mem_k, mem_v, pos, cos, sin
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The references run on one thread: on a CPU shared with other jobs, multi-threaded ATen ops spin-wait at every
+    barrier and slow the whole file ten-fold. The kernels keep the default threads (their parallel paths are tested)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def reference(*args, **kwargs):
+    with one_thread():
+        return memory_attention_reference(*args, **kwargs)
+
+
 def check(args, scale, causal, *, name=""):
     """Run the kernel on ``args`` and compare out and lse with the reference; return (out, lse)."""
     q = args[0]
     out, lse = attention(*args, scale, causal)
-    ref, ref_lse = memory_attention_reference(*args, softmax_scale=scale, causal=causal)
+    ref, ref_lse = reference(*args, softmax_scale=scale, causal=causal)
     assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert not out.isnan().any(), f"{name}: NaN in out"
     if q.dtype == torch.float32:
         assert_close(out, ref, name=f"{name} out")
     else:
-        ref_lowp, _ = memory_attention_reference(*args, softmax_scale=scale, causal=causal, compute_dtype=q.dtype)
+        ref_lowp, _ = reference(*args, softmax_scale=scale, causal=causal, compute_dtype=q.dtype)
         assert_within_reference_error(out, ref, ref_lowp, name=f"{name} out")
     check_lse(lse, ref_lse, name=f"{name} lse")
     return out, lse
@@ -182,7 +200,7 @@ def test_last_dim_strided_is_copied():
     check(tuple(args), 0.125, True, name="last dim strided")
 
 
-# --- split-KV decode and merging ---------------------------------------------------------------------------------------
+# --- split-KV decode and merging --------------------------------------------------------------------------------------
 @pytest.fixture
 def four_threads():
     """More threads than batch x splits would need, so decode splits the keys (the merge path of split-KV)."""
@@ -243,7 +261,7 @@ def test_merge_strided_inputs():
     assert_close(lse, ref_lse, name="lse")
 
 
-# --- registration ------------------------------------------------------------------------------------------------------
+# --- registration -----------------------------------------------------------------------------------------------------
 def _has_fake(op: str) -> bool:
     from torch._library.simple_registry import singleton
 

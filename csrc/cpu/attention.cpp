@@ -5,20 +5,23 @@
 // together, so each K/V row is read, converted and rotated once per block of queries, never repeated per head, and no
 // mask tensor exists. Flash-style online softmax in fp32 (base 2: Q is pre-scaled by softmax_scale * log2 e).
 //
-// * prefill: one task per (batch, KV head, block of queries); the block's G x Tq_blk query rows (~192) keep Q^T, O^T,
-//   max and sum in a task-local workspace while 32-key blocks of K/V stream through fp32 tiles (converted, memory keys
-//   rotated, next block prefetched). Causality is exploited per 48-row group: invisible key blocks are skipped,
-//   fully visible ones run unmasked.
+// * prefill: one task per (batch, KV head, block of ~384 query rows = G x queries); the block keeps Q^T, O^T, max and
+//   sum in a task-local workspace (L2-resident) while 32-key blocks of K/V stream through fp32 tiles (converted,
+//   memory keys rotated, the next block prefetched). Causality is exploited per 48-row group: invisible key blocks
+//   are skipped, fully visible ones run unmasked.
 // * decode (G x Tq <= 8 rows, D in {64, 128, 256}): split-KV. One task per (batch, key range); inside it every KV
-//   head is processed per 64-key block, so K/V are read in memory order, once, and the rope rows of a key are loaded
-//   once for all heads. Each split keeps (max, sum, out) per row; splits are merged exactly through their LSEs.
+//   head is processed per 64-key block (the rope rows of a key are loaded once for all heads), each K/V byte is read
+//   once. Each split keeps (max, sum, out) per row; the last split of a batch to finish merges them through the LSEs.
+// Tasks are handed out dynamically (parallel_tasks): the CPUs this runs on are shared with other jobs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <new>
 #include <optional>
 #include <tuple>
@@ -74,6 +77,16 @@ struct Scratch {
   float* p;
 };
 
+// Runs body(task) for every task in [0, n) on the intra-op threads, handing tasks out one at a time: the machines
+// this runs on are shared, and a static split of the range would wait for its most preempted thread.
+template <typename F>
+void parallel_tasks(int64_t n, const F& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < n; task = next++) body(task);
+  });
+}
+
 // Writes one finished query row: out = acc / l, lse = ln(l) + m ln 2; a row that saw no key gets 0 and -inf.
 template <typename T>
 void finish_row(const Problem& P, int64_t b, int64_t t, int64_t hq, const float* acc, float m, float l, float* tmp) {
@@ -95,14 +108,19 @@ class PrefillTask {
   // Scratch floats needed for blocks of up to `rows` query rows.
   static int64_t scratch_size(int64_t rows, int64_t d) {
     const int64_t rp = round_up(rows, kLanes), dp = round_up(d, 8);
-    return 2 * dp * rp + 2 * kKeyBlock * dp + kKeyBlock * kRowGroup + 3 * rp + dp;
+    return 2 * dp * leading_dim(rp) + 2 * kKeyBlock * dp + kKeyBlock * kRowGroup + 3 * rp + dp;
   }
 
+  // Row stride of Q^T and O^T: an odd number of cache lines, so that walking down a column (the d loop of the
+  // micro-kernels) visits every L1 set; 384 rows (24 lines) would map a column onto 24 of the 64 sets.
+  static int64_t leading_dim(int64_t rp) { return rp / kLanes % 2 ? rp : rp + kLanes; }
+
   PrefillTask(const Problem& P, float* ws, int64_t b, int64_t h, int64_t t0, int64_t nt)
-      : P_(P), b_(b), h_(h), t0_(t0), nt_(nt), rows_(P.G * nt), rp_(round_up(rows_, kLanes)), dp_(round_up(P.D, 8)) {
+      : P_(P), b_(b), h_(h), t0_(t0), nt_(nt), rows_(P.G * nt), rp_(round_up(rows_, kLanes)),
+        ld_(leading_dim(rp_)), dp_(round_up(P.D, 8)) {
     QT_ = ws;
-    OT_ = QT_ + dp_ * rp_;
-    K_ = OT_ + dp_ * rp_;
+    OT_ = QT_ + dp_ * ld_;
+    K_ = OT_ + dp_ * ld_;
     V_ = K_ + kKeyBlock * dp_;
     S_ = V_ + kKeyBlock * dp_;
     m_ = S_ + kKeyBlock * kRowGroup;
@@ -118,7 +136,7 @@ class PrefillTask {
   void run() {
     const int64_t D = P_.D, G = P_.G;
     // Q^T (scaled), O^T = 0, m = -inf, l = 0, thr[row] = last visible chunk key of the row's query.
-    std::fill(QT_, QT_ + 2 * dp_ * rp_, 0.f);
+    std::fill(QT_, QT_ + 2 * dp_ * ld_, 0.f);
     for (int64_t r = 0; r < rp_; ++r) {
       m_[r] = kNegInf;
       l_[r] = 0.f;
@@ -126,7 +144,7 @@ class PrefillTask {
     }
     for (int64_t r = 0; r < rows_; ++r) {
       load_row(P_.q.row<T>(b_, t0_ + r / G, h_ * G + r % G), tmp_, D);
-      for (int64_t i = 0; i < D; ++i) QT_[i * rp_ + r] = tmp_[i] * P_.scale2;
+      for (int64_t i = 0; i < D; ++i) QT_[i * ld_ + r] = tmp_[i] * P_.scale2;
     }
     for (int64_t i = 0; i < nblocks_; ++i) {
       const KeyBlock blk = block(i);
@@ -136,7 +154,7 @@ class PrefillTask {
     }
     for (int64_t r = 0; r < rows_; ++r) {
       float* acc = tmp_;  // O^T column r, then finish_row normalises it in place
-      for (int64_t i = 0; i < D; ++i) acc[i] = OT_[i * rp_ + r];
+      for (int64_t i = 0; i < D; ++i) acc[i] = OT_[i * ld_ + r];
       finish_row<T>(P_, b_, t0_ + r / G, h_ * G + r % G, acc, m_[r], l_[r], acc);
     }
   }
@@ -150,7 +168,10 @@ class PrefillTask {
   };
 
   KeyBlock block(int64_t i) const {
-    if (i < nmem_) return {&P_.mk, &P_.mv, P_.pos, i * kKeyBlock, std::min<int64_t>(kKeyBlock, P_.M - i * kKeyBlock), -1};
+    if (i < nmem_) {
+      const int64_t j0 = i * kKeyBlock;
+      return {&P_.mk, &P_.mv, P_.pos, j0, std::min<int64_t>(kKeyBlock, P_.M - j0), -1};
+    }
     const int64_t j0 = (i - nmem_) * kKeyBlock;
     return {&P_.k, &P_.v, nullptr, j0, std::min<int64_t>(kKeyBlock, jend_ - j0), j0};
   }
@@ -191,15 +212,18 @@ class PrefillTask {
   }
 
   void key_block(const KeyBlock& blk, const KeyBlock& next) {
-    const int64_t groups = (rp_ + kRowGroup - 1) / kRowGroup;
+    // Row groups of 3 vectors (48 rows); a remainder is split into groups of 2 rather than leaving a group of 1, whose
+    // micro-tile is load-bound (1 vector load + 8 broadcasts per 8 FMAs).
+    const int64_t nvec = rp_ / kLanes;
+    const int64_t twos = nvec < 3 ? 0 : nvec % 3 == 1 ? 2 : nvec % 3 == 2 ? 1 : 0;
+    const int64_t groups = nvec < 3 ? 1 : (nvec - 2 * twos) / 3 + twos;
     const int64_t n = blk.n, jc0 = P_.causal ? blk.jc0 : -1;
     list_lines(next);
     const int steps = static_cast<int>(groups * (kKeyBlock / 8 + dp_ / 8));  // qk_tile and pv_tile steps
     Prefetcher pf{lines_.data(), static_cast<int>(lines_.size()), 0,
                   static_cast<int>((lines_.size() + steps - 1) / steps)};
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t r0 = g * kRowGroup;
-      const int rv = static_cast<int>(std::min<int64_t>(3, (rp_ - r0) / kLanes));
+    for (int64_t g = 0, r0 = 0, rv = 0; g < groups; ++g, r0 += rv * kLanes) {
+      rv = nvec < 3 ? nvec : g >= groups - twos ? 2 : 3;
       bool masked = n < kKeyBlock;
       if (jc0 >= 0) {
         const int64_t last_row = std::min<int64_t>(r0 + rv * kLanes, rows_) - 1;
@@ -220,7 +244,7 @@ class PrefillTask {
   // softmax, O = alpha O + P V.
   template <int RV>
   void group(int64_t r0, int64_t n, bool masked, int64_t causal_from, Prefetcher& pf) {
-    qk_tile<RV>(K_, QT_ + r0, rp_, dp_, kKeyBlock, S_, pf);
+    qk_tile<RV>(K_, QT_ + r0, ld_, dp_, kKeyBlock, S_, pf);
     if (masked) {
       for (int j = 0; j < kKeyBlock; ++j) {
         for (int c = 0; c < RV; ++c) {
@@ -233,12 +257,13 @@ class PrefillTask {
     }
     vf alpha[RV];
     softmax_tile<RV>(S_, kKeyBlock, m_ + r0, l_ + r0, alpha);
-    rescale_tile<RV>(alpha, OT_ + r0, rp_, dp_);
-    pv_tile<RV>(V_, S_, kKeyBlock, OT_ + r0, rp_, dp_, pf);
+    rescale_tile<RV>(alpha, OT_ + r0, ld_, dp_);
+    pv_tile<RV>(V_, S_, kKeyBlock, OT_ + r0, ld_, dp_, pf);
   }
 
   const Problem& P_;
-  const int64_t b_, h_, t0_, nt_, rows_, rp_, dp_;  // dp_: head dim padded to the PV micro-tile (8)
+  // rp_: rows padded to whole vectors, ld_: their row stride in Q^T/O^T, dp_: head dim padded to the PV tile (8)
+  const int64_t b_, h_, t0_, nt_, rows_, rp_, ld_, dp_;
   int64_t jend_, nmem_, nblocks_;
   std::vector<const char*> lines_;
   float *QT_, *OT_, *K_, *V_, *S_, *m_, *l_, *thr_, *tmp_;
@@ -252,10 +277,13 @@ void prefill(const Problem& P) {
   while (nq > 1 && P.B * P.Hkv * ((P.Tq + nq - 1) / nq) < 2 * threads) nq = (nq + 1) / 2;
   const int64_t nblk = (P.Tq + nq - 1) / nq;
   nq = (P.Tq + nblk - 1) / nblk;
-  at::parallel_for(0, P.B * P.Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = P.B * P.Hkv * nblk;
+  std::atomic<int64_t> next{0};  // as parallel_tasks, with one scratch per thread
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Scratch ws(PrefillTask<T>::scratch_size(P.G * nq, P.D));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nblk, h = task / nblk % P.Hkv, b = task / nblk / P.Hkv;
+    for (int64_t task = next++; task < tasks; task = next++) {
+      // Last query blocks first: they see the most chunk keys (longest tasks first balances the threads).
+      const int64_t qb = nblk - 1 - task % nblk, h = task / nblk % P.Hkv, b = task / nblk / P.Hkv;
       const int64_t t0 = qb * nq;
       PrefillTask<T>(P, ws.p, b, h, t0, std::min(nq, P.Tq - t0)).run();
     }
@@ -266,17 +294,35 @@ void prefill(const Problem& P) {
 // decode (split-KV)
 // ---------------------------------------------------------------------------------------------------------------------
 
+// Pointers to the rows j0 .. j0+n-1 of head h in [memory ; chunk] (nullptr up to kDecodeBlock).
+template <typename T>
+void block_rows(const View& mem, const View& chunk, int64_t M, int64_t b, int64_t h, int64_t j0, int n,
+                const T** out) {
+  int jj = 0;
+  const int nm = static_cast<int>(std::clamp<int64_t>(M - j0, 0, n));
+  if (nm > 0) {
+    const T* p = mem.row<T>(b, j0, h);
+    for (; jj < nm; ++jj, p += mem.st) out[jj] = p;
+  }
+  if (jj < n) {
+    const T* p = chunk.row<T>(b, j0 + jj - M, h);
+    for (; jj < n; ++jj, p += chunk.st) out[jj] = p;
+  }
+  for (; jj < kDecodeBlock; ++jj) out[jj] = nullptr;
+}
+
 // Keys [k0, k1) of the concatenation [memory ; chunk] for every KV head of batch b. Results: finished rows in
 // P.out/P.lse when `part` is null, else normalised fp32 rows part[h][r][D] and their LSE part_lse[h][r].
 template <typename T, int NV>
 void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* part, float* part_lse) {
   constexpr int64_t D = NV * kLanes;
+  constexpr int kLines = D * sizeof(T) / 64;  // cache lines per K or V row
   const int64_t G = P.G, H = P.Hkv;
   const int R = static_cast<int>(G * P.Tq);
   Scratch ws(2 * H * R * D + 2 * H * R + D);
   float *q = ws.p, *o = q + H * R * D, *m = o + H * R * D, *l = m + H * R, *tmp = l + H * R;
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
       float* qr = q + (h * R + r) * D;
       load_row(P.q.row<T>(b, r / G, h * G + r % G), qr, D);
       for (int64_t i = 0; i < D; ++i) qr[i] *= P.scale2;
@@ -286,56 +332,52 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
   std::fill(m, m + H * R, kNegInf);
   std::fill(l, l + H * R, 0.f);
 
-  // Row pointers of one head's keys j0 .. j0+63 (nullptr past k1); rope rows per key are shared by all heads.
-  struct Rows {
-    const T *key[kDecodeBlock], *val[kDecodeBlock];
-    const float *cos[kDecodeBlock], *sin[kDecodeBlock];
-  };
-  auto rows_of = [&](int64_t j0, int64_t h, Rows& r) {
-    for (int jj = 0; jj < kDecodeBlock; ++jj) {
-      const int64_t j = j0 + jj;
-      const bool mem = j < P.M, valid = j < k1;
-      r.key[jj] = !valid ? nullptr : mem ? P.mk.row<T>(b, j, h) : P.k.row<T>(b, j - P.M, h);
-      r.val[jj] = !valid ? nullptr : mem ? P.mv.row<T>(b, j, h) : P.v.row<T>(b, j - P.M, h);
-      const bool rope = valid && mem && P.pos != nullptr;
-      r.cos[jj] = rope ? P.cos + P.pos[j] * P.rope_ld : nullptr;
-      r.sin[jj] = rope ? P.sin + P.pos[j] * P.rope_ld : nullptr;
-    }
-  };
-  Rows cur, next;
+  const T *key[kDecodeBlock], *val[kDecodeBlock], *next_key[kDecodeBlock], *next_val[kDecodeBlock];
+  const float *cos[kDecodeBlock], *sin[kDecodeBlock];
   alignas(64) float s[kMaxDecodeRows * kDecodeBlock];
   float alpha[kMaxDecodeRows];
   for (int64_t j0 = k0; j0 < k1; j0 += kDecodeBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kDecodeBlock, k1 - j0));
+    const int n_next = static_cast<int>(std::clamp<int64_t>(k1 - j0 - kDecodeBlock, 0, kDecodeBlock));
+    for (int jj = 0; jj < kDecodeBlock; ++jj) {  // rope rows, shared by all heads
+      const bool rope = jj < n && j0 + jj < P.M && P.pos != nullptr;
+      cos[jj] = rope ? P.cos + P.pos[j0 + jj] * P.rope_ld : nullptr;
+      sin[jj] = rope ? P.sin + P.pos[j0 + jj] * P.rope_ld : nullptr;
+    }
     // Causal masking is needed only if some chunk key here is beyond the first query's horizon (thr of row 0).
     const bool causal_mask = P.causal && j0 + n - 1 - P.M > P.Tk - P.Tq;
     for (int64_t h = 0; h < H; ++h) {
-      rows_of(j0, h, cur);
-      rows_of(j0 + kDecodeBlock, h, next);
-      // While this head's block is scored, its next block is prefetched (one row of K and V per key scored, and
-      // the rope rows with head 0): in memory order the hardware would fetch all heads' rows, 8x too much.
+      block_rows(P.mk, P.k, P.M, b, h, j0, n, key);
+      block_rows(P.mv, P.v, P.M, b, h, j0, n, val);
+      block_rows(P.mk, P.k, P.M, b, h, j0 + kDecodeBlock, n_next, next_key);
+      block_rows(P.mv, P.v, P.M, b, h, j0 + kDecodeBlock, n_next, next_val);
+      // While this head's block is scored, its next block is prefetched, one K and one V row per key scored (and
+      // the rope rows with head 0): per head the rows are strided, which the hardware prefetchers do not follow.
       auto prefetch = [&](int jj) {
-        const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
-        if (next.key[jj] == nullptr) return;
-        for (int64_t off = 0; off < bytes; off += 64) {
-          prefetch_line(reinterpret_cast<const char*>(next.key[jj]) + off);
-          prefetch_line(reinterpret_cast<const char*>(next.val[jj]) + off);
+        if (jj >= n_next) return;
+        for (int i = 0; i < kLines; ++i) {
+          prefetch_line(reinterpret_cast<const char*>(next_key[jj]) + 64 * i);
+          prefetch_line(reinterpret_cast<const char*>(next_val[jj]) + 64 * i);
         }
-        if (h == 0 && next.cos[jj] != nullptr) {
+        const int64_t j = j0 + kDecodeBlock + jj;
+        if (h == 0 && j < P.M && P.pos != nullptr) {
           for (int64_t off = 0; off < D / 2; off += 16) {
-            prefetch_line(next.cos[jj] + off);
-            prefetch_line(next.sin[jj] + off);
+            prefetch_line(P.cos + P.pos[j] * P.rope_ld + off);
+            prefetch_line(P.sin + P.pos[j] * P.rope_ld + off);
           }
         }
       };
       const float* qh = q + h * R * D;
       for (int g = 0; g < kDecodeBlock; g += 16) {
         auto per_key = [&](int jj) { prefetch(g + jj); };
-        if (g < n) decode_scores16<T, NV>(cur.key + g, cur.cos + g, cur.sin + g, qh, R, s + g, kDecodeBlock, per_key);
-        else for (int jj = 0; jj < 16; ++jj) prefetch(g + jj);
+        if (g < n) {
+          decode_scores16<T, NV>(key + g, cos + g, sin + g, qh, R, s + g, kDecodeBlock, per_key);
+        } else {
+          for (int jj = 0; jj < 16; ++jj) prefetch(g + jj);
+        }
       }
       if (n < kDecodeBlock || causal_mask) {
-        for (int64_t r = 0; r < R; ++r) {
+        for (int r = 0; r < R; ++r) {
           const int64_t thr = r / G + P.Tk - P.Tq;  // last chunk key visible to the row's query
           for (int jj = 0; jj < kDecodeBlock; ++jj) {
             const int64_t j = j0 + jj;
@@ -343,7 +385,7 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
           }
         }
       }
-      for (int64_t r = 0; r < R; ++r) {  // online softmax of the row over this block
+      for (int r = 0; r < R; ++r) {  // online softmax of the row over this block
         float* sr = s + r * kDecodeBlock;
         float* mr = m + h * R + r;
         vf mx = splat(*mr);
@@ -360,12 +402,12 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
         l[h * R + r] = l[h * R + r] * alpha[r] + hsum(sum);
         *mr = m_new;
       }
-      decode_pv<T, NV>(cur.val, n, s, kDecodeBlock, alpha, R, o + h * R * D);
+      decode_pv<T, NV>(val, n, s, kDecodeBlock, alpha, R, o + h * R * D);
     }
   }
 
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
       const int64_t i = h * R + r;
       if (part == nullptr) {
         finish_row<T>(P, b, r / G, h * G + r % G, o + i * D, m[i], l[i], tmp);
@@ -380,44 +422,41 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
 
 template <typename T, int NV>
 void decode(const Problem& P) {
-  const int64_t N = P.M + P.Tk, R = P.G * P.Tq, H = P.Hkv;
-  // Enough splits for every thread, each at least 512 keys, boundaries on decode blocks.
+  const int64_t N = P.M + P.Tk, R = P.G * P.Tq, H = P.Hkv, D = NV * kLanes;
+  // ~4 splits per thread (handed out dynamically), each at least 512 keys, boundaries on decode blocks.
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = std::clamp<int64_t>((threads + P.B - 1) / P.B, 1, std::max<int64_t>(1, N / 512));
+  const int64_t splits = std::clamp<int64_t>((4 * threads + P.B - 1) / P.B, 1, std::max<int64_t>(1, N / 512));
   const int64_t per = round_up((N + splits - 1) / splits, kDecodeBlock);
   if (splits == 1) {
-    at::parallel_for(0, P.B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) decode_split<T, NV>(P, b, 0, N, nullptr, nullptr);
-    });
+    parallel_tasks(P.B, [&](int64_t b) { decode_split<T, NV>(P, b, 0, N, nullptr, nullptr); });
     return;
   }
-  std::vector<float> part(P.B * splits * H * R * NV * kLanes), part_lse(P.B * splits * H * R);
-  const int64_t stride = H * R * NV * kLanes;
-  at::parallel_for(0, P.B * splits, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / splits, sp = task % splits;
-      decode_split<T, NV>(P, b, std::min(N, sp * per), std::min(N, (sp + 1) * per), part.data() + task * stride,
-                          part_lse.data() + task * H * R);
-    }
-  });
-  // Exact merge: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
-  at::parallel_for(0, P.B * H * R, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(P.D);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (H * R), hr = i % (H * R), h = hr / R, r = hr % R;
+  std::vector<float> part(P.B * splits * H * R * D), part_lse(P.B * splits * H * R);
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[P.B]());
+  // Exact merge of batch b's splits: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
+  auto merge_splits = [&](int64_t b) {
+    std::vector<float> acc(D);
+    for (int64_t hr = 0; hr < H * R; ++hr) {
+      const int64_t h = hr / R, r = hr % R;
       float mx = kNegInf;
       for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, part_lse[(b * splits + sp) * H * R + hr]);
       std::fill(acc.begin(), acc.end(), 0.f);
       float l = 0.f;
       for (int64_t sp = 0; sp < splits && mx != kNegInf; ++sp) {
         const float w = std::exp(part_lse[(b * splits + sp) * H * R + hr] - mx);
-        const float* src = part.data() + (b * splits + sp) * stride + hr * P.D;
-        for (int64_t d = 0; d < P.D; ++d) acc[d] += w * src[d];
+        const float* src = part.data() + ((b * splits + sp) * H * R + hr) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
         l += w;
       }
       // finish_row wants (m, l) in log2 units with acc unnormalised: m = mx / ln 2.
       finish_row<T>(P, b, r / P.G, h * P.G + r % P.G, acc.data(), mx / kLn2, l, acc.data());
     }
+  };
+  parallel_tasks(P.B * splits, [&](int64_t task) {
+    const int64_t b = task / splits, sp = task % splits;
+    decode_split<T, NV>(P, b, std::min(N, sp * per), std::min(N, (sp + 1) * per), part.data() + task * H * R * D,
+                        part_lse.data() + task * H * R);
+    if (done[b].fetch_add(1) + 1 == splits) merge_splits(b);  // the last split of b to finish merges (no 2nd pass)
   });
 }
 
@@ -513,7 +552,7 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
   return {out, lse};
 }
 
-// Row (b, t, h) of a [B, T, H, D] tensor with a contiguous last dim, converted to fp32.
+// Type-erased row conversions (dtype -> fp32 and back) for the merge, whose inputs may differ in dtype.
 using LoadRow = void (*)(const void*, float*, int64_t);
 using StoreRow = void (*)(void*, const float*, int64_t);
 LoadRow row_loader(at::ScalarType t) {
@@ -534,8 +573,8 @@ StoreRow row_storer(at::ScalarType t) {
   }
 }
 
-std::tuple<Tensor, Tensor> merge_attention_states_cpu(const Tensor& out_a_in, const Tensor& lse_a, const Tensor& out_b_in,
-                                                      const Tensor& lse_b) {
+std::tuple<Tensor, Tensor> merge_attention_states_cpu(const Tensor& out_a_in, const Tensor& lse_a,
+                                                      const Tensor& out_b_in, const Tensor& lse_b) {
   TORCH_CHECK(out_a_in.dim() == 4 && out_b_in.sizes() == out_a_in.sizes(), "merge_attention_states: out_a ",
               out_a_in.sizes(), " and out_b ", out_b_in.sizes(), " must be [B, T, H, D] of the same shape");
   const Tensor out_a = dense_rows(out_a_in), out_b = dense_rows(out_b_in);

@@ -2,9 +2,10 @@
 //
 // Everything computes in fp32 on 16-lane vectors written with GCC vector extensions: with -march=native on an AVX-512
 // machine each `vf` is one zmm register and `acc += x * v` is one vfmadd (with an embedded broadcast when x is a
-// scalar in memory); on other ISAs the compiler splits the same code into AVX2/SSE halves, so the file stays
-// portable without #ifdefs. On this project's CPU (AVX-512 with avx512_bf16, no AMX) fp32 FMA is the fastest
-// exact-enough path: vdpbf16ps measures at half the FLOP rate of vfmadd231ps, and fp16 FMAs would accumulate in fp16.
+// scalar in memory); on other ISAs the compiler splits the same code into AVX2/SSE halves, so the file stays portable
+// (only the dtype conversions and the prefetch have AVX-512 / x86 forms, with generic fallbacks). On this project's
+// CPU (AVX-512 with avx512_bf16 and avx512_fp16, no AMX) fp32 FMA is the fastest exact-enough path: vdpbf16ps
+// measures at half the FLOP rate of vfmadd231ps (79 vs 173 GFLOP/s per core), and fp16 FMAs accumulate in fp16.
 //
 // Two shapes of work, two layouts:
 // * prefill (many query rows per KV head): "rows in lanes". Scores are computed transposed, S^T[key][row], so the
@@ -36,13 +37,14 @@ typedef _Float16 vh __attribute__((vector_size(32)));
 constexpr int kLanes = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// GCC 12 drops __builtin_prefetch in some loops it proves free of side effects (the decode loop lost all of them);
-// an asm statement cannot be dropped.
+// Prefetch into L2 (prefetcht1): the lines are consumed a block later, after the compute in between has cycled L1,
+// and measured faster than prefetcht0 (fewer stalls on the line-fill buffers). Written as asm because GCC 12 drops
+// __builtin_prefetch from loops it proves otherwise free of side effects (the decode loop lost all of them).
 inline void prefetch_line(const void* p) {
 #if defined(__x86_64__)
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else
-  __builtin_prefetch(p);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 
@@ -134,15 +136,20 @@ inline vf exp2v(vf x) {
   return tiny ? vf{} : reinterpret_cast<vf>(reinterpret_cast<vi>(p) + e);
 }
 
+// Horizontal max / sum by halving (4 shuffle steps instead of 15 scalar ones).
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  v = vmax(v, __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  v = vmax(v, __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  v = vmax(v, __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  v = vmax(v, __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+  return v[0];
 }
 inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
 }
 
 // out[i] = sum of the lanes of x[i], i < 16: a tree of 15 shuffle-add pairs (unpcklps/unpcklpd/shuff32x4 on x86)
