@@ -59,27 +59,29 @@ def test_cache_cycle_official_cat(bench):
     )
 
 
-def test_cache_cycle_mplus(bench):
+@pytest.mark.parametrize("reuse", [True, False], ids=["store-reused", "store-allocated"])
+def test_cache_cycle_mplus(bench, reuse):
+    """store-reused: the store (its 4 GiB cache buffer) lives as long as the model, each round clears it and runs
+    the cycle; store-allocated: a fresh store per cycle, so allocation and first-touch page faults are included."""
     rows, keys, ages = _dropped(CYCLE_LAYERS)
 
-    def cycle():
+    def new_store():
         # update_ltm_frequency one past the cycle, so the 60 updates fill the cache without merging
-        ltm = LongTermMemory(
-            CYCLE_LAYERS, D, DS, num_tokens=K, update_ltm_frequency=CYCLE + 1, num_retrieved=2560, dtype=DTYPE
-        )
+        return LongTermMemory(CYCLE_LAYERS, D, DS, num_tokens=K, update_ltm_frequency=CYCLE + 1, num_retrieved=2560,
+                              dtype=DTYPE)  # fmt: skip
+
+    kept = new_store() if reuse else None
+
+    def cycle():
+        ltm = kept if reuse else new_store()
+        ltm.clear()
         for _ in range(CYCLE):
             ltm.push_dropped(keys, hidden=rows, age=ages)
         return ltm.cache_len
 
-    bench(
-        cycle,
-        group="ltm/cache_cycle",
-        provider="mplus",
-        shape=f"L{CYCLE_LAYERS} {CYCLE}x{K} rows d{D}",
-        dtype=DTYPE,
-        rounds=3,
-        copied_bytes=CYCLE * rows.numel() * 2,
-    )
+    bench(cycle, group="ltm/cache_cycle", provider="mplus" if reuse else "mplus_alloc",
+          shape=f"L{CYCLE_LAYERS} {CYCLE}x{K} rows d{D}", dtype=DTYPE, rounds=3,
+          moved_bytes=2 * CYCLE * (rows.numel() + keys.numel()) * 2)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- LTM growth
