@@ -16,15 +16,12 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._utils import shape_str as _shape
 from .reference import memory_attention_reference, merge_attention_states_reference
 
 OP_ATTENTION = "mplus::memory_attention"
 OP_MERGE = "mplus::merge_attention_states"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _shape(t: Tensor) -> str:
-    return f"[{', '.join(str(s) for s in t.shape)}]"
 
 
 def _tensor(fn: str, name: str, t: object) -> Tensor:

@@ -15,14 +15,11 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._utils import shape_str as _shape
 from .reference import retrieve_topk_reference
 
 OP = "mplus::retrieve_topk"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _shape(t: Tensor) -> str:
-    return f"[{', '.join(str(s) for s in t.shape)}]"
 
 
 def _check_matrix(name: str, t: object, rows: str) -> Tensor:
