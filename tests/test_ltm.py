@@ -109,14 +109,13 @@ def _queries(checkpoint: dict, forward: dict, layer: int) -> torch.Tensor:
     return _projector(checkpoint, layer, "query_proj")(rms_norm(h, _norm(checkpoint, layer), EPS)).detach()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
 @pytest.mark.parametrize(
     ("state_k", "name"),
     [(3, "c_forward_after_inject3"), (4, "c_forward_after_inject4"), (5, "c_forward_after_inject5")],
 )
 def test_retrieval_matches_the_official_run(checkpoint, backend, state_k, name):
     """Scores, selected set, age order (stable tie rule) and gathered rows equal what the official get_ltm did."""
-    pytest.importorskip("mplus_kernels.retrieval", reason="the retrieve_topk op family has not landed")
     ltm = _store()
     _load_official(ltm, load_state(state_k))
     forward = load_file(str(GOLDEN / "stable_argsort" / f"{name}.safetensors"))
