@@ -122,6 +122,20 @@ def plan_splits(programs: int, num_keys: int, block_n: int, num_sms: int) -> tup
 
 
 @triton.jit
+def _online_softmax_step(b_s, b_v, b_m, b_l, b_acc):
+    """One key block of the online softmax (log2 units): returns the new row max, denominator and accumulator.
+    A row with nothing visible yet keeps m = -inf, l = 0, acc = 0."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    # [BLOCK_M, BLOCK_N] @ [BLOCK_N, HEAD_DIM] -> [BLOCK_M, HEAD_DIM]
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc * b_alpha[:, None], input_precision="ieee")
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
 def _memory_attention_fwd_kernel(
     q_ptr,  # [B, Tq, Hq, D]
     k_ptr,  # [B, Tk, Hkv, D] chunk keys, rotated
@@ -214,15 +228,7 @@ def _memory_attention_fwd_kernel(
         b_s = tl.dot(b_q1, tl.trans(b_k1r), input_precision="ieee")
         b_s = tl.dot(b_q2, tl.trans(b_k2r), acc=b_s, input_precision="ieee")
         b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
-        # online softmax (log2 units); a row with nothing visible yet keeps m = -inf, l = 0, acc = 0
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        # [BLOCK_M, BLOCK_N] @ [BLOCK_N, HEAD_DIM] -> [BLOCK_M, HEAD_DIM]
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc * b_alpha[:, None], input_precision="ieee")
-        b_m = b_m_new
+        b_m, b_l, b_acc = _online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
 
     # ---- chunk: bottom-right causal; stop at the last row's limit (later blocks are invisible to every row) ----
     p_ck = k_ptr + i_b * stride_kb + i_h * stride_kh
@@ -248,15 +254,7 @@ def _memory_attention_fwd_kernel(
         b_s = tl.dot(b_q2, tl.trans(b_k2), acc=b_s, input_precision="ieee")
         m_vis = m_j[None, :] & (o_j[None, :] <= o_t[:, None] + causal_shift)
         b_s = tl.where(m_vis, b_s * qk_scale, float("-inf"))
-        # online softmax, as in the memory loop
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        # [BLOCK_M, BLOCK_N] @ [BLOCK_N, HEAD_DIM] -> [BLOCK_M, HEAD_DIM]
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc * b_alpha[:, None], input_precision="ieee")
-        b_m = b_m_new
+        b_m, b_l, b_acc = _online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
 
     # ---- epilogue: normalise; rows that saw nothing get out 0, lse -inf ----
     m_seen = b_l > 0.0
