@@ -24,12 +24,15 @@ TORCH_LIBRARY(mplus, m) {
 
   // --- memory attention, mplus_kernels/attention -------------------------------------------------------------------
   // q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] (chunk, rotated); mem_k, mem_v [B, M, Hkv, D] (memory, mem_k before RoPE);
-  // mem_pos [M] int32 rows of rope_cos/rope_sin [P, D/2] fp32 (mem_pos None: mem_k used as given). Memory is fully
-  // visible; the chunk is bottom-right causal when `causal`. Returns out [B, Tq, Hq, D] (q's dtype), lse [B, Hq, Tq]
-  // fp32 natural log; queries that see no key: out 0, lse -inf.
+  // mem_pos [M] int32 rows in [0, P) of rope_cos/rope_sin [P, D/2] fp32 (mem_pos None: mem_k used as given);
+  // kv_len, kv_start [B] int32 per-row valid chunk keys (static cache; None: Tk and 0), 0 <= kv_start <= kv_len <= Tk.
+  // Memory is fully visible to every query; query t of row b sees chunk key j iff kv_start[b] <= j < kv_len[b] and
+  // (when `causal`) j <= t + kv_len[b] - Tq (bottom-right, aligned to the row's end). Returns out [B, Tq, Hq, D]
+  // (q's dtype), lse [B, Hq, Tq] fp32 natural log; queries that see no key: out 0, lse -inf.
   m.def(
       "memory_attention(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? mem_pos, "
-      "Tensor? rope_cos, Tensor? rope_sin, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+      "Tensor? rope_cos, Tensor? rope_sin, float softmax_scale, bool causal, Tensor? kv_len=None, "
+      "Tensor? kv_start=None) -> (Tensor out, Tensor lse)");
   // out_a, out_b [B, T, H, D]; lse_a, lse_b [B, H, T] fp32 -> exact merge over disjoint key sets.
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
 

@@ -206,6 +206,7 @@ class FusedMemoryAttention(nn.Module):
         memory: MemoryKV | Sequence[MemoryKV | Callable[[], MemoryKV]] | None = None,
         kv_cache: KVCache | None = None,
         return_lse: bool = False,
+        cache_position: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attention output of a chunk.
 
@@ -222,6 +223,10 @@ class FusedMemoryAttention(nn.Module):
             kv_cache: a preallocated cache of past chunk tokens; this chunk's rotated keys/values are appended and the
                 queries attend to all valid cache rows (bottom-right causal), then to nothing else of the past.
             return_lse: also return the natural-log LSE ``[B, Hq, T]`` fp32 (to merge with other partial attentions).
+            cache_position: ``[T]`` int64 *tensor*, the cache rows of this chunk (static-cache mode, for a compiled or
+                CUDA-graph decode step): the rows are written there and the queries attend to the cache's first
+                ``cache_position[-1] + 1`` rows, passed to the kernel as a device tensor (``kv_len``), so no Python
+                int changes from one step to the next. ``kv_cache.length`` is not read or advanced.
 
         Returns:
             ``[B, T, d]`` (after ``o_proj``), and ``lse [B, Hq, T]`` when ``return_lse``.
@@ -235,18 +240,28 @@ class FusedMemoryAttention(nn.Module):
         sin = sin.to(q.dtype).unsqueeze(2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if kv_cache is not None:
+        kv_len = None
+        if cache_position is not None:
+            if kv_cache is None:
+                raise ValueError("FusedMemoryAttention: cache_position needs a kv_cache (static-cache mode)")
+            kv_cache.k.index_copy_(1, cache_position, k)
+            kv_cache.v.index_copy_(1, cache_position, v)
+            k, v = kv_cache.k, kv_cache.v
+            kv_len = (cache_position[-1:] + 1).to(torch.int32).expand(b).contiguous()
+        elif kv_cache is not None:
             k, v = kv_cache.append(k, v)
         segments = [] if memory is None else [memory] if isinstance(memory, MemoryKV) else memory
         if not segments:
-            out, lse = memory_attention(q, k, v, softmax_scale=self.scaling, causal=True, backend=self.backend)
+            out, lse = memory_attention(
+                q, k, v, softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=kv_len
+            )
         for i, segment in enumerate(segments):
             if callable(segment):
                 segment = segments[i] = segment()
-            chunk_k, chunk_v = (k, v) if i == 0 else (k[:, :0], v[:, :0])
+            chunk_k, chunk_v, lens = (k, v, kv_len) if i == 0 else (k[:, :0], v[:, :0], None)
             o, s = memory_attention(
                 q, chunk_k, chunk_v, segment.k, segment.v, segment.positions, segment.rope_cos, segment.rope_sin,
-                softmax_scale=self.scaling, causal=True, backend=self.backend,
+                softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=lens,
             )  # fmt: skip
             out, lse = (o, s) if i == 0 else merge_attention_states(out, lse, o, s, backend=self.backend)
         y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -32,16 +32,61 @@ def read_tensors(path: str) -> dict[str, Tensor]:
     return tensors
 
 
-def load_checkpoint(cls, path: str, *, dtype: torch.dtype | None = None, **kwargs):
+def _single_device(device, device_map) -> torch.device | None:
+    """The one device of ``device=`` / ``device_map=`` (Hugging Face spelling); multi-device maps are refused."""
+    if device is not None and device_map is not None:
+        raise ValueError(f"from_pretrained: give device= or device_map=, not both (got {device!r}, {device_map!r})")
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            if set(device_map) != {""}:
+                raise ValueError(
+                    f"from_pretrained: device_map={device_map!r} splits the model across devices; mplus places the "
+                    'whole model on one device: pass device_map="cuda" (or {"": "cuda:0"}, "cpu", "auto")'
+                )
+            device_map = device_map[""]
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        elif isinstance(device_map, str) and device_map in ("balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"from_pretrained: device_map={device_map!r} is multi-device; mplus uses one device")
+        device = device_map
+    if device is None:
+        return None
+    if isinstance(device, int):
+        device = f"cuda:{device}"
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"from_pretrained: device {device!r} is not a device ({exc})") from None
+
+
+def load_checkpoint(
+    cls,
+    path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | int | None = None,
+    device_map: str | dict | None = None,
+    **kwargs,
+):
+    """Build ``cls`` from a checkpoint directory on the host, then move it to its device (state included)."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
+    dtype = dtype if dtype is not None else torch_dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
+    if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
+        raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch.dtype (e.g. torch.bfloat16) or 'auto'")
+    target = _single_device(device, device_map)
     with open(os.path.join(path, "config.json")) as f:
         config = MPlusConfig(**json.load(f))
     tensors = read_tensors(path)
-    if dtype is None:
+    if dtype is None or dtype == "auto":
         dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else torch.float32
     model = cls(config, dtype=dtype, **kwargs)
     model.eval()
     load_official_state(model, tensors)
-    return model
+    return model if target is None else model.to(target)
 
 
 def load_official_state(model, tensors: dict[str, Tensor]) -> None:
@@ -132,7 +177,7 @@ def memory_state(model) -> dict[str, Tensor]:
         "rng.cpu": torch.get_rng_state(),
     }
     if model.ltm is not None:
-        sd.update({f"ltm_store.{k}": v for k, v in model.ltm.state_dict().items()})
+        sd.update({f"ltm_store.{k}": v for k, v in model.ltm.memory_state().items()})
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -149,7 +194,7 @@ def load_memory(model, path: str) -> None:
         if key not in sd or sd[key].shape != getattr(stm, name).shape:
             raise ValueError(f"load_memory: {key} missing or mis-shaped in {path}")
     if model.ltm is not None:
-        model.ltm.load_state_dict({k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")})
+        model.ltm.load_memory_state({k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")})
     for name in ("hidden", "age", "pos", "order", "k", "v"):
         getattr(stm, name).copy_(sd[f"stm.{name}"])
     torch.set_rng_state(sd["rng.cpu"])
@@ -192,4 +237,4 @@ def load_official_memory(model, state: dict[str, Tensor]) -> None:
         sd["cached_dropped_memory_ages"] = torch.empty(L, 0, dtype=torch.float64)
         sd["cached_dropped_k"] = sd["cached_dropped_v"] = torch.empty(L, 0, hkv, dh, dtype=dtype)
     sd["update_step"] = state["update_step"]
-    model.ltm.load_state_dict(sd)
+    model.ltm.load_memory_state(sd)

@@ -27,6 +27,10 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mplus_kernels import _backend
+from mplus_kernels._utils import host_values
+
+from ._placement import FixedDtypeBuffers
 from .attention import FusedMemoryAttention, KVCache, MemoryKV, rope_tables
 from .config import MPlusConfig
 from .lora import AdapterState, LoRALinear
@@ -85,10 +89,18 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.project_memory(self.input_layernorm(rows)[None])
         return k[0], v[0]
 
-    def forward(self, h: Tensor, pos: tuple[Tensor, Tensor], memories: list, cache: KVCache | None) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        pos: tuple[Tensor, Tensor],
+        memories: list,
+        cache: KVCache | None,
+        cache_position: Tensor | None = None,
+    ) -> Tensor:
         """``h [1, T, d]`` → ``[1, T, d]``; ``pos`` = the chunk's (cos, sin) ``[1, T, D]``; ``memories``: the
-        segments :meth:`FusedMemoryAttention.forward` takes (entries still being fetched are resolved in place)."""
-        h = h + self.self_attn(self.input_layernorm(h), pos, memories, cache)
+        segments :meth:`FusedMemoryAttention.forward` takes (entries still being fetched are resolved in place);
+        ``cache_position``: static-cache mode (see :meth:`MPlusForCausalLM.decode_step`)."""
+        h = h + self.self_attn(self.input_layernorm(h), pos, memories, cache, cache_position=cache_position)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -117,7 +129,7 @@ class MPlusCache:
         return self.layers[layer_idx].length
 
 
-class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
+class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
     """M+ (or MemoryLLM) on Llama. Build with :meth:`from_pretrained` from an official checkpoint directory.
 
     Args:
@@ -131,6 +143,7 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MPlusConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    fixed_dtype_buffers = ("inv_freq", "rope_cos", "rope_sin")  # fp32 whatever the model dtype (kernels take fp32)
 
     def __init__(
         self,
@@ -181,8 +194,9 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
             # M+'s README has model.to(bf16) round inv_freq (SPEC §3.2); MemoryLLM keeps it fp32 (SPEC §10)
             inv_freq = inv_freq.to(torch.bfloat16).float()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        table = config.memory_prefix_len + max_length
-        self.rope_cos, self.rope_sin = rope_tables(inv_freq, table)
+        cos, sin = rope_tables(inv_freq, config.memory_prefix_len + max_length)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def set_kernels(self, kernels: Literal["fused", "reference"]) -> None:
         """Switch every op of the model between the mplus kernels and their pure-PyTorch references."""
@@ -196,6 +210,11 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the parameters, the short-term memory and the long-term keys live (the rows stay on the host)."""
+        return self.lm_head.weight.device
 
     def _chunk_rope(self, start: int, t: int) -> tuple[Tensor, Tensor]:
         if start + t > self.rope_cos.shape[0]:
@@ -216,9 +235,10 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"{what}: batch size {ids.shape[0]} is not supported (M+ memory is per sequence: use 1)")
         if ids.shape[1] == 0:
             raise ValueError(f"{what}: empty input (T = 0)")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"{what}: token ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+        if host_values(ids):  # device ids are not read (a host sync); MPLUS_DEBUG_CHECKS=1 reads them
+            lo, hi = (int(x) for x in torch.aminmax(ids))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"{what}: token ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
 
     # ---------------------------------------------------------------------------------------------- update
     @torch.no_grad()
@@ -245,10 +265,10 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
             )
         deltas, hiddens = [], []
         with self.adapters.use(ENCODER):
-            h = self.model.embed_tokens(context_ids.to(self.lm_head.weight.device))
+            h = self.model.embed_tokens(context_ids.to(self.compute_device))
             p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
             pos = self._chunk_rope(p, k + t + 1 - p)
-            memory_pos = torch.arange(p, dtype=torch.int32)
+            memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
             for layer_idx, layer in enumerate(self.layers):
                 hiddens.append(h)
                 tail = self.stm.hidden[layer_idx].index_select(0, self.stm.order[layer_idx, n - k :].long())
@@ -268,7 +288,10 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
         with self.adapters.use(DECODER):  # the short-term K/V cache holds generation-adapter keys and values
             kv = [layer.memory_kv(delta[i]) for i, layer in enumerate(self.layers)]
         new_k, new_v = torch.stack([a for a, _ in kv]), torch.stack([b for _, b in kv])
-        views = self.ltm.cache_views(delta.shape[1]) if self.ltm is not None else None
+        # On the host the dropped rows land straight in the long-term cache (zero copy); from a device they come out
+        # in device memory and push_dropped copies them to the (pinned) host cache asynchronously.
+        in_place = self.ltm is not None and self.compute_device.type == "cpu"
+        views = self.ltm.cache_views(delta.shape[1]) if in_place else None
         dropped = self.stm.update(delta, new_k=new_k, new_v=new_v, victims=victims, dropped=views, backend=self.backend)
         if self.ltm is not None:
             keys = torch.stack(
@@ -277,7 +300,11 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
                     for i, layer in enumerate(self.layers)
                 ]
             )
-            self.ltm.push_dropped(keys, written=True)
+            if in_place:
+                self.ltm.push_dropped(keys, written=True)
+            else:
+                kv = (dropped.k, dropped.v) if self.ltm.kv is not None else None
+                self.ltm.push_dropped(keys, hidden=dropped.hidden, age=dropped.age, kv=kv)
 
     # ------------------------------------------------------------------------------------------ generation
     def _layer_memories(self, layer_idx: int, layer: DecoderLayer, h: Tensor, cache: MPlusCache) -> list:
@@ -288,27 +315,34 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
         k0 = self.config.num_ltm_tokens
         stm = self._mem(self.stm.k[layer_idx], self.stm.v[layer_idx], self.stm.pos[layer_idx] + (1 + k0))
         bos_k, bos_v = layer.memory_kv(self.bos_embedding[layer_idx])
+        device = self.compute_device
         if self.ltm is None:
-            return [stm, self._mem(bos_k, bos_v, torch.zeros(1, dtype=torch.int32))]
+            return [stm, self._mem(bos_k, bos_v, torch.zeros(1, dtype=torch.int32, device=device))]
         queries = layer.self_attn.query_proj(layer.input_layernorm(h[0]))
-        handle = self.transfer.submit(
+        handle = self.transfer.submit(  # the store keeps each row's K/V: generation gathers those, not hidden rows
             f"ltm-layer{layer_idx}",
-            lambda: self.ltm.retrieve(layer_idx, queries, mode=self.semantics, backend=self.backend),
+            lambda: self.ltm.retrieve(layer_idx, queries, mode=self.semantics, backend=self.backend, with_hidden=False),
         )
 
         def resolve() -> MemoryKV:
             got = handle.wait()
             cache.retrieved[layer_idx] = got.index
-            seg_k, seg_v = torch.cat([bos_k, got.k.to(bos_k.device)]), torch.cat([bos_v, got.v.to(bos_v.device)])
-            return self._mem(seg_k, seg_v, torch.arange(1 + got.index.numel(), dtype=torch.int32))
+            seg_k, seg_v = torch.cat([bos_k, got.k]), torch.cat([bos_v, got.v])
+            return self._mem(seg_k, seg_v, torch.arange(1 + got.index.numel(), dtype=torch.int32, device=device))
 
         return [stm, resolve]
 
     @property
     def transfer(self) -> TransferEngine:
         """The engine that overlaps long-term retrieval and gather with compute (created on first use)."""
-        if getattr(self, "_transfer", None) is None:
-            self._transfer = TransferEngine(self.lm_head.weight.device)
+        device = self.compute_device
+        # Triton on CPU tensors is the interpreter, which cannot run kernels on two threads at once: jobs run inline
+        threaded = device.type != "cpu" or _backend.resolve("retrieve_topk", device, self.backend) != "triton"
+        engine = getattr(self, "_transfer", None)
+        if engine is None or engine.device != device or engine.threaded != threaded:  # (re)made after a move
+            if engine is not None:
+                engine.close()
+            self._transfer = TransferEngine(device, threaded=threaded)
         return self._transfer
 
     def new_cache(self, max_tokens: int | None = None) -> MPlusCache:
@@ -344,7 +378,7 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
         pos = self._chunk_rope(self.config.memory_prefix_len + cache.length, t)
         hiddens = []
         with self.adapters.use(DECODER):
-            h = self.model.embed_tokens(input_ids.to(self.lm_head.weight.device))
+            h = self.model.embed_tokens(input_ids.to(self.compute_device))
             for layer_idx, layer in enumerate(self.layers):
                 hiddens.append(h)
                 if prefill:
@@ -359,6 +393,39 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=tuple(hiddens) if output_hidden_states else None,
         )
 
+    @torch.no_grad()
+    def decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
+        """One decode step with a static cache, for ``torch.compile(fullgraph=True)`` and CUDA graphs.
+
+        ``input_ids [1, T]`` (usually T = 1) on the model's device; ``cache_position [T]`` int64 on the model's
+        device: the cache rows of these tokens (after a prefill of P tokens the first step is ``[P]``);
+        ``past_key_values``: the cache a prefill (``model(prompt)``) returned, holding the memory segments it
+        retrieved. Returns fp32 logits ``[1, vocab]`` of the last token. Nothing here depends on a Python int that
+        changes per step (positions are tensors, the cache is written with ``index_copy_``, the kernel gets the
+        valid length as a tensor), so one compiled graph serves every step. The caller advances
+        ``cache_position``; ``past_key_values.length`` is not advanced (use :meth:`forward` or this, not both).
+
+        Recipe (README "Compiled decoding")::
+
+            out = model(prompt_ids)                                # eager prefill: retrieval, memory segments
+            cache, pos = out.past_key_values, torch.tensor([prompt_ids.shape[1]], device=device)
+            step = torch.compile(model.decode_step, fullgraph=True)   # GPU: mode="reduce-overhead" (CUDA graphs)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(n):
+                token = step(token, pos, cache).argmax(-1, keepdim=True)
+                pos += 1
+        """
+        if self.adapters.active != DECODER:
+            raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
+        positions = self.config.memory_prefix_len + cache_position
+        cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
+        pos = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
+        h = self.model.embed_tokens(input_ids)
+        for layer_idx, layer in enumerate(self.layers):
+            memories = past_key_values.memories[layer_idx]
+            h = layer(h, pos, memories, past_key_values.layers[layer_idx], cache_position)
+        return self.lm_head(self.model.norm(h[:, -1])).float()
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """``generate`` gets a preallocated :class:`MPlusCache` (the memory prefix is never copied per step)."""
         if model_kwargs.get("past_key_values") is None:
@@ -372,7 +439,11 @@ class MPlusForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> MPlusForCausalLM:  # type: ignore[override]
-        """Load an official M+ / MemoryLLM checkpoint directory (``config.json`` + safetensors, SPEC.md §2)."""
+        """Load an official M+ / MemoryLLM checkpoint directory (``config.json`` + safetensors, SPEC.md §2).
+
+        Keywords: ``dtype`` (or its Hugging Face spelling ``torch_dtype``), ``device`` (or ``device_map`` naming one
+        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"auto"`` = cuda when available, or ``{"": device}``), and
+        the constructor's (``semantics``, ``kernels``, ``max_length``, ``ltm_capacity``)."""
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(cls, path, **kwargs)

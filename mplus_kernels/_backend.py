@@ -6,6 +6,11 @@ One table decides which implementation runs (STYLE.md habit 4):
 |------------|----------------|--------------------------------------------------------|
 | cuda       | triton         | reference                                              |
 | cpu        | cpp            | reference; triton only under ``TRITON_INTERPRET=1``    |
+| meta       | meta           | reference (the fake kernels: shapes only, no values)   |
+
+Except for ``reference`` and ``triton`` on CPU tensors (the interpreter, for tests), every wrapper validates its
+arguments and then calls ``torch.ops.mplus.<op>``, which the dispatcher sends by device key: CPU → the C++ kernel,
+CUDA → the Triton kernel, Meta/Fake → the fake kernel (DESIGN.md §2.5). :func:`through_dispatcher` says which.
 
 ``MPLUS_BACKEND`` or a per-call ``backend=`` argument overrides ``auto``. A backend that is asked for and absent
 raises :class:`BackendUnavailableError` saying what is missing; nothing falls back silently.
@@ -70,6 +75,8 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
             requested = "triton"
         elif device.type == "cpu":
             requested = "cpp"
+        elif device.type == "meta":
+            return "meta"
         else:
             raise BackendUnavailableError(f"{op}: no backend for tensors on device type {device.type!r}")
     if requested == "cpp":
@@ -87,6 +94,12 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"{op}: the triton backend cannot run: {reason}")
     return requested
+
+
+def through_dispatcher(which: str, device: torch.device) -> bool:
+    """Whether a call resolved to ``which`` goes through ``torch.ops.mplus`` (else: the reference, or the Triton
+    launcher called directly on CPU tensors under the interpreter)."""
+    return which != "reference" and not (which == "triton" and device.type == "cpu")
 
 
 def import_triton_impl(module: str):

@@ -6,6 +6,7 @@
 | TRITON_INTERPRET  | 0 (default) / 1                     | run Triton kernels on the CPU through the interpreter |
 | MPLUS_BUILD_CUDA  | unset (auto) / 0 / 1                 | read by `setup.py` only: build `csrc/cuda` or not |
 | MPLUS_CPU_ARCH    | native (default) or a `-march` value | read by `setup.py` only: target ISA of the C++ kernels |
+| MPLUS_DEBUG_CHECKS | 0 (default) / 1                    | wrappers also check device tensors' values (a sync) |
 
 The values are read when asked for, not cached, so tests can change them with `monkeypatch.setenv`.
 """
@@ -28,3 +29,9 @@ def backend_override() -> str:
 def triton_interpret() -> bool:
     """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+
+
+def debug_checks() -> bool:
+    """True when wrappers also validate the values of device tensors (``MPLUS_DEBUG_CHECKS=1``): index ranges, token
+    ids, victims. Off by default because on a GPU each such check is a device-to-host sync."""
+    return os.environ.get("MPLUS_DEBUG_CHECKS", "0").strip() not in ("", "0", "false", "False")

@@ -1,14 +1,17 @@
-"""Small helpers shared by the op families (validation and raw-bit views)."""
+"""Helpers shared by the op families: argument validation (one kit for every wrapper) and raw-bit views."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from . import _config
+
 # Kernels that only move data see every dtype as integers of the element's width: one kernel per width, exact bits,
 # and no bf16 arithmetic under the Triton interpreter.
 BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 BITS_TRITON = {1: "*i8", 2: "*i16", 4: "*i32", 8: "*i64"}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def as_bits(t: Tensor) -> Tensor:
@@ -28,3 +31,45 @@ def dense_rows(t: Tensor, row_dim: int) -> bool:
             return False
         expected *= t.shape[dim]
     return True
+
+
+# ------------------------------------------------------------------------------------------------ validation kit
+def check_tensor(fn: str, name: str, t: object) -> Tensor:
+    """``t`` itself, or a ``TypeError`` naming the argument when it is not a tensor (e.g. None)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float(fn: str, name: str, t: Tensor, dtype: torch.dtype | None = None) -> None:
+    """``t`` is fp16/bf16/fp32 (or exactly ``dtype`` when given)."""
+    if dtype is None and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected {dtype}")
+
+
+def check_integer(fn: str, name: str, t: Tensor) -> None:
+    """``t`` holds integers (any width; not bool)."""
+    if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{fn}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def check_device(fn: str, name: str, t: Tensor, device: torch.device, where: str) -> None:
+    """``t`` is on ``device`` (``where`` names the argument that fixed it, e.g. ``"q"``)."""
+    if t.device != device:
+        raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (where {where} is)")
+
+
+def host_values(t: Tensor) -> bool:
+    """Whether a wrapper may read ``t``'s values to validate them: host tensors always, device tensors only under
+    ``MPLUS_DEBUG_CHECKS=1`` (on CUDA each read is a device-to-host sync; meta tensors have no values), and nothing
+    while ``torch.compile`` traces or a CUDA graph is captured. Unchecked values are still safe: the raw ops check
+    what they index with (DESIGN.md §2.5)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    if t.device.type == "cpu":
+        return True
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return _config.debug_checks()

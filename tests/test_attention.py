@@ -305,6 +305,156 @@ def test_empty_shapes(d):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# static KV cache: per-row valid chunk keys [kv_start[b], kv_len[b]), causality aligned to each row's end
+# ---------------------------------------------------------------------------------------------------------------
+def _static_cache(b, tq, cap, hq, hkv, d, m, dtype, ends, starts, seed):
+    """A ``[B, cap, Hkv, D]`` cache whose rows outside ``[starts[b], ends[b])`` are NaN (they must never be read),
+    with kv_len/kv_start int32 tensors (None where ``ends``/``starts`` is None)."""
+    x = _inputs(b, tq, cap, hq, hkv, d, m, dtype, seed)
+    end = torch.tensor(ends if ends is not None else [cap] * b, dtype=torch.int32)
+    start = torch.tensor(starts if starts is not None else [0] * b, dtype=torch.int32)
+    j = torch.arange(cap)[None, :]
+    garbage = (j < start[:, None]) | (j >= end[:, None])  # [B, cap]
+    for name in ("k", "v"):
+        x[name] = x[name].masked_fill(garbage[:, :, None, None], float("nan"))
+    x["kv_len"] = None if ends is None else end
+    x["kv_start"] = None if starts is None else start
+    return x
+
+
+def _naive(x: dict, *, causal: bool, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent float64 formula: the visibility mask built explicitly, one (row, head, query) at a time."""
+    q, k, v = x["q"].double(), x["k"].double(), x["v"].double()
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    mem_k = x.get("mem_k")
+    m = 0 if mem_k is None else mem_k.shape[1]
+    if m:
+        mem_k, mem_v = mem_k.double(), x["mem_v"].double()
+        if x.get("mem_pos") is not None:  # RoPE in float64, written out (not the reference's apply_rope)
+            pos = x["mem_pos"].long()
+            cos, sin = x["rope_cos"].double()[pos], x["rope_sin"].double()[pos]  # [M, D/2]
+            a, c = mem_k[..., : d // 2], mem_k[..., d // 2 :]
+            cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+            mem_k = torch.cat([a * cos - c * sin, c * cos + a * sin], dim=-1)
+    kv_len, kv_start = x.get("kv_len"), x.get("kv_start")
+    out = torch.zeros(b, tq, hq, d, dtype=torch.float64)
+    lse = torch.full((b, hq, tq), float("-inf"), dtype=torch.float64)
+    for i in range(b):
+        end = tk if kv_len is None else int(kv_len[i])
+        start = 0 if kv_start is None else int(kv_start[i])
+        for t in range(tq):
+            chunk = [j for j in range(tk) if start <= j < end and (not causal or j <= t + end - tq)]
+            for h in range(hq):
+                g = h // (hq // hkv)
+                keys = [mem_k[i, r, g] for r in range(m)] + [k[i, j, g] for j in chunk]
+                vals = [mem_v[i, r, g] for r in range(m)] + [v[i, j, g] for j in chunk]
+                if not keys:
+                    continue
+                s = torch.stack(keys) @ q[i, t, h] * scale
+                lse[i, h, t] = torch.logsumexp(s, 0)
+                out[i, t, h] = torch.softmax(s, 0) @ torch.stack(vals)
+    return out, lse
+
+
+# (B, Tq, cap, Hq, Hkv, M, kv_len per row or None, kv_start per row or None)
+KV_CASES = [
+    (3, 1, 24, 8, 2, 0, [24, 7, 0], None),  # decode, GQA 4, no memory: full, partial and empty rows
+    (3, 1, 24, 8, 2, 11, [5, 24, 13], [2, 0, 13]),  # decode with memory; kv_start = kv_len: memory only
+    (2, 5, 30, 4, 4, 0, [30, 9], [3, 6]),  # Tq > 1, MHA, left padding
+    (2, 5, 30, 4, 1, 9, [4, 30], [0, 17]),  # row 0 has fewer keys than queries: the first ones see only memory
+    (3, 6, 20, 8, 2, 3, [0, 20, 11], [0, 20, 1]),  # rows with no chunk key at all, memory of 3
+    (2, 3, 17, 2, 2, 0, [0, 2], [0, 1]),  # no memory, rows that see nothing: out 0, lse -inf
+]
+KV_IDS = [f"B{c[0]}-Tq{c[1]}-G{c[3] // c[4]}-M{c[5]}" for c in KV_CASES]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("b", "tq", "cap", "hq", "hkv", "m", "ends", "starts"), KV_CASES, ids=KV_IDS)
+def test_reference_kv_ranges_match_naive_formula(b, tq, cap, hq, hkv, m, ends, starts, causal):
+    """The reference's mask (kv_start <= j < kv_len, j <= t + kv_len - Tq) == the rule spelled out in float64; the
+    NaN rows outside each row's range never reach the result."""
+    x = _static_cache(b, tq, cap, hq, hkv, 8, m, torch.float32, ends, starts, seed=tq + m)
+    out, lse = memory_attention_reference(**x, causal=causal)
+    ref_o, ref_l = _naive(x, causal=causal)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert_close(out.double(), ref_o, atol=1e-5, rtol=1e-5, name="out")
+    _assert_lse_close(lse.double(), ref_l, atol=1e-5, name="lse")
+
+
+def test_reference_without_ranges_is_unchanged():
+    """kv_len = Tk and kv_start = 0 given explicitly == not given (the FlashAttention rule over the whole chunk)."""
+    x = _inputs(2, 4, 9, 4, 2, 64, 6, torch.float32, seed=21)
+    base = memory_attention_reference(**x)
+    full = memory_attention_reference(
+        **x, kv_len=torch.full((2,), 9, dtype=torch.int32), kv_start=torch.zeros(2, dtype=torch.int32)
+    )
+    assert_close(full[0], base[0], atol=0, rtol=0, name="out")  # the same arithmetic, the same masks
+    _assert_lse_close(full[1], base[1], atol=0, name="lse")
+    assert_close(base[0].double(), _naive(x, causal=True)[0], atol=1e-5, rtol=1e-5, name="vs naive")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("b", "tq", "cap", "hq", "hkv", "m", "ends", "starts"), KV_CASES, ids=KV_IDS)
+def test_triton_kv_ranges(b, tq, cap, hq, hkv, m, ends, starts, causal, splits, dtype, nan_outputs):
+    """The kernel loads kv_len/kv_start per row, reads only the valid rows (the others are NaN), and splits each
+    row's own keys across the programs (one pass and split-KV)."""
+    x = _static_cache(b, tq, cap, hq, hkv, 64, m, dtype, ends, starts, seed=tq * 10 + m)
+    args = [x[n] for n in ("q", "k", "v", "mem_k", "mem_v", "mem_pos", "rope_cos", "rope_sin")]
+    out, lse = ti.memory_attention_fwd(
+        *args, 0.125, causal, x["kv_len"], x["kv_start"], config=TINY, num_splits=splits
+    )  # fmt: skip
+    assert not out.isnan().any() and not lse.isnan().any()
+    ref = dict(x, softmax_scale=0.125)
+    _check(out, lse, ref, dtype, causal=causal, name=f"triton splits={splits}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+@pytest.mark.parametrize("tq", [1, 6])
+def test_wrapper_static_cache_equals_sliced_cache(backend, tq, nan_outputs):
+    """The whole static cache + kv_len (+ kv_start) == each row's valid slice passed as the chunk, on every backend
+    (close, not exact: the two calls may cut the keys into blocks and splits differently)."""
+    if backend == "cpp" and not _cpu_kernel("mplus::memory_attention"):
+        pytest.skip("no CPU kernel for memory_attention in this build")
+    ends, starts = [19, 6, 12], [0, 2, 12]
+    x = _static_cache(3, tq, 24, 8, 2, 64, 10, torch.float32, ends, starts, seed=tq)
+    out, lse = mk.memory_attention(**x, backend=backend)
+    for i, (e, s) in enumerate(zip(ends, starts)):
+        row = slice(i, i + 1)
+        o, lo = mk.memory_attention(
+            x["q"][row], x["k"][row, s:e], x["v"][row, s:e], x["mem_k"][row], x["mem_v"][row], x["mem_pos"],
+            x["rope_cos"], x["rope_sin"], backend=backend,
+        )  # fmt: skip
+        assert_close(out[row], o, atol=2e-5, rtol=2e-5, name=f"row {i} out")
+        _assert_lse_close(lse[row], lo, atol=2e-5, name=f"row {i} lse")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_unchecked_out_of_range_values_never_read_out_of_bounds(backend, monkeypatch):
+    """Values the wrapper cannot read (device tensors, tracing: ``host_values`` False) reach the kernels unchecked:
+    the C++ op range-checks them itself (RuntimeError, not a crash), the Triton kernel clamps them to the extents."""
+    if backend == "cpp" and not _cpu_kernel("mplus::memory_attention"):
+        pytest.skip("no CPU kernel for memory_attention in this build")
+    monkeypatch.setattr(attn_op, "host_values", lambda t: False)
+    x = _inputs(2, 1, 8, 4, 2, 64, 5, torch.float32, seed=3)
+    x["kv_len"] = torch.tensor([8, 100], dtype=torch.int32)
+    bad_pos = dict(x, kv_len=None, mem_pos=x["mem_pos"].clone().fill_(10_000))
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match=r"0 <= kv_start <= kv_len <= Tk=8"):
+            mk.memory_attention(**x, backend="cpp")
+        with pytest.raises(RuntimeError, match=r"mem_pos values must lie in \[0, \d+\)"):
+            mk.memory_attention(**bad_pos, backend="cpp")
+        return
+    out, lse = mk.memory_attention(**x, backend="triton")  # clamped to kv_len = Tk
+    _check(out, lse, dict(x, kv_len=torch.tensor([8, 8], dtype=torch.int32)), torch.float32, name="clamped")
+    out, lse = mk.memory_attention(**bad_pos, backend="triton")  # clamped to the last table row: finite, no fault
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # bad input: clear errors before any launch
 # ---------------------------------------------------------------------------------------------------------------
 def _bad(case: str) -> dict:
@@ -361,6 +511,25 @@ def _bad(case: str) -> dict:
         x["softmax_scale"] = float("nan")
     elif case == "causal":
         x["causal"] = 1
+    elif case == "kv_len_dtype":
+        x["kv_len"] = torch.tensor([3, 2])
+    elif case == "kv_len_shape":
+        x["kv_len"] = torch.tensor([3, 2, 1], dtype=torch.int32)
+    elif case == "kv_len_list":
+        x["kv_len"] = [3, 2]
+    elif case == "kv_start_device":
+        x["kv_start"] = torch.zeros(2, dtype=torch.int32, device="meta")
+    elif case == "kv_start_float":
+        x["kv_start"] = torch.zeros(2)
+    elif case == "kv_len_range":
+        x["kv_len"] = torch.tensor([3, 4], dtype=torch.int32)
+    elif case == "kv_len_negative":
+        x["kv_len"] = torch.tensor([-1, 3], dtype=torch.int32)
+    elif case == "kv_start_above_len":
+        x["kv_len"] = torch.tensor([3, 1], dtype=torch.int32)
+        x["kv_start"] = torch.tensor([0, 2], dtype=torch.int32)
+    elif case == "kv_start_above_tk":
+        x["kv_start"] = torch.tensor([4, 0], dtype=torch.int32)
     return x
 
 
@@ -389,6 +558,15 @@ BAD = [
     ("not_tensor", TypeError, r"k must be a torch.Tensor, got list"),
     ("scale", ValueError, r"softmax_scale must be finite"),
     ("causal", TypeError, r"causal must be a bool"),
+    ("kv_len_dtype", TypeError, r"kv_len must be an int32 tensor \[B=2\], got torch.int64"),
+    ("kv_len_shape", ValueError, r"kv_len must be \[B=2\] \(one value per batch row\), got \[3\]"),
+    ("kv_len_list", TypeError, r"kv_len must be a torch.Tensor, got list"),
+    ("kv_start_device", ValueError, r"kv_start is on meta, expected cpu"),
+    ("kv_start_float", TypeError, r"kv_start must be an int32 tensor"),
+    ("kv_len_range", ValueError, r"batch row 1 needs 0 <= kv_start <= kv_len <= Tk=3 .* kv_start=0, kv_len=4"),
+    ("kv_len_negative", ValueError, r"batch row 0 needs 0 <= kv_start <= kv_len .* kv_len=-1"),
+    ("kv_start_above_len", ValueError, r"batch row 1 needs .* got kv_start=2, kv_len=1"),
+    ("kv_start_above_tk", ValueError, r"batch row 0 needs .* got kv_start=4, kv_len=3"),
 ]
 
 
@@ -492,6 +670,92 @@ def test_fake_kernels_give_output_shapes():
         tab = torch.empty(100, 32)
         out, lse = torch.ops.mplus.memory_attention(q, k, k, mem, mem, pos, tab, tab, 0.125, True)
         assert out.shape == (2, 5, 8, 64) and out.dtype == torch.bfloat16
+        lens = torch.empty(2, dtype=torch.int32)
+        out2, lse2 = torch.ops.mplus.memory_attention(q, k, k, mem, mem, pos, tab, tab, 0.125, True, lens, lens)
+        assert out2.shape == out.shape and lse2.shape == lse.shape
         assert lse.shape == (2, 8, 5) and lse.dtype == torch.float32
         o, lse2 = torch.ops.mplus.merge_attention_states(out, lse, out, lse)
         assert o.shape == out.shape and o.dtype == out.dtype and lse2.shape == lse.shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one dispatch path: torch.ops.mplus by device key; torch.compile and the meta device
+# ---------------------------------------------------------------------------------------------------------------
+needs_schemas = pytest.mark.skipif(
+    not _cpu_kernel("mplus::memory_attention"), reason="the op schemas and CPU kernels come from the C++ extension"
+)
+
+
+@needs_schemas
+@pytest.mark.parametrize("backend", [None, "auto", "cpp"])
+def test_auto_and_cpp_go_through_the_dispatcher(backend, monkeypatch):
+    """backend auto (and cpp) on CPU tensors call torch.ops.mplus.<op> with every argument; triton on CPU calls the
+    launcher directly (the interpreter), reference the reference."""
+    monkeypatch.delenv("MPLUS_BACKEND", raising=False)
+    calls = []
+    real_attn, real_merge = torch.ops.mplus.memory_attention, torch.ops.mplus.merge_attention_states
+
+    def spy(real, name):
+        def call(*args):
+            calls.append((name, args))
+            return real(*args)
+
+        return call
+
+    monkeypatch.setattr(torch.ops.mplus, "memory_attention", spy(real_attn, "attn"))
+    monkeypatch.setattr(torch.ops.mplus, "merge_attention_states", spy(real_merge, "merge"))
+    x = _inputs(2, 1, 6, 4, 2, 64, 5, torch.float32, seed=8)
+    kv_len = torch.tensor([6, 3], dtype=torch.int32)
+    out, lse = mk.memory_attention(**x, kv_len=kv_len, backend=backend)
+    mk.merge_attention_states(out, lse, out, lse, backend=backend)
+    assert [c[0] for c in calls] == ["attn", "merge"]
+    assert calls[0][1][10] is kv_len and calls[0][1][11] is None  # passed through, not read
+    _check(out, lse, dict(x, kv_len=kv_len), torch.float32, name="through torch.ops")
+    calls.clear()
+    mk.memory_attention(**x, kv_len=kv_len, backend="triton")
+    mk.memory_attention(**x, kv_len=kv_len, backend="reference")
+    mk.merge_attention_states(out, lse, out, lse, backend="triton")
+    assert calls == []
+
+
+@needs_schemas
+def test_meta_device_reaches_the_fake_kernels(monkeypatch):
+    """q/k/v/memory on the meta device (the stand-in for a GPU) with backend auto: meta outputs of the right shapes
+    and dtypes, and no value is read (meta tensors have none)."""
+    monkeypatch.delenv("MPLUS_BACKEND", raising=False)
+    x = {n: t.to("meta") for n, t in _inputs(2, 3, 7, 8, 2, 64, 5, torch.bfloat16, seed=1).items()}
+    kv_len = torch.empty(2, dtype=torch.int32, device="meta")
+    out, lse = mk.memory_attention(**x, kv_len=kv_len, kv_start=kv_len)
+    assert out.device.type == "meta" and out.shape == (2, 3, 8, 64) and out.dtype == torch.bfloat16
+    assert lse.device.type == "meta" and lse.shape == (2, 8, 3) and lse.dtype == torch.float32
+    merged, merged_lse = mk.merge_attention_states(out, lse, out, lse, backend="auto")
+    assert merged.device.type == "meta" and merged.shape == out.shape and merged_lse.shape == lse.shape
+    with pytest.raises(ValueError, match=r"kv_len is on cpu, expected meta"):
+        mk.memory_attention(**x, kv_len=torch.zeros(2, dtype=torch.int32))
+
+
+@needs_schemas
+def test_compiled_static_cache_step_does_not_recompile(monkeypatch):
+    """torch.compile(fullgraph=True) of a decode step over a static cache with kv_len as a tensor: no graph break
+    (fullgraph would raise), one compile, and new kv_len values (every step) reuse it."""
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.delenv("MPLUS_BACKEND", raising=False)
+    torch._dynamo.reset()
+    x = _static_cache(2, 1, 32, 8, 2, 64, 9, torch.float32, None, None, seed=4)
+    x.pop("kv_len"), x.pop("kv_start")
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(q, k, v, kv_len, kv_start):
+        out, lse = mk.memory_attention(q, k, v, x["mem_k"], x["mem_v"], x["mem_pos"], x["rope_cos"], x["rope_sin"],
+                                       kv_len=kv_len, kv_start=kv_start)  # fmt: skip
+        return mk.merge_attention_states(out, lse, out, lse)
+
+    start = torch.tensor([0, 2], dtype=torch.int32)
+    for n in (3, 4, 17, 32):
+        kv_len = torch.tensor([n, max(2, n - 5)], dtype=torch.int32)
+        out, lse = step(x["q"], x["k"], x["v"], kv_len, start)  # a part merged with itself: lse + ln 2
+        _check(out, lse - math.log(2), dict(x, kv_len=kv_len, kv_start=start), torch.float32, name=f"kv_len={n}")
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for 4 kv_len values"
+    torch._dynamo.reset()

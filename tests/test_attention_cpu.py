@@ -69,18 +69,21 @@ def reference(*args, **kwargs):
         return memory_attention_reference(*args, **kwargs)
 
 
-def check(args, scale, causal, *, name=""):
-    """Run the kernel on ``args`` and compare out and lse with the reference; return (out, lse)."""
+def check(args, scale, causal, *, kv=(None, None), name=""):
+    """Run the kernel on ``args`` (and ``kv = (kv_len, kv_start)``) and compare out and lse with the reference;
+    return (out, lse)."""
     q = args[0]
-    out, lse = attention(*args, scale, causal)
-    ref, ref_lse = reference(*args, softmax_scale=scale, causal=causal)
+    out, lse = attention(*args, scale, causal, *kv)
+    ref, ref_lse = reference(*args, softmax_scale=scale, causal=causal, kv_len=kv[0], kv_start=kv[1])
     assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert not out.isnan().any(), f"{name}: NaN in out"
     if q.dtype == torch.float32:
         assert_close(out, ref, name=f"{name} out")
     else:
-        ref_lowp, _ = reference(*args, softmax_scale=scale, causal=causal, compute_dtype=q.dtype)
+        ref_lowp, _ = reference(
+            *args, softmax_scale=scale, causal=causal, kv_len=kv[0], kv_start=kv[1], compute_dtype=q.dtype
+        )
         assert_within_reference_error(out, ref, ref_lowp, name=f"{name} out")
     check_lse(lse, ref_lse, name=f"{name} lse")
     return out, lse
@@ -200,6 +203,68 @@ def test_last_dim_strided_is_copied():
     check(tuple(args), 0.125, True, name="last dim strided")
 
 
+# --- static KV cache: per-row valid chunk keys [kv_start, kv_len), causality aligned to each row's end ------------
+def static_cache(args, ends, starts):
+    """``args`` with the k/v rows outside each batch row's ``[starts[b], ends[b])`` set to NaN (never to be read), and
+    the int32 ``(kv_len, kv_start)`` pair (None where ``ends``/``starts`` is None)."""
+    q, k, v, *rest = args
+    b, cap = k.shape[:2]
+    end = torch.tensor(ends if ends is not None else [cap] * b, dtype=torch.int32)
+    start = torch.tensor(starts if starts is not None else [0] * b, dtype=torch.int32)
+    j = torch.arange(cap)[None, :]
+    garbage = ((j < start[:, None]) | (j >= end[:, None]))[:, :, None, None]
+    k, v = k.masked_fill(garbage, float("nan")), v.masked_fill(garbage, float("nan"))
+    return (q, k, v, *rest), (None if ends is None else end, None if starts is None else start)
+
+
+# per batch row (B = 3): (kv_len, kv_start); None = the default (Tk, 0)
+KV_ROWS = [
+    ([90, 41, 0], None),  # full, partial, empty
+    ([90, 41, 64], [0, 7, 64]),  # left padding; kv_start = kv_len: memory only
+    (None, [3, 0, 89]),  # kv_start alone (kv_len = Tk)
+    ([2, 90, 33], [1, 33, 0]),  # fewer keys than queries in row 0
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("m", [0, 37])
+@pytest.mark.parametrize(("tq", "group"), [(1, 1), (1, 4), (2, 4), (7, 1), (40, 4)])  # decode path: G*Tq <= 8
+@pytest.mark.parametrize(("ends", "starts"), KV_ROWS)
+def test_kv_ranges_match_reference(ends, starts, tq, group, m, causal, dtype):
+    """Decode (split-KV) and prefill paths with a different valid range per batch row, GQA 1 and 4, with and
+    without memory: the NaN rows outside the ranges are never read."""
+    args = make_case(3, tq, 90, m, 2 * group, 2, 64, dtype, gen_seed=tq + m + group)
+    args, kv = static_cache(args, ends, starts)
+    out, lse = check(args, 0.125, causal, kv=kv, name=f"kv Tq={tq} G={group} M={m}")
+    assert not lse.isnan().any()
+
+
+@pytest.mark.parametrize(("tq", "group"), [(1, 8), (2, 4), (33, 2)])
+def test_kv_empty_range_sees_only_memory(tq, group):
+    """kv_len = 0 or kv_start = kv_len: the row attends to its memory alone (as with an empty chunk); with no memory
+    it sees nothing: out exactly 0, lse -inf."""
+    q, k, v, mem_k, mem_v, pos, cos, sin = make_case(2, tq, 50, 20, 2 * group, 2, 64, torch.float32)
+    (q, k, v, *_), kv = static_cache((q, k, v), [0, 30], [0, 30])
+    out, lse = attention(q, k, v, mem_k, mem_v, pos, cos, sin, 0.125, True, *kv)
+    none = k[:, :0]
+    mem_o, mem_l = attention(q, none, none, mem_k, mem_v, pos, cos, sin, 0.125, True)
+    assert_close(out, mem_o, name="memory only out")
+    check_lse(lse, mem_l, name="memory only lse")
+    out, lse = attention(q, k, v, None, None, None, None, None, 0.125, True, *kv)
+    assert_equal(out, torch.zeros_like(out), name="nothing visible: out")
+    assert torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tq", "group"), [(1, 8), (2, 4)])
+def test_kv_ranges_split_kv_decode(four_threads, tq, group, dtype):  # noqa: ARG001
+    """Split-KV over a long memory and a static cache: each row splits its own keys (memory + valid chunk keys)."""
+    args = make_case(3, tq, 300, 2000, group, 1, 128, dtype, gen_seed=group)
+    args, kv = static_cache(args, [300, 17, 150], [0, 0, 150])
+    check(args, 1 / math.sqrt(128), True, kv=kv, name=f"split-KV kv Tq={tq} G={group}")
+
+
 # --- split-KV decode and merging --------------------------------------------------------------------------------------
 @pytest.fixture
 def four_threads():
@@ -268,9 +333,12 @@ def _has_fake(op: str) -> bool:
     return singleton.find(op).fake_impl.kernel is not None
 
 
+@pytest.mark.parametrize("kv", [False, True], ids=["full", "kv_len+kv_start"])
 @pytest.mark.parametrize("tq", [1, 20])
-def test_opcheck_memory_attention(tq):
-    args = (*make_case(1, tq, tq, 40, 4, 2, 64, torch.float32), 0.125, True)
+def test_opcheck_memory_attention(tq, kv):
+    args = (*make_case(2, tq, tq + 6, 40, 4, 2, 64, torch.float32), 0.125, True)
+    if kv:
+        args = (*args, torch.tensor([tq + 6, tq], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32))
     utils = ["test_schema", "test_autograd_registration"]
     if _has_fake("mplus::memory_attention"):  # registered by mplus_kernels/attention/op.py
         utils += ["test_faketensor", "test_aot_dispatch_dynamic"]
@@ -295,3 +363,31 @@ def test_rejects_bad_inputs():
         attention(q, k.double(), v, mem_k, mem_v, pos, cos, sin, 0.1, True)
     with pytest.raises(RuntimeError, match="mem_pos must be a CPU int32"):
         attention(q, k, v, mem_k, mem_v, pos.long(), cos, sin, 0.1, True)
+    with pytest.raises(RuntimeError, match=r"mem_pos values must lie in \[0, \d+\)"):
+        attention(q, k, v, mem_k, mem_v, pos - 1000, cos, sin, 0.1, True)
+
+
+@pytest.mark.parametrize(
+    ("kv_len", "kv_start", "match"),
+    [
+        ([5], None, r"batch row 0 needs 0 <= kv_start <= kv_len <= Tk=4, got kv_start=0, kv_len=5"),
+        ([-1], None, r"batch row 0 needs .* kv_len=-1"),
+        (None, [5], r"batch row 0 needs .* got kv_start=5, kv_len=4"),
+        ([2], [3], r"got kv_start=3, kv_len=2"),
+        (None, [-2], r"got kv_start=-2, kv_len=4"),
+    ],
+)
+def test_raw_op_range_checks_kv_values(kv_len, kv_start, match):
+    """A raw torch.ops call with kv values outside the cache raises (what the kernel indexes with is checked)."""
+    args = make_case(1, 4, 4, 10, 4, 2, 64, torch.float32)
+    kv = [None if x is None else torch.tensor(x, dtype=torch.int32) for x in (kv_len, kv_start)]
+    with pytest.raises(RuntimeError, match=match):
+        attention(*args, 0.1, True, *kv)
+
+
+def test_raw_op_rejects_bad_kv_tensors():
+    args = make_case(2, 4, 4, 10, 4, 2, 64, torch.float32)
+    with pytest.raises(RuntimeError, match=r"kv_len must be a CPU int32 \[B=2\] tensor, got Long"):
+        attention(*args, 0.1, True, torch.tensor([4, 4]), None)
+    with pytest.raises(RuntimeError, match=r"kv_start must be a CPU int32 \[B=2\] tensor"):
+        attention(*args, 0.1, True, None, torch.zeros(3, dtype=torch.int32))

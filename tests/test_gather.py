@@ -82,3 +82,83 @@ def test_opcheck():
         torch.ops.mplus.gather_rows_.default,
         (torch.zeros(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.tensor([6, 0, 4])),
     )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The raw C++ op checks what it indexes with (DESIGN.md §2.5): direct calls, no Python validation in front
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        (
+            "index_too_big",
+            r"index \[3\] has index\[2\]=12, expected rows of \[src_a; src_b\] in \[0, Na \+ Nb = 8 \+ 4",
+        ),
+        ("index_negative", r"index\[0\]=-1, expected rows of \[src_a; src_b\] in \[0, "),
+        ("index_far_out", r"index\[1\]=4611686018427387904"),
+        ("index_int32", r"index must be a contiguous CPU int64 \[R=3\] tensor, got Int"),
+        ("index_len", r"index must be a contiguous CPU int64 \[R=3\] tensor, got Long \[2\]"),
+        ("index_strided", r"index must be a contiguous CPU int64"),
+        ("src_shape", r"src_b \[4, 1, 2\] must be \[N, \*F\] with the row shape of out \[3, 2\]"),
+        ("src_transposed_row", r"src_a \[8, 2, 1\] must be \[N, \*F\]"),  # same row bytes, other shape
+        ("src_dtype", r"src_a has dtype Double, out has Float"),
+        ("src_not_dense", r"src_b \[4, 2\] must have contiguous rows \(dims >= 1\), got strides \[4, 2\]"),
+        ("out_stride0", r"out \[3, 2\] with strides \[0, 1\] has overlapping rows"),
+        ("out_overlapping_rows", r"out \[3, 2\] with strides \[1, 1\] has overlapping rows"),
+        ("out_aliases_src", r"out \[3, 2\] \(strides \[2, 1\]\) and src_a \[8, 2\] \(strides \[2, 1\]\) share memory"),
+    ],
+)
+def test_raw_op_rejects_malformed_input_and_writes_nothing(case, match):
+    gen = torch.Generator().manual_seed(0)
+    a, b, index = torch.randn(8, 2, generator=gen), torch.randn(4, 2, generator=gen), torch.tensor([0, 3, 11])
+    out = torch.full((3, 2), float("nan"))
+    if case == "index_too_big":
+        index = torch.tensor([0, 3, 12])
+    elif case == "index_negative":
+        index = torch.tensor([-1, 3, 11])
+    elif case == "index_far_out":
+        index = torch.tensor([0, 2**62, 1])
+    elif case == "index_int32":
+        index = index.int()
+    elif case == "index_len":
+        index = index[:2]
+    elif case == "index_strided":
+        index = torch.tensor([0, 9, 3, 9, 11, 9])[::2]
+    elif case == "src_shape":
+        b = b[:, None]
+    elif case == "src_transposed_row":
+        a = a[:, :, None]
+    elif case == "src_dtype":
+        a = a.double()
+    elif case == "src_not_dense":
+        b = torch.randn(4, 4, generator=gen)[:, ::2]
+    elif case == "out_stride0":
+        out = torch.full((1, 2), float("nan")).expand(3, 2)
+    elif case == "out_overlapping_rows":
+        out = torch.full((4,), float("nan")).as_strided((3, 2), (1, 1))
+    elif case == "out_aliases_src":
+        out = a[5:]
+    before = [t.clone() for t in (out, a, b, index)]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mplus.gather_rows_(out, a, b, index)
+    for i, (x, y) in enumerate(zip(before, (out, a, b, index))):
+        assert_equal(y, x, name=f"input {i} after a rejected raw call ({case})")
+
+
+def test_raw_op_checks_index_even_for_empty_rows():
+    """Zero-byte rows move nothing, but an out-of-range index is still a malformed call."""
+    with pytest.raises(RuntimeError, match=r"index\[1\]=5"):
+        torch.ops.mplus.gather_rows_(torch.empty(2, 0), torch.empty(3, 0), torch.empty(1, 0), torch.tensor([0, 5]))
+
+
+def test_raw_op_accepts_disjoint_views_of_one_buffer():
+    """out and a source may be disjoint rows of one buffer (here interleaved: their byte spans intersect, their rows
+    do not); stride-0 (expand()ed) sources are read-only and fine."""
+    buf = torch.randn(24, 3)
+    src, out = buf[::2], buf[1::2][:4]
+    expected = src[[11, 0, 4, 4]]
+    torch.ops.mplus.gather_rows_(out, src, torch.randn(1, 3).expand(5, 3), torch.tensor([11, 0, 4, 4]))
+    assert_equal(out, expected, name="rows gathered into the same buffer")
+    shared = torch.randn(1, 3).expand(5, 3)
+    torch.ops.mplus.gather_rows_(out, src[:0], shared, torch.tensor([4, 0, 2, 1]))
+    assert_equal(out, shared[:4], name="rows of a stride-0 source")

@@ -53,7 +53,7 @@ def _load_official(ltm: LongTermMemory, state: dict) -> None:
     sd["update_step"] = state["update_step"]
     for layer in range(L):
         sd[f"ltm_ages.{layer}"] = sd[f"ltm_ages.{layer}"].double().trunc()
-    ltm.load_state_dict(sd)
+    ltm.load_memory_state(sd)
 
 
 def _compare(ltm: LongTermMemory, golden: dict, step: int) -> None:
@@ -191,12 +191,12 @@ def test_save_load_round_trip(tmp_path, checkpoint):
         sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = torch.randn(n, 2, 4), torch.randn(n, 2, 4)
         sd[f"ltm_ages.{layer}"] = sd[f"ltm_ages.{layer}"].double()
     sd["cached_dropped_k"], sd["cached_dropped_v"] = torch.randn(L, 8, 2, 4), torch.randn(L, 8, 2, 4)
-    ltm.load_state_dict(sd)
+    ltm.load_memory_state(sd)
     path = tmp_path / "ltm.safetensors"
     ltm.save(str(path))
     again = _store(kv_shape=(2, 4))
     again.load(str(path))
-    a, b = ltm.state_dict(), again.state_dict()
+    a, b = ltm.memory_state(), again.memory_state()
     assert a.keys() == b.keys()
     for key in a:
         assert_equal(b[key], a[key], name=key)
@@ -205,7 +205,7 @@ def test_save_load_round_trip(tmp_path, checkpoint):
 def test_bad_input_leaves_the_store_unchanged():
     ltm = _store()
     _load_official(ltm, load_state(1))
-    before = ltm.state_dict()
+    before = ltm.memory_state()
     with pytest.raises(ValueError, match=r"keys must be \[L=3, k, ds=16\]"):
         ltm.push_dropped(torch.zeros(3, 8, 15), hidden=torch.zeros(3, 8, D), age=torch.zeros(3, 8))
     with pytest.raises(ValueError, match="overflow the cache"):
@@ -216,6 +216,6 @@ def test_bad_input_leaves_the_store_unchanged():
         ltm.retrieve(0, torch.zeros(2, DS), num_retrieved=-1)
     with pytest.raises(ValueError, match=r"append_rows_: hidden"):
         ltm.append_rows_(0, torch.zeros(2, D + 1), torch.zeros(2, DS), torch.zeros(2), torch.zeros(2))
-    after = ltm.state_dict()
+    after = ltm.memory_state()
     for key in before:
         assert_equal(after[key], before[key], name=key)

@@ -267,3 +267,193 @@ def test_torch_compile_traces_the_op():
     assert_equal(pos, eager_args[0], name="pos")
     assert_equal(hidden, eager_args[3][0], name="hidden")
     assert_equal(oh, eager_args[5][0], name="dropped hidden")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The raw C++ op checks what it indexes with (DESIGN.md §2.5): direct calls, no Python validation in front
+# ------------------------------------------------------------------------------------------------------------------
+def _raw_args(num_layers=2, n=8, d=4, k=3):
+    """A valid raw call on a scrambled slot layout: pos/order inverse permutations, sorted distinct victims."""
+    gen = torch.Generator().manual_seed(1)
+    order = torch.stack([torch.randperm(n, generator=gen) for _ in range(num_layers)]).int()
+    pos = torch.empty_like(order).scatter_(1, order.long(), torch.arange(n, dtype=torch.int32).repeat(num_layers, 1))
+    victims = torch.tensor([[0, 2, 5], [1, 3, 7]])[:num_layers, :k].contiguous()
+    slots = [
+        torch.randn(num_layers, n, d, generator=gen),
+        torch.arange(num_layers * n, dtype=torch.float64).view(num_layers, n),
+    ]
+    fresh = [torch.randn(num_layers, k, d, generator=gen), torch.full((num_layers, k), -1.0, dtype=torch.float64)]
+    dropped = [nan_like(torch.empty(num_layers, k, d)), nan_like(torch.empty(num_layers, k, dtype=torch.float64))]
+    return {"pos": pos, "order": order, "victims": victims, "slots": slots, "new_rows": fresh, "dropped": dropped}
+
+
+def _corrupt(case, a):
+    n = a["pos"].shape[1]
+    if case == "victim_out_of_range":
+        a["victims"] = torch.tensor([[0, 2, n], [1, 3, 7]])
+    elif case == "victim_negative":
+        a["victims"] = torch.tensor([[-1, 2, 5], [1, 3, 7]])
+    elif case == "victims_unsorted":
+        a["victims"] = torch.tensor([[0, 2, 5], [3, 1, 7]])
+    elif case == "victims_duplicate":
+        a["victims"] = torch.tensor([[0, 2, 2], [1, 3, 7]])
+    elif case == "order_out_of_range":
+        a["order"][1, 4] = n
+    elif case == "order_negative":
+        a["order"][0, 0] = -5
+    elif case == "order_not_permutation":  # a slot twice, another never: in range, but not a permutation
+        a["order"][1, 6] = a["order"][1, 2]
+    elif case == "pos_not_inverse":  # both permutations, but not inverse of each other
+        a["pos"][0, [0, 1]] = a["pos"][0, [1, 0]]
+    elif case == "pos_is_order":
+        a["order"] = a["pos"]
+    elif case == "slots_stride0":  # every slot row of a layer aliases one row
+        a["slots"][0] = torch.randn(2, 1, 4).expand(2, 8, 4)
+    elif case == "slots_overlapping_rows":  # row stride 2 < row size 4
+        a["slots"][0] = torch.randn(2 * 8 * 4).as_strided((2, 8, 4), (32, 2, 1))
+    elif case == "slots_layers_alias":  # two layers share one buffer
+        a["slots"][1] = torch.zeros(8, dtype=torch.float64).expand(2, 8)
+    elif case == "dropped_stride0":
+        a["dropped"][0] = torch.zeros(2, 1, 4).expand(2, 3, 4)
+    elif case == "dropped_aliases_slots":
+        a["dropped"][1] = a["slots"][1][:, :3]
+    elif case == "new_rows_alias_slots":
+        a["new_rows"][0] = a["slots"][0][:, 4:7]
+    elif case == "new_rows_dtype":
+        a["new_rows"][1] = a["new_rows"][1].float()
+    elif case == "new_rows_shape":
+        a["new_rows"][0] = torch.randn(2, 3, 5)
+    elif case == "dropped_rows":
+        a["dropped"][0] = torch.zeros(2, 4, 4)
+    elif case == "slots_not_dense":
+        a["slots"][0] = torch.randn(2, 8, 8)[:, :, ::2]
+    elif case == "slots_twice":
+        a["slots"][1] = a["slots"][0][..., 0]
+        a["new_rows"][1], a["dropped"][1] = a["new_rows"][0][..., 0], a["dropped"][0][..., 0].clone()
+    elif case == "victims_int32":
+        a["victims"] = a["victims"].int()
+    return a
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("victim_out_of_range", r"victims \[2, 3\] has victims\[0, 2\]=8, expected logical positions in \[0, N=8\)"),
+        ("victim_negative", r"victims\[0, 0\]=-1, expected logical positions in \[0, N=8\)"),
+        ("victims_unsorted", r"of layer 1 must be strictly ascending .* victims\[1, 0\]=3 then victims\[1, 1\]=1"),
+        ("victims_duplicate", r"of layer 0 must be strictly ascending .*victims\[0, 1\]=2 then victims\[0, 2\]=2"),
+        ("order_out_of_range", r"order \[2, 8\] has order\[1, 4\]=8, expected slot ids in \[0, N=8\)"),
+        ("order_negative", r"order\[0, 0\]=-5, expected slot ids in \[0, N=8\)"),
+        ("order_not_permutation", r"pos and order \[2, 8\] must be inverse permutations per layer, but order\[1, 6\]"),
+        ("pos_not_inverse", r"must be inverse permutations per layer, but order\[0, \d\]"),
+        ("pos_is_order", r"pos \[2, 8\] \(strides \[8, 1\]\) and order \[2, 8\] \(strides \[8, 1\]\) share memory"),
+        ("slots_stride0", r"slots\[0\] \[2, 8, 4\] with strides \[4, 0, 1\] has overlapping rows"),
+        ("slots_overlapping_rows", r"slots\[0\] \[2, 8, 4\] with strides \[32, 2, 1\] has overlapping rows"),
+        ("slots_layers_alias", r"slots\[1\] \[2, 8\] with strides \[0, 1\] has overlapping rows"),
+        ("dropped_stride0", r"dropped\[0\] \[2, 3, 4\] with strides \[4, 0, 1\] has overlapping rows"),
+        (
+            "dropped_aliases_slots",
+            r"slots\[1\] \[2, 8\] \(strides \[8, 1\]\) and dropped\[1\] \[2, 3\] .* share memory",
+        ),
+        (
+            "new_rows_alias_slots",
+            r"slots\[0\] \[2, 8, 4\] .* and new_rows\[0\] \[2, 3, 4\] \(strides \[32, 4, 1\]\) share",
+        ),
+        ("new_rows_dtype", r"new_rows\[1\] has dtype Float, expected Double"),
+        ("new_rows_shape", r"new_rows\[0\] has shape \[2, 3, 5\], its trailing dims must equal those of slots\[0\]"),
+        ("dropped_rows", r"dropped\[0\] has shape \[2, 4, 4\], expected \[2, 3, \.\.\.\]"),
+        ("slots_not_dense", r"slots\[0\] \[2, 8, 4\] with strides \[64, 8, 2\] must have dense rows"),
+        ("slots_twice", r"slots\[0\] .* and slots\[1\] .* share memory"),
+        ("victims_int32", r"victims must be a contiguous CPU int64 \[L=2, K\] tensor, got Int"),
+    ],
+)
+def test_raw_op_rejects_malformed_input_and_writes_nothing(case, match):
+    args = _corrupt(case, _raw_args())
+    flat = [args["pos"], args["order"], args["victims"], *args["slots"], *args["new_rows"], *args["dropped"]]
+    before = _snapshot(*flat)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mplus.memory_update_(*args.values())
+    for i, (b, a) in enumerate(zip(before, flat)):
+        assert_equal(a, b, name=f"input {i} after a rejected raw call ({case})")
+
+
+def test_raw_op_checks_state_even_without_victims():
+    """K = 0 moves nothing, but a corrupted pos/order is still reported rather than carried into the next update."""
+    args = _raw_args(k=0)
+    args["victims"] = torch.empty(2, 0, dtype=torch.int64)
+    args["order"][0, 3] = 99
+    with pytest.raises(RuntimeError, match=r"order\[0, 3\]=99"):
+        torch.ops.mplus.memory_update_(*args.values())
+
+
+def test_raw_op_accepts_disjoint_strided_layouts():
+    """The overlap check is exact enough not to reject real layouts: layer/slot-interleaved slots ([N, L, d] storage
+    seen as [L, N, d]), dropped rows in a slice of a bigger buffer, and read-only new rows that alias each other
+    (the STM passes new ages as an expand() over the layers)."""
+    num_layers, n, d, k = 3, 10, 4, 4
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(n, num_layers, d, generator=gen).transpose(0, 1)  # strides (d, L·d, 1)
+    ages = torch.randn(num_layers, n + k, generator=gen, dtype=torch.float64)  # one buffer: [slots | dropped] per layer
+    age = ages[:, :n]
+    ref = [hidden.clone(), age.clone()]
+    pos, order = _identity_state(num_layers, n)
+    victims = torch.tensor([[0, 3, 4, 9], [1, 2, 5, 8], [6, 7, 8, 9]])
+    fresh = [
+        torch.randn(1, 1, d, generator=gen).expand(num_layers, k, d),
+        torch.arange(k, dtype=torch.float64).expand(num_layers, k),
+    ]
+    cache = torch.full((num_layers, 3 * k, d), float("nan"))
+    dropped = [cache[:, k : 2 * k], ages[:, n:]]  # ages: byte spans interleave with the slots', rows do not
+    torch.ops.mplus.memory_update_(pos, order, victims, [hidden, age], fresh, dropped)
+    expected = mk.official_memory_update_(ref, victims, [f.contiguous() for f in fresh])
+    assert_equal(logical_view(hidden, order), ref[0], name="hidden")
+    assert_equal(logical_view(age, order), ref[1], name="age")
+    assert_equal(dropped[0], expected[0], name="dropped hidden")
+    assert_equal(dropped[1], expected[1], name="dropped age")
+    assert bool(cache[:, :k].isnan().all() and cache[:, 2 * k :].isnan().all()), "nothing outside dropped is written"
+    _check_inverse(pos, order)
+
+
+def _row_elements(t: torch.Tensor) -> set[int]:
+    """Storage offsets (elements) of every element of a [L, R, F] view: brute force, for small views."""
+    base = t.storage_offset()
+    return {
+        base + a * t.stride(0) + b * t.stride(1) + c * t.stride(2)
+        for a in range(t.shape[0])
+        for b in range(t.shape[1])
+        for c in range(t.shape[2])
+    }
+
+
+def test_raw_op_alias_check_is_exact_for_views_of_one_buffer():
+    """Slots and dropped rows as views of one buffer with the same strides (layer-major or layer-interleaved) at
+    random offsets: the op refuses exactly when some element is shared (brute force), and is right when it runs."""
+    num_layers, n, k, f = 2, 4, 2, 2
+    gen = torch.Generator().manual_seed(3)
+    victims = torch.tensor([[0, 3], [1, 2]])
+    refused = 0
+    for trial in range(120):
+        row_stride = int(torch.randint(f, f + 4, (), generator=gen))
+        if trial % 2:  # layer-major: [L][N][F] with gaps
+            strides = (row_stride * n + int(torch.randint(0, 4, (), generator=gen)), row_stride, 1)
+        else:  # layer-interleaved: [N][L][F] with gaps
+            strides = (row_stride, row_stride * num_layers + int(torch.randint(0, 4, (), generator=gen)), 1)
+        buf = torch.randn(256, generator=gen)
+        slot_off, drop_off = (int(x) for x in torch.randint(0, 60, (2,), generator=gen))
+        slots = buf.as_strided((num_layers, n, f), strides, slot_off)
+        out = buf.as_strided((num_layers, k, f), strides, drop_off)
+        shared = bool(_row_elements(slots) & _row_elements(out))
+        pos, order = _identity_state(num_layers, n)
+        fresh = torch.randn(num_layers, k, f, generator=gen)
+        before, ref = buf.clone(), slots.clone()
+        if shared:
+            refused += 1
+            with pytest.raises(RuntimeError, match=r"slots\[0\] .* and dropped\[0\] .* share memory"):
+                torch.ops.mplus.memory_update_(pos, order, victims, [slots], [fresh], [out])
+            assert_equal(buf, before, name=f"buffer after a refused aliasing call (trial {trial})")
+        else:
+            torch.ops.mplus.memory_update_(pos, order, victims, [slots], [fresh], [out])
+            expected = mk.official_memory_update_([ref], victims, [fresh])
+            assert_equal(out, expected[0], name=f"dropped rows (trial {trial})")
+            assert_equal(logical_view(slots, order), ref, name=f"slots (trial {trial})")
+    assert 10 < refused < 110, f"set-up: {refused} of 120 trials alias; both outcomes must be exercised"

@@ -130,6 +130,10 @@ def test_reference_providers_agree():
     q, k1, k2 = _inputs(50, 3_000, 700, 256, torch.float32, seed=5)
     ref_idx, ref_sc = mk.retrieve_topk_reference(q, k1, 300, keys2=k2)
     idx, sc = mk.retrieve_topk_chunked(q, k1, 300, keys2=k2, chunk_elems=50 * 97)  # 97 keys per chunk: ragged tail
+    # Exact index equality between two summation orders (fp32 BLAS tiles vs float64) holds only without a near-tie at
+    # the boundary: scores agree within 1e-6, so a gap of more than 2e-6 makes the selection the same on any BLAS.
+    ordered = retrieval_scores_reference(q, k1, keys2=k2).sort(descending=True).values
+    assert float(ordered[299] - ordered[300]) > 2e-6, "set-up: the 300th and 301st scores must not nearly tie"
     assert_equal(idx, ref_idx, name="chunked indices")
     assert_close(sc, ref_sc, atol=1e-6, rtol=0, name="chunked scores")
     off_idx, off_sc = mk.official_retrieve_reference(q, k1, 300, keys2=k2)  # fp32 inputs: fp32 everywhere
@@ -154,13 +158,27 @@ def test_select_topk_ascending_tie_rule():
 # ------------------------------------------------------------------------------------------------------------------
 # Deterministic ties
 # ------------------------------------------------------------------------------------------------------------------
+def _exact_values(shape, gen, dtype, max_int=4, scale=2.0**-3):
+    """Small integers times a power of two (here multiples of 1/8 in [-1/2, 1/2]): exact in bf16, fp16 and fp32, and
+    so is every product (a multiple of 2^-6 below 2^-2) and every partial sum of up to 2^20 of them. So any summation
+    order gives the same bits: BLAS kernels of any vector width (the Triton interpreter's fp32 ``tl.dot`` is numpy's
+    BLAS, whose AVX2 kernels round identical columns differently by tile position), any tiling, any backend."""
+    return (torch.randint(-max_int, max_int + 1, shape, generator=gen) * scale).to(dtype)
+
+
 def _tied_keys(s1, s2, ds, dtype, seed, num_protos=6):
-    """Keys that are copies of a few prototypes with well-separated scores, shuffled over both ranges."""
+    """Keys that are copies of a few prototypes with well-separated scores, shuffled over both ranges. Queries and
+    prototypes hold exact values (see ``_exact_values``): every q·k is exact in fp32 whatever the summation order,
+    so copies of one prototype tie exactly in every backend, at every position."""
     gen = torch.Generator().manual_seed(seed)
-    q = (torch.randn(7, ds, generator=gen) / ds**0.25).to(dtype)
-    protos = (torch.randn(num_protos, ds, generator=gen) / ds**0.25).to(dtype)
-    proto_scores = torch.sigmoid(q.double() @ protos.double().T).mean(0)
-    assert float(proto_scores.sort().values.diff().min()) > 1e-3, "set-up: prototype scores must be well separated"
+    q = _exact_values((7, ds), gen, dtype)
+    for _ in range(100):  # redraw until the prototype scores are well separated (a handful of draws at most)
+        protos = _exact_values((num_protos, ds), gen, dtype)
+        proto_scores = torch.sigmoid(q.double() @ protos.double().T).mean(0)
+        if float(proto_scores.sort().values.diff().min()) > 1e-3:
+            break
+    else:
+        raise AssertionError("set-up: no draw of prototypes with well separated scores")
     which = torch.randint(0, num_protos, (s1 + s2,), generator=gen)
     keys = protos[which]
     return q, keys[:s1].contiguous(), keys[s1:].contiguous(), which, proto_scores
@@ -206,9 +224,11 @@ def test_triton_selection_across_many_blocks(monkeypatch, dtype):
 
 
 def test_all_keys_identical():
-    keys = torch.randn(1, 256).repeat(5_000, 1)
+    gen = torch.Generator().manual_seed(0)
+    keys = _exact_values((1, 256), gen, torch.float32).repeat(5_000, 1)  # exact q·k: one score in any summation order
+    q = _exact_values((4, 256), gen, torch.float32)
     for backend in ("cpp", "reference"):
-        idx, _ = mk.retrieve_topk(torch.randn(4, 256), keys, K0, backend=backend)
+        idx, _ = mk.retrieve_topk(q, keys, K0, backend=backend)
         assert_equal(idx, torch.arange(K0), name=f"{backend}: all ties -> the lowest indices")
 
 
@@ -260,15 +280,46 @@ def test_bad_input_raises_before_launch(backend, case, error, match):
         mk.retrieve_topk(q, k, kk, keys2=k2, backend=backend)
 
 
-def test_cpp_kernel_checks_its_inputs():
-    """Direct calls to the C++ op (bypassing the Python checks) fail with a clear error, not a crash."""
-    q, k, _ = _good()
-    with pytest.raises(RuntimeError, match="keys has dtype BFloat16, queries have Float"):
-        torch.ops.mplus.retrieve_topk(q, k.bfloat16(), None, 2)
-    with pytest.raises(RuntimeError, match=r"keys2 must be \[S, ds=8\]"):
-        torch.ops.mplus.retrieve_topk(q, k, torch.randn(3, 4), 2)
-    with pytest.raises(RuntimeError, match="k must be >= 0"):
-        torch.ops.mplus.retrieve_topk(q, k, None, -3)
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        (lambda q, k, k2: (q, k.bfloat16(), None, 2), r"keys has dtype BFloat16, queries have Float"),
+        (lambda q, k, k2: (q, k, k2.half(), 2), r"keys2 has dtype Half, queries have Float"),
+        (
+            lambda q, k, k2: (q, k, torch.randn(3, 4), 2),
+            r"keys2 must be \[S, ds=8\] like queries \[4, 8\], got \[3, 4\]",
+        ),
+        (lambda q, k, k2: (q, k[None], None, 2), r"keys must be \[S, ds=8\] like queries \[4, 8\], got \[1, 10, 8\]"),
+        (lambda q, k, k2: (q, k[:, 0], None, 2), r"keys must be \[S, ds=8\]"),
+        (lambda q, k, k2: (q[0], k, None, 2), r"queries must be \[T >= 1, ds\], got \[8\]"),
+        (lambda q, k, k2: (q[:0], k, None, 2), r"queries must be \[T >= 1, ds\], got \[0, 8\]"),
+        (
+            lambda q, k, k2: (q.double(), k.double(), None, 2),
+            r"queries must be bfloat16, float16 or float32, got Double",
+        ),
+        (lambda q, k, k2: (q.long(), k.long(), None, 2), r"queries must be bfloat16, float16 or float32, got Long"),
+        (lambda q, k, k2: (q, k, None, -3), r"k must be >= 0, got -3"),
+    ],
+)
+def test_cpp_kernel_checks_its_inputs(case, match):
+    """Direct calls to the C++ op (bypassing the Python checks) fail with a clear error, not a crash, and touch
+    nothing (the op has no index inputs: it checks the shapes and dtypes it assumes)."""
+    good = _good()
+    before = [t.clone() for t in good]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mplus.retrieve_topk(*case(*good))
+    for i, (b, a) in enumerate(zip(before, good)):
+        assert_equal(a, b, name=f"input {i} after a rejected call")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_width_keys(backend, dtype):
+    """ds = 0 (every q·k = 0): all scores are 0.5 and the lowest indices win; the C++ kernel used to divide by ds."""
+    q, k1, k2 = torch.empty(20, 0, dtype=dtype), torch.empty(7, 0, dtype=dtype), torch.empty(3, 0, dtype=dtype)
+    idx, sc = _run(backend, q, k1, 4, k2)
+    assert_equal(idx, torch.arange(4), name="indices")
+    assert_equal(sc, torch.full((4,), 0.5), name="scores")
 
 
 def test_backend_dispatch(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -59,4 +60,24 @@ def test_cuda_engine_refuses_without_cuda():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         TransferEngine("cuda")
     with pytest.raises(ValueError, match="not supported"):
-        TransferEngine("meta")
+        TransferEngine("mps")
+
+
+def test_meta_engine_runs_inline_and_refuses_after_close():
+    """On the meta stand-in for a GPU, jobs run inline on the caller's thread (device kernels need no worker);
+    their errors arrive through wait(), as from the worker thread; a closed engine refuses new work."""
+    engine = TransferEngine("meta", record_timeline=True)
+    x = torch.empty(4, 8, device="meta")
+    out = engine.submit("job", lambda: x @ x.T).wait()
+    assert out.device.type == "meta" and out.shape == (4, 4)
+    assert engine.timeline[0].thread == threading.current_thread().name
+    failing = engine.submit("bad", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.wait()
+    engine.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        engine.submit("late", lambda: x)
+    cpu = TransferEngine("cpu")
+    cpu.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        cpu.submit("late", lambda: x)

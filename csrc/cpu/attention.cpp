@@ -1,9 +1,13 @@
 // Memory attention and the exact merge of partial attentions on the CPU (DESIGN.md §2.1, SPEC.md §3.1, P8/P9/P15).
 //
 // A chunk of Tq queries attends to [memory (M keys, fully visible, keys rotated here from a position table) ;
-// chunk (Tk keys, bottom-right causal)] with native GQA: the G = Hq / Hkv query heads of a KV head are processed
-// together, so each K/V row is read, converted and rotated once per block of queries, never repeated per head, and no
-// mask tensor exists. Flash-style online softmax in fp32 (base 2: Q is pre-scaled by softmax_scale * log2 e).
+// chunk (Tk keys, bottom-right causal)] with native GQA. With a static KV cache, batch row b uses only the chunk keys
+// [kv_start[b], kv_len[b]) (read here, inside the kernel, from the CPU tensors, after a range check) and its
+// causality is aligned to that row's end: query t sees chunk key j iff kv_start[b] <= j < kv_len[b] and (causal)
+// j <= t + kv_len[b] - Tq. Keys outside the range are never read (a static cache may hold garbage there). The
+// G = Hq / Hkv query heads of a KV head are processed together, so each K/V row is read, converted and rotated once
+// per block of queries, never repeated per head, and no mask tensor exists. Flash-style online softmax in fp32
+// (base 2: Q is pre-scaled by softmax_scale * log2 e).
 //
 // * prefill: one task per (batch, KV head, block of ~384 query rows = G x queries); the block keeps Q^T, O^T, max and
 //   sum in a task-local workspace (L2-resident) while 32-key blocks of K/V stream through fp32 tiles (converted,
@@ -11,7 +15,8 @@
 //   are skipped, fully visible ones run unmasked.
 // * decode (G x Tq <= 8 rows, D in {64, 128, 256}): split-KV. One task per (batch, key range); inside it every KV
 //   head is processed per 64-key block (the rope rows of a key are loaded once for all heads), each K/V byte is read
-//   once. Each split keeps (max, sum, out) per row; the last split of a batch to finish merges them through the LSEs.
+//   once; each batch row cuts its own keys (memory + valid chunk keys) into the splits. Each split keeps (max, sum,
+//   out) per row; the last split of a batch to finish merges them through the LSEs.
 // Tasks are handed out dynamically (parallel_tasks): the CPUs this runs on are shared with other jobs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -66,6 +71,11 @@ struct Problem {
   bool causal;
   void* out;   // [B, Tq, Hq, D] contiguous, q's dtype
   float* lse;  // [B, Hq, Tq]
+  const int32_t* kv_len = nullptr;    // [B] end of each row's valid chunk keys (nullptr: Tk), range-checked
+  const int32_t* kv_start = nullptr;  // [B] first valid chunk key of each row (nullptr: 0), range-checked
+
+  int64_t chunk_end(int64_t b) const { return kv_len != nullptr ? kv_len[b] : Tk; }
+  int64_t chunk_begin(int64_t b) const { return kv_start != nullptr ? kv_start[b] : 0; }
 };
 
 // 64-byte aligned fp32 scratch owned by one task (freed when the task ends).
@@ -127,10 +137,12 @@ class PrefillTask {
     l_ = m_ + rp_;
     thr_ = l_ + rp_;
     tmp_ = thr_ + rp_;
-    // Chunk keys that at least the block's last query sees.
-    jend_ = P.causal ? std::clamp<int64_t>(t0 + nt + P.Tk - P.Tq, 0, P.Tk) : P.Tk;
+    // This row's valid chunk keys [jbegin_, kv_len), cut to those that at least the block's last query sees.
+    kv_end_ = P.chunk_end(b);
+    jbegin_ = P.chunk_begin(b);
+    jend_ = P.causal ? std::clamp<int64_t>(t0 + nt + kv_end_ - P.Tq, 0, kv_end_) : kv_end_;
     nmem_ = (P.M + kKeyBlock - 1) / kKeyBlock;
-    nblocks_ = nmem_ + (jend_ + kKeyBlock - 1) / kKeyBlock;
+    nblocks_ = nmem_ + (std::max<int64_t>(jend_ - jbegin_, 0) + kKeyBlock - 1) / kKeyBlock;
   }
 
   void run() {
@@ -140,7 +152,7 @@ class PrefillTask {
     for (int64_t r = 0; r < rp_; ++r) {
       m_[r] = kNegInf;
       l_[r] = 0.f;
-      thr_[r] = r < rows_ ? static_cast<float>(t0_ + r / G + P_.Tk - P_.Tq) : 0.f;
+      thr_[r] = r < rows_ ? static_cast<float>(t0_ + r / G + kv_end_ - P_.Tq) : 0.f;
     }
     for (int64_t r = 0; r < rows_; ++r) {
       load_row(P_.q.row<T>(b_, t0_ + r / G, h_ * G + r % G), tmp_, D);
@@ -160,7 +172,8 @@ class PrefillTask {
   }
 
  private:
-  // Keys j0 .. j0+n-1 of a segment: the memory (rotated by pos when given; jc0 = -1) or the chunk (jc0 = j0).
+  // Keys j0 .. j0+n-1 of a segment: the memory (rotated by pos when given; jc0 = -1) or the chunk (jc0 = j0, chunk
+  // blocks start at the row's first valid key, so only the tail of the last one needs a key-bound mask).
   struct KeyBlock {
     const View *k = nullptr, *v = nullptr;
     const int32_t* pos = nullptr;
@@ -172,7 +185,7 @@ class PrefillTask {
       const int64_t j0 = i * kKeyBlock;
       return {&P_.mk, &P_.mv, P_.pos, j0, std::min<int64_t>(kKeyBlock, P_.M - j0), -1};
     }
-    const int64_t j0 = (i - nmem_) * kKeyBlock;
+    const int64_t j0 = jbegin_ + (i - nmem_) * kKeyBlock;
     return {&P_.k, &P_.v, nullptr, j0, std::min<int64_t>(kKeyBlock, jend_ - j0), j0};
   }
 
@@ -227,7 +240,7 @@ class PrefillTask {
       bool masked = n < kKeyBlock;
       if (jc0 >= 0) {
         const int64_t last_row = std::min<int64_t>(r0 + rv * kLanes, rows_) - 1;
-        const int64_t off = t0_ + P_.Tk - P_.Tq;  // query t sees chunk key j iff j <= t + off
+        const int64_t off = t0_ + kv_end_ - P_.Tq;  // query t0 + i sees chunk key j iff j <= i + off
         if (jc0 > last_row / P_.G + off) continue;
         masked = masked || jc0 + n - 1 > r0 / P_.G + off;
       }
@@ -264,7 +277,8 @@ class PrefillTask {
   const Problem& P_;
   // rp_: rows padded to whole vectors, ld_: their row stride in Q^T/O^T, dp_: head dim padded to the PV tile (8)
   const int64_t b_, h_, t0_, nt_, rows_, rp_, ld_, dp_;
-  int64_t jend_, nmem_, nblocks_;
+  // kv_end_, jbegin_: the row's valid chunk keys; jend_: the end of those the block's last query sees
+  int64_t kv_end_, jbegin_, jend_, nmem_, nblocks_;
   std::vector<const char*> lines_;
   float *QT_, *OT_, *K_, *V_, *S_, *m_, *l_, *thr_, *tmp_;
 };
@@ -294,9 +308,10 @@ void prefill(const Problem& P) {
 // decode (split-KV)
 // ---------------------------------------------------------------------------------------------------------------------
 
-// Pointers to the rows j0 .. j0+n-1 of head h in [memory ; chunk] (nullptr up to kDecodeBlock).
+// Pointers to the rows j0 .. j0+n-1 of head h in [memory ; chunk from row c0] (nullptr up to kDecodeBlock): key
+// j >= M is chunk row c0 + j - M.
 template <typename T>
-void block_rows(const View& mem, const View& chunk, int64_t M, int64_t b, int64_t h, int64_t j0, int n,
+void block_rows(const View& mem, const View& chunk, int64_t M, int64_t c0, int64_t b, int64_t h, int64_t j0, int n,
                 const T** out) {
   int jj = 0;
   const int nm = static_cast<int>(std::clamp<int64_t>(M - j0, 0, n));
@@ -305,14 +320,15 @@ void block_rows(const View& mem, const View& chunk, int64_t M, int64_t b, int64_
     for (; jj < nm; ++jj, p += mem.st) out[jj] = p;
   }
   if (jj < n) {
-    const T* p = chunk.row<T>(b, j0 + jj - M, h);
+    const T* p = chunk.row<T>(b, c0 + j0 + jj - M, h);
     for (; jj < n; ++jj, p += chunk.st) out[jj] = p;
   }
   for (; jj < kDecodeBlock; ++jj) out[jj] = nullptr;
 }
 
-// Keys [k0, k1) of the concatenation [memory ; chunk] for every KV head of batch b. Results: finished rows in
-// P.out/P.lse when `part` is null, else normalised fp32 rows part[h][r][D] and their LSE part_lse[h][r].
+// Keys [k0, k1) of the concatenation [memory ; valid chunk keys of row b] for every KV head of batch b. Results:
+// finished rows in P.out/P.lse when `part` is null, else normalised fp32 rows part[h][r][D] and their LSE
+// part_lse[h][r].
 template <typename T, int NV>
 void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* part, float* part_lse) {
   constexpr int64_t D = NV * kLanes;
@@ -336,6 +352,7 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
   const float *cos[kDecodeBlock], *sin[kDecodeBlock];
   alignas(64) float s[kMaxDecodeRows * kDecodeBlock];
   float alpha[kMaxDecodeRows];
+  const int64_t c0 = P.chunk_begin(b), c_end = P.chunk_end(b);  // key j >= M is chunk row c0 + j - M
   for (int64_t j0 = k0; j0 < k1; j0 += kDecodeBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kDecodeBlock, k1 - j0));
     const int n_next = static_cast<int>(std::clamp<int64_t>(k1 - j0 - kDecodeBlock, 0, kDecodeBlock));
@@ -345,12 +362,12 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
       sin[jj] = rope ? P.sin + P.pos[j0 + jj] * P.rope_ld : nullptr;
     }
     // Causal masking is needed only if some chunk key here is beyond the first query's horizon (thr of row 0).
-    const bool causal_mask = P.causal && j0 + n - 1 - P.M > P.Tk - P.Tq;
+    const bool causal_mask = P.causal && c0 + j0 + n - 1 - P.M > c_end - P.Tq;
     for (int64_t h = 0; h < H; ++h) {
-      block_rows(P.mk, P.k, P.M, b, h, j0, n, key);
-      block_rows(P.mv, P.v, P.M, b, h, j0, n, val);
-      block_rows(P.mk, P.k, P.M, b, h, j0 + kDecodeBlock, n_next, next_key);
-      block_rows(P.mv, P.v, P.M, b, h, j0 + kDecodeBlock, n_next, next_val);
+      block_rows(P.mk, P.k, P.M, c0, b, h, j0, n, key);
+      block_rows(P.mv, P.v, P.M, c0, b, h, j0, n, val);
+      block_rows(P.mk, P.k, P.M, c0, b, h, j0 + kDecodeBlock, n_next, next_key);
+      block_rows(P.mv, P.v, P.M, c0, b, h, j0 + kDecodeBlock, n_next, next_val);
       // While this head's block is scored, its next block is prefetched, one K and one V row per key scored (and
       // the rope rows with head 0): per head the rows are strided, which the hardware prefetchers do not follow.
       auto prefetch = [&](int jj) {
@@ -378,10 +395,10 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
       }
       if (n < kDecodeBlock || causal_mask) {
         for (int r = 0; r < R; ++r) {
-          const int64_t thr = r / G + P.Tk - P.Tq;  // last chunk key visible to the row's query
+          const int64_t thr = r / G + c_end - P.Tq;  // last chunk row visible to the row's query
           for (int jj = 0; jj < kDecodeBlock; ++jj) {
             const int64_t j = j0 + jj;
-            if (jj >= n || (P.causal && j >= P.M && j - P.M > thr)) s[r * kDecodeBlock + jj] = kNegInf;
+            if (jj >= n || (P.causal && j >= P.M && c0 + j - P.M > thr)) s[r * kDecodeBlock + jj] = kNegInf;
           }
         }
       }
@@ -422,13 +439,18 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
 
 template <typename T, int NV>
 void decode(const Problem& P) {
-  const int64_t N = P.M + P.Tk, R = P.G * P.Tq, H = P.Hkv, D = NV * kLanes;
-  // ~4 splits per thread (handed out dynamically), each at least 512 keys, boundaries on decode blocks.
+  const int64_t R = P.G * P.Tq, H = P.Hkv, D = NV * kLanes;
+  // Keys of row b: the memory and its valid chunk keys (only those are split; causality hides none of them here,
+  // since the last query sees every chunk key below kv_len).
+  auto row_keys = [&](int64_t b) { return P.M + P.chunk_end(b) - P.chunk_begin(b); };
+  // ~4 splits per thread (handed out dynamically), each at least 512 keys (of the largest row), boundaries on decode
+  // blocks; each row spreads its own keys over the splits.
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = std::clamp<int64_t>((4 * threads + P.B - 1) / P.B, 1, std::max<int64_t>(1, N / 512));
-  const int64_t per = round_up((N + splits - 1) / splits, kDecodeBlock);
+  int64_t n_max = 0;
+  for (int64_t b = 0; b < P.B; ++b) n_max = std::max(n_max, row_keys(b));
+  const int64_t splits = std::clamp<int64_t>((4 * threads + P.B - 1) / P.B, 1, std::max<int64_t>(1, n_max / 512));
   if (splits == 1) {
-    parallel_tasks(P.B, [&](int64_t b) { decode_split<T, NV>(P, b, 0, N, nullptr, nullptr); });
+    parallel_tasks(P.B, [&](int64_t b) { decode_split<T, NV>(P, b, 0, row_keys(b), nullptr, nullptr); });
     return;
   }
   std::vector<float> part(P.B * splits * H * R * D), part_lse(P.B * splits * H * R);
@@ -453,8 +475,9 @@ void decode(const Problem& P) {
     }
   };
   parallel_tasks(P.B * splits, [&](int64_t task) {
-    const int64_t b = task / splits, sp = task % splits;
-    decode_split<T, NV>(P, b, std::min(N, sp * per), std::min(N, (sp + 1) * per), part.data() + task * H * R * D,
+    const int64_t b = task / splits, sp = task % splits, n = row_keys(b);
+    const int64_t per = round_up((n + splits - 1) / splits, kDecodeBlock);
+    decode_split<T, NV>(P, b, std::min(n, sp * per), std::min(n, (sp + 1) * per), part.data() + task * H * R * D,
                         part_lse.data() + task * H * R);
     if (done[b].fetch_add(1) + 1 == splits) merge_splits(b);  // the last split of b to finish merges (no 2nd pass)
   });
@@ -479,7 +502,8 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
                                                 const std::optional<Tensor>& mem_pos,
                                                 const std::optional<Tensor>& rope_cos,
                                                 const std::optional<Tensor>& rope_sin, double softmax_scale,
-                                                bool causal) {
+                                                bool causal, const std::optional<Tensor>& kv_len,
+                                                const std::optional<Tensor>& kv_start) {
   TORCH_CHECK(q_in.device().is_cpu() && q_in.dim() == 4, "memory_attention: q must be a 4-D CPU tensor, got ",
               q_in.sizes());
   const auto dtype = q_in.scalar_type();
@@ -531,6 +555,25 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
     P.cos = cos.data_ptr<float>();
     P.sin = sin.data_ptr<float>();
     P.rope_ld = D / 2;
+  }
+  // Per-row valid chunk keys: what the kernels index the cache with, so every value is checked here.
+  const int64_t Tk = k.size(1);
+  Tensor len_t, start_t;
+  for (const auto& [name, t, dst] :
+       {std::tuple{"kv_len", &kv_len, &len_t}, std::tuple{"kv_start", &kv_start, &start_t}}) {
+    if (!t->has_value()) continue;
+    const Tensor& x = **t;
+    TORCH_CHECK(x.scalar_type() == at::kInt && x.dim() == 1 && x.size(0) == B && x.device().is_cpu(),
+                "memory_attention: ", name, " must be a CPU int32 [B=", B, "] tensor, got ", x.scalar_type(), " ",
+                x.sizes(), " on ", x.device());
+    *dst = x.contiguous();
+  }
+  if (len_t.defined()) P.kv_len = len_t.data_ptr<int32_t>();
+  if (start_t.defined()) P.kv_start = start_t.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = P.chunk_begin(b), hi = P.chunk_end(b);
+    TORCH_CHECK(0 <= lo && lo <= hi && hi <= Tk, "memory_attention: batch row ", b,
+                " needs 0 <= kv_start <= kv_len <= Tk=", Tk, ", got kv_start=", lo, ", kv_len=", hi);
   }
   Tensor out = at::empty({B, Tq, Hq, D}, q.options());
   Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(at::kFloat));

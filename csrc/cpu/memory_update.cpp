@@ -3,12 +3,22 @@
 // The memory is a pool of N slots per layer. An update writes the K new rows into the K victims' slots (after
 // copying the victims' rows out) and renumbers the logical positions so that survivors keep their relative order
 // and the new rows come last: O(K·row) bytes moved and O(N) integer work per layer, nothing reallocated.
+// The raw op checks everything it indexes with before writing anything (DESIGN.md §2.5): victims sorted, distinct
+// and in range, pos/order inverse permutations (O(N) per layer, like the renumbering), written rows disjoint.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include "row_overlap.h"
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
 #include <cstring>
+#include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace mplus {
@@ -27,7 +37,35 @@ bool rows_are_dense(const Tensor& t) {
   return true;
 }
 
-void check_rows(const char* what, size_t i, const Tensor& t, int64_t L, int64_t rows, const Tensor& like) {
+int64_t row_elems(const Tensor& t) {
+  int64_t row = 1;
+  for (int64_t dim = 2; dim < t.dim(); ++dim) row *= t.size(dim);
+  return row;
+}
+
+// Whether the L·N (or L·K) rows of a dense-row tensor occupy pairwise disjoint memory: the leading dims of size > 1,
+// innermost (smallest stride) first, each step at least the extent of everything inside it. Rejects expand()ed
+// (stride-0) and other self-overlapping views; accepts any non-overlapping layout, including layer/slot-interleaved
+// ones ([N, L, F] storage viewed as [L, N, F]).
+bool rows_are_disjoint(const Tensor& t) {
+  const int64_t row = row_elems(t);
+  if (row == 0) return true;
+  std::array<std::pair<int64_t, int64_t>, 2> dims{};  // (stride, size) of dims 0 and 1 when size > 1
+  int n = 0;
+  for (int64_t dim = 0; dim < 2; ++dim) {
+    if (t.size(dim) > 1) dims[n++] = {t.stride(dim), t.size(dim)};
+  }
+  if (n == 2 && dims[1].first < dims[0].first) std::swap(dims[0], dims[1]);
+  int64_t extent = row;
+  for (int i = 0; i < n; ++i) {
+    if (dims[i].first < extent) return false;
+    extent += (dims[i].second - 1) * dims[i].first;
+  }
+  return true;
+}
+
+void check_rows(const char* what, size_t i, const Tensor& t, int64_t L, int64_t rows, const Tensor& like,
+                bool written) {
   TORCH_CHECK(t.device().is_cpu(), "memory_update_: ", what, "[", i, "] must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == like.dim() && t.size(0) == L && t.size(1) == rows,
               "memory_update_: ", what, "[", i, "] has shape ", t.sizes(), ", expected [", L, ", ", rows,
@@ -38,40 +76,127 @@ void check_rows(const char* what, size_t i, const Tensor& t, int64_t L, int64_t 
   }
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "memory_update_: ", what, "[", i, "] has dtype ",
               t.scalar_type(), ", expected ", like.scalar_type());
-  TORCH_CHECK(rows_are_dense(t), "memory_update_: ", what, "[", i, "] must have dense rows (dims >= 2 contiguous)");
+  TORCH_CHECK(rows_are_dense(t), "memory_update_: ", what, "[", i, "] ", t.sizes(), " with strides ", t.strides(),
+              " must have dense rows (dims >= 2 contiguous)");
+  // Written tensors only: rows read from new_rows may alias (the STM passes new ages as an expand() over layers).
+  TORCH_CHECK(!written || rows_are_disjoint(t), "memory_update_: ", what, "[", i, "] ", t.sizes(), " with strides ",
+              t.strides(), " has overlapping rows (an expand()ed or stride-0 view?); every written [layer, row] needs "
+              "its own memory: a stride >= the row size of ", row_elems(t), " elements along dims 0 and 1");
+}
+
+// An argument's rows with its name, for the aliasing messages.
+struct NamedRows {
+  std::string name;
+  const Tensor* t;
+  RowSet rows;
+};
+
+NamedRows named_rows(std::string name, const Tensor& t) {
+  return {std::move(name), &t, row_set(t, t.dim() > 1 ? 2 : 1, t.dim() > 1 ? row_elems(t) : 1)};
+}
+
+// victims[l] strictly ascending in [0, N): the schema contract (sorted, distinct), and what keeps every row move and
+// the renumbering sweep inside the layer. O(L·K).
+void check_victims(const int64_t* vic, int64_t L, int64_t N, int64_t K) {
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* V = vic + l * K;
+    for (int64_t i = 0; i < K; ++i) {
+      TORCH_CHECK(V[i] >= 0 && V[i] < N, "memory_update_: victims [", L, ", ", K, "] has victims[", l, ", ", i,
+                  "]=", V[i], ", expected logical positions in [0, N=", N, ")");
+      TORCH_CHECK(i == 0 || V[i] > V[i - 1], "memory_update_: victims [", L, ", ", K, "] of layer ", l,
+                  " must be strictly ascending (sorted, distinct), got victims[", l, ", ", i - 1, "]=", V[i - 1],
+                  " then victims[", l, ", ", i, "]=", V[i]);
+    }
+  }
+}
+
+// order[l] a permutation of [0, N) and pos[l] its inverse: for every p, order[p] = s in [0, N) and pos[s] = p. This
+// makes order injective (two p with one s would need two values of pos[s]), hence a permutation, and pos its inverse
+// (so pos is in range too). O(L·N) reads, the same order as the renumbering sweep; layers in parallel, the first bad
+// layer reported (deterministic message).
+void check_permutations(const int32_t* pos_p, const int32_t* ord_p, int64_t L, int64_t N) {
+  std::vector<int64_t> bad(static_cast<size_t>(L), -1);  // per layer: first logical position that fails
+  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      const int32_t* P = pos_p + l * N;
+      const int32_t* O = ord_p + l * N;
+      for (int64_t p = 0; p < N; ++p) {
+        const int32_t s = O[p];
+        if (s < 0 || s >= N || P[s] != p) {
+          bad[l] = p;
+          break;
+        }
+      }
+    }
+  });
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t p = bad[l];
+    if (p < 0) continue;
+    const int32_t s = ord_p[l * N + p];
+    TORCH_CHECK(s >= 0 && s < N, "memory_update_: order [", L, ", ", N, "] has order[", l, ", ", p, "]=", s,
+                ", expected slot ids in [0, N=", N, ")");
+    TORCH_CHECK(false, "memory_update_: pos and order [", L, ", ", N, "] must be inverse permutations per layer, but ",
+                "order[", l, ", ", p, "]=", s, " while pos[", l, ", ", s, "]=", pos_p[l * N + s], " (expected ", p,
+                ")");
+  }
 }
 
 void memory_update_cpu(const Tensor& pos, const Tensor& order, const Tensor& victims, TensorList slots,
                        TensorList new_rows, TensorList dropped) {
-  // Cheap structural checks only: the Python wrapper validates values (range, duplicates) before calling.
+  // Everything the kernel indexes with is checked before anything is written (DESIGN.md §2.5), so a rejected call
+  // leaves every tensor as it was: structure first, then the values of victims, order and pos (they are on the host).
   TORCH_CHECK(pos.dim() == 2 && pos.scalar_type() == at::kInt && pos.is_contiguous() && pos.device().is_cpu(),
               "memory_update_: pos must be a contiguous CPU int32 [L, N] tensor, got ", pos.scalar_type(), " ",
-              pos.sizes());
+              pos.sizes(), " on ", pos.device());
   TORCH_CHECK(order.sizes() == pos.sizes() && order.scalar_type() == at::kInt && order.is_contiguous() &&
                   order.device().is_cpu(),
-              "memory_update_: order must be a contiguous CPU int32 tensor shaped like pos ", pos.sizes());
+              "memory_update_: order must be a contiguous CPU int32 tensor shaped like pos ", pos.sizes(), ", got ",
+              order.scalar_type(), " ", order.sizes(), " on ", order.device());
   const int64_t L = pos.size(0);
   const int64_t N = pos.size(1);
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "memory_update_: N=", N,
+              " slots do not fit the int32 positions of pos/order");
   TORCH_CHECK(victims.dim() == 2 && victims.size(0) == L && victims.scalar_type() == at::kLong &&
                   victims.is_contiguous() && victims.device().is_cpu(),
               "memory_update_: victims must be a contiguous CPU int64 [L=", L, ", K] tensor, got ",
-              victims.scalar_type(), " ", victims.sizes());
+              victims.scalar_type(), " ", victims.sizes(), " on ", victims.device());
   const int64_t K = victims.size(1);
   TORCH_CHECK(K <= N, "memory_update_: K=", K, " victims per layer exceed the N=", N, " slots");
   TORCH_CHECK(new_rows.size() == slots.size() && dropped.size() == slots.size(),
               "memory_update_: slots, new_rows and dropped must have the same length, got ", slots.size(), ", ",
               new_rows.size(), ", ", dropped.size());
+  std::vector<NamedRows> written{named_rows("pos", pos), named_rows("order", order)};
+  std::vector<NamedRows> read_only{named_rows("victims", victims)};
   for (const auto i : c10::irange(slots.size())) {
     TORCH_CHECK(slots[i].dim() >= 2, "memory_update_: slots[", i, "] must be [L, N, ...], got ", slots[i].sizes());
-    check_rows("slots", i, slots[i], L, N, slots[i]);
-    check_rows("new_rows", i, new_rows[i], L, K, slots[i]);
-    check_rows("dropped", i, dropped[i], L, K, slots[i]);
+    check_rows("slots", i, slots[i], L, N, slots[i], /*written=*/true);
+    check_rows("new_rows", i, new_rows[i], L, K, slots[i], /*written=*/false);
+    check_rows("dropped", i, dropped[i], L, K, slots[i], /*written=*/true);
+    const std::string idx = "[" + std::to_string(i) + "]";
+    written.push_back(named_rows("slots" + idx, slots[i]));
+    written.push_back(named_rows("dropped" + idx, dropped[i]));
+    read_only.push_back(named_rows("new_rows" + idx, new_rows[i]));
   }
-  if (L == 0 || K == 0) return;
+  // Rows the op writes must not alias any other row it reads or writes (a row would be copied over one still to be
+  // read, or the renumbering would read a position already overwritten). Pairs, O(L) each.
+  for (size_t w = 0; w < written.size(); ++w) {
+    auto check_pair = [&](const NamedRows& x) {
+      const NamedRows& y = written[w];
+      TORCH_CHECK(!rows_overlap(y.rows, x.rows), "memory_update_: ", y.name, " ", y.t->sizes(), " (strides ",
+                  y.t->strides(), ") and ", x.name, " ", x.t->sizes(), " (strides ", x.t->strides(),
+                  ") share memory; a tensor the op writes must not alias another argument");
+    };
+    for (size_t o = w + 1; o < written.size(); ++o) check_pair(written[o]);
+    for (const NamedRows& r : read_only) check_pair(r);
+  }
+  if (L * N == 0) return;
 
   const int64_t* vic = victims.data_ptr<int64_t>();
   int32_t* pos_p = pos.data_ptr<int32_t>();
   int32_t* ord_p = order.data_ptr<int32_t>();
+  check_victims(vic, L, N, K);
+  check_permutations(pos_p, ord_p, L, N);  // also when K = 0: a corrupted state is reported, not carried on
+  if (K == 0) return;
 
   // 1. The victims' slots, read before `order` is renumbered (L·K ints).
   std::vector<int32_t> victim_slot(static_cast<size_t>(L * K));

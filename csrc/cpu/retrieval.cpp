@@ -242,7 +242,8 @@ void score_all(const Tensor& queries, const std::vector<KeyRange>& ranges, float
     const int64_t real = std::clamp<int64_t>(T - (n_tblocks - 1) * kLanes - 16 * v, 0, 16);
     last_mask[v] = static_cast<__mmask16>((uint32_t{1} << real) - 1);
   }
-  const int64_t chunk_tblocks = std::max<int64_t>(1, kChunkBytes / (ds * kLanes * 4));
+  // ds = 0 is allowed (every q·k = 0, score 0.5): guard the division.
+  const int64_t chunk_tblocks = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, ds * kLanes * 4));
 
   constexpr int64_t kUnitKeys = kUnitBlocks * MR;
   std::vector<int64_t> unit_start(ranges.size() + 1, 0);
@@ -336,10 +337,12 @@ void score_keys(const Tensor& queries, const std::vector<KeyRange>& ranges, floa
 }
 #endif
 
+// What the kernel assumes of a key range: a CPU [S, ds] matrix of the queries' dtype (rows are read as ds elements
+// of that dtype, `stride(0)` apart; a non-unit stride along ds is copied below). It has no index inputs.
 void check_keys(const char* name, const Tensor& keys, const Tensor& queries) {
   TORCH_CHECK(keys.device().is_cpu(), "retrieve_topk: ", name, " must be a CPU tensor, got ", keys.device());
   TORCH_CHECK(keys.dim() == 2 && keys.size(1) == queries.size(1), "retrieve_topk: ", name, " must be [S, ds=",
-              queries.size(1), "], got ", keys.sizes());
+              queries.size(1), "] like queries ", queries.sizes(), ", got ", keys.sizes());
   TORCH_CHECK(keys.scalar_type() == queries.scalar_type(), "retrieve_topk: ", name, " has dtype ",
               keys.scalar_type(), ", queries have ", queries.scalar_type(), "; they must match");
 }

@@ -10,6 +10,13 @@ remain). Here, unlike the official ``torch.cat`` pattern, every buffer is preall
   dropped rows directly (``cache_views``), so an update copies only the rows it adds;
 * eviction compacts in place (non-overlapping chunked moves), never through a second copy of the store.
 
+Placement (DESIGN.md §3): the store is an ``nn.Module`` that follows its model. What retrieval reads on the hot path
+— retriever keys and ages (LTM and cache) — lives on the compute device (``key_device``); the rows themselves (hidden
+rows and pre-RoPE K/V, the bulk of the bytes) and the recall frequencies stay on the host, pinned when the device is
+CUDA so the GPU gathers the retrieved rows straight from host memory (``gather_rows_``, zero-copy). Retrieval then
+needs no device-to-host sync. The one sync is at a merge (every ``update_ltm_frequency`` updates), where the host
+compacts its rows and reads the recall frequencies; :meth:`memory_state` syncs too.
+
 Bookkeeping reproduces the official inference code exactly (reference semantics): at each update every LTM age and
 every cached age grows by ``num_tokens`` *before* the just-dropped rows are appended; at a merge new rows get recall
 frequency ``initial_rf``, then all frequencies drop by ``decay_frequency`` and rows with frequency <= 0.01 are
@@ -24,7 +31,7 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from mplus_kernels import gather_rows_
 
@@ -41,7 +48,7 @@ class Retrieved:
     """Rows retrieved for one layer, oldest first (descending age)."""
 
     index: Tensor  # [R] int64 positions in [LTM rows ; cached rows], in the returned (age) order
-    hidden: Tensor  # [R, d]
+    hidden: Tensor | None  # [R, d] (None when not asked for)
     age: Tensor  # [R] float64
     scores: Tensor | None = None  # [R] fp32 retrieval scores (None when nothing was scored)
     k: Tensor | None = None  # [R, Hkv, D] pre-RoPE generation K/V, when the store keeps them
@@ -50,6 +57,14 @@ class Retrieved:
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _copy_(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)``, asynchronous into pinned host memory. A meta source (the stand-in for a GPU) has no data
+    to move: the copy is skipped, which is all the meta device can model."""
+    if src.device.type == "meta" and dst.device.type != "meta":
+        return
+    dst.copy_(src, non_blocking=dst.is_pinned())
 
 
 def _runs(keep: Tensor) -> list[tuple[int, int]]:
@@ -74,7 +89,7 @@ def _compact_(buf: Tensor, runs: list[tuple[int, int]]) -> None:
         dst += length
 
 
-class LongTermMemory:
+class LongTermMemory(nn.Module):
     """Per-layer long-term memory plus the cache of rows dropped since the last merge.
 
     Args:
@@ -118,33 +133,76 @@ class LongTermMemory:
                 raise ValueError(f"LongTermMemory: {name}={value} must be > 0")
         if num_retrieved < 0 or capacity < 0:
             raise ValueError(f"LongTermMemory: num_retrieved={num_retrieved}, capacity={capacity} must be >= 0")
+        super().__init__()
         self.num_layers, self.hidden_size, self.key_dim = num_layers, hidden_size, key_dim
         self.num_tokens, self.update_ltm_frequency = num_tokens, update_ltm_frequency
         self.num_retrieved = num_retrieved
         self.decay_frequency, self.initial_rf = float(decay_frequency), float(initial_rf)
         self.dtype, self.key_device = dtype, torch.device(key_device)
+        dev = self.key_device
+        pin = dev.type == "cuda"
         self.budget_bytes = budget_bytes
         self.kv_shape, self.kv_dtype = kv_shape, (kv_dtype or dtype)
         self.update_step = 0
         self.cache_len = 0
         cache_rows = update_ltm_frequency * num_tokens
         self._check_budget(self._row_bytes() * (num_layers * (capacity + cache_rows)), "allocating the store")
-        self.hidden = [torch.empty(capacity, hidden_size, dtype=dtype) for _ in range(num_layers)]
-        self.keys = [torch.empty(capacity, key_dim, dtype=dtype, device=self.key_device) for _ in range(num_layers)]
-        self.age = [torch.empty(capacity, dtype=torch.float64) for _ in range(num_layers)]
-        self.rf = [torch.empty(capacity, dtype=torch.float64) for _ in range(num_layers)]
+        f64 = torch.float64
+        self.hidden = [torch.empty(capacity, hidden_size, dtype=dtype, pin_memory=pin) for _ in range(num_layers)]
+        self.keys = [torch.empty(capacity, key_dim, dtype=dtype, device=dev) for _ in range(num_layers)]
+        self.age = [torch.empty(capacity, dtype=f64, device=dev) for _ in range(num_layers)]
+        self.rf = [torch.empty(capacity, dtype=f64) for _ in range(num_layers)]
         self.kv: list[list[Tensor]] | None = None
         if kv_shape is not None:
             self.kv = [
-                [torch.empty(capacity, *kv_shape, dtype=self.kv_dtype) for _ in range(2)] for _ in range(num_layers)
+                [torch.empty(capacity, *kv_shape, dtype=self.kv_dtype, pin_memory=pin) for _ in range(2)]
+                for _ in range(num_layers)
             ]
         self.size = [0] * num_layers
-        self.cache_hidden = torch.empty(num_layers, cache_rows, hidden_size, dtype=dtype)
-        self.cache_keys = torch.empty(num_layers, cache_rows, key_dim, dtype=dtype, device=self.key_device)
-        self.cache_age = torch.empty(num_layers, cache_rows, dtype=torch.float64)
+        self.cache_hidden = torch.empty(num_layers, cache_rows, hidden_size, dtype=dtype, pin_memory=pin)
+        self.cache_keys = torch.empty(num_layers, cache_rows, key_dim, dtype=dtype, device=dev)
+        self.cache_age = torch.empty(num_layers, cache_rows, dtype=f64, device=dev)
         self.cache_kv = None
         if kv_shape is not None:
-            self.cache_kv = [torch.empty(num_layers, cache_rows, *kv_shape, dtype=self.kv_dtype) for _ in range(2)]
+            self.cache_kv = [
+                torch.empty(num_layers, cache_rows, *kv_shape, dtype=self.kv_dtype, pin_memory=pin) for _ in range(2)
+            ]
+
+    # ------------------------------------------------------------------------------------------------ placement
+    def _apply(self, fn, recurse: bool = True):
+        """Follow the model: ``fn`` (what ``.to``/``.cuda``/``.half`` apply) decides the compute device and the
+        dtypes of rows and keys, probed on empty tensors; see the module docstring for what lives where."""
+        probe, kv_probe = fn(torch.empty(0, dtype=self.dtype)), fn(torch.empty(0, dtype=self.kv_dtype))
+        self.place(probe.device, dtype=probe.dtype, kv_dtype=kv_probe.dtype)
+        return self
+
+    def place(self, device: torch.device | str, *, dtype: torch.dtype | None = None, kv_dtype=None) -> None:
+        """Move keys and ages to ``device`` and cast rows and keys to ``dtype`` (K/V to ``kv_dtype``); rows stay on
+        the host, pinned when ``device`` is CUDA. Ages and recall frequencies stay float64."""
+        device, dtype, kv_dtype = torch.device(device), dtype or self.dtype, kv_dtype or self.kv_dtype
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        pin = device.type == "cuda"
+
+        def host(t: Tensor, dt: torch.dtype) -> Tensor:
+            t = t.to("cpu", dt)
+            return t.pin_memory() if pin and not t.is_pinned() else t
+
+        self.hidden = [host(t, dtype) for t in self.hidden]
+        self.cache_hidden = host(self.cache_hidden, dtype)
+        if self.kv is not None:
+            self.kv = [[host(t, kv_dtype) for t in pair] for pair in self.kv]
+            self.cache_kv = [host(t, kv_dtype) for t in self.cache_kv]
+        self.keys = [t.to(device, dtype) for t in self.keys]
+        self.cache_keys = self.cache_keys.to(device, dtype)
+        self.age = [t.to(device) for t in self.age]
+        self.cache_age = self.cache_age.to(device)
+        self.key_device, self.dtype, self.kv_dtype = device, dtype, kv_dtype
+
+    def _host_sync(self) -> None:
+        """Wait for the device work that writes or reads the host rows (asynchronous copies, zero-copy gathers)."""
+        if self.key_device.type == "cuda":
+            torch.cuda.synchronize(self.key_device)
 
     # ---------------------------------------------------------------------------------------------------- sizes
     def _row_bytes(self) -> int:
@@ -183,7 +241,7 @@ class LongTermMemory:
         n = self.size[layer]
 
         def grown(t: Tensor) -> Tensor:
-            out = torch.empty((new_cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            out = torch.empty((new_cap, *t.shape[1:]), dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
             out[:n].copy_(t[:n])
             return out
 
@@ -217,13 +275,13 @@ class LongTermMemory:
             raise ValueError("append_rows_: kv must be given exactly when the store keeps K/V")
         n = self.size[layer]
         self._reserve(layer, n + r)
-        self.hidden[layer][n : n + r].copy_(hidden)
+        _copy_(self.hidden[layer][n : n + r], hidden)
         self.keys[layer][n : n + r].copy_(keys)
         self.age[layer][n : n + r].copy_(age)
         self.rf[layer][n : n + r].copy_(rf)
         if kv is not None:
             for dst, src in zip(self.kv[layer], kv):
-                dst[n : n + r].copy_(src)
+                _copy_(dst[n : n + r], src)
         self.size[layer] = n + r
 
     # ------------------------------------------------------------------------------------------------- updates
@@ -276,12 +334,12 @@ class LongTermMemory:
             if (kv is None) != (self.cache_kv is None):
                 raise ValueError("push_dropped: kv must be given exactly when the store keeps K/V")
         views = self.cache_views(k)
-        if not written:
-            views["hidden"].copy_(hidden)
+        if not written:  # rows from the device land in (pinned) host memory asynchronously; ages stay on the device
+            _copy_(views["hidden"], hidden)
             views["age"].copy_(age)
             if kv is not None:
-                views["k"].copy_(kv[0])
-                views["v"].copy_(kv[1])
+                _copy_(views["k"], kv[0])
+                _copy_(views["v"], kv[1])
         # Official order: every existing LTM and cached age grows, then the just-dropped rows join the cache.
         for layer in range(self.num_layers):
             self.age[layer][: self.size[layer]] += self.num_tokens
@@ -297,6 +355,7 @@ class LongTermMemory:
     def merge(self) -> None:
         """Move the cache into the LTM, decay recall frequencies, evict (SPEC.md §4.4), reset the cache."""
         m = self.cache_len
+        self._host_sync()  # the host compacts rows that device copies may still be writing or reading
         for layer in range(self.num_layers):
             self._reserve(layer, self.size[layer] + m)
         for layer in range(self.num_layers):
@@ -340,6 +399,7 @@ class LongTermMemory:
         num_retrieved: int | None = None,
         mode: RetrievalMode = "fast",
         backend: str | None = None,
+        with_hidden: bool = True,
     ) -> Retrieved:
         """The rows of ``layer`` that the retriever picks for ``queries [T, ds]``, oldest first.
 
@@ -348,6 +408,9 @@ class LongTermMemory:
         candidate first). When the LTM is smaller than K0: ``reference`` mode applies the official rule (no
         scoring; the LTM indices ``0..S-1`` repeated to K0 entries, cache ignored; S = 0 returns nothing where the
         official code hangs); ``fast`` mode returns every LTM and cached row once (no duplicates).
+
+        Every returned tensor is on the key device (no device-to-host sync): the hidden rows (unless
+        ``with_hidden=False``; generation needs only K/V) and K/V are gathered from the host rows there.
         """
         k0 = self.num_retrieved if num_retrieved is None else num_retrieved
         if k0 < 0:
@@ -357,60 +420,64 @@ class LongTermMemory:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"retrieve: layer={layer} out of range [0, {self.num_layers})")
         n, m = self.size[layer], self.cache_len
+        dev = self.key_device
         scores = None
         if mode == "reference" and n < k0:
-            reps = -(-k0 // n) if n else 0
-            index = torch.arange(n).repeat(reps)[-k0:] if n else torch.empty(0, dtype=torch.long)
+            reps = -(-k0 // n) if n else 0  # S = 0: nothing (the official code hangs)
+            index = torch.arange(n, device=dev).repeat(reps)[-k0:]
         elif mode == "fast" and n + m <= k0:
-            index = torch.arange(n + m)
+            index = torch.arange(n + m, device=dev)
         else:
             from mplus_kernels.retrieval import retrieve_topk
 
             index, scores = retrieve_topk(
                 queries, self.keys[layer][:n], k0, keys2=self.cache_keys[layer, :m] if m else None, backend=backend
             )
-            index = index.cpu()
-        ages = torch.empty(index.numel(), dtype=torch.float64)
-        in_ltm = index < n
-        ages[in_ltm] = self.age[layer][index[in_ltm]]
-        ages[~in_ltm] = self.cache_age[layer][index[~in_ltm] - n]
+        # Everything below stays on the key device: ages are there, rows are gathered from the host by the device.
+        r = index.numel()
+        ages = gather_rows_(
+            torch.empty(r, dtype=torch.float64, device=dev), self.age[layer][:n], self.cache_age[layer, :m], index,
+            backend=backend,
+        )  # fmt: skip
         order = torch.sort(ages, stable=True).indices.flip(0)
         index, ages = index[order], ages[order]
         if scores is not None:
-            scores = scores.cpu()[order]
-        hidden = torch.empty(index.numel(), self.hidden_size, dtype=self.dtype)
-        gather_rows_(hidden, self.hidden[layer][:n], self.cache_hidden[layer, :m], index)
-        out = Retrieved(index=index, hidden=hidden, age=ages, scores=scores)
+            scores = scores[order]
+        out = Retrieved(index=index, hidden=None, age=ages, scores=scores)
+        sources = [("hidden", self.hidden[layer][:n], self.cache_hidden[layer, :m])] if with_hidden else []
         if self.kv is not None:
-            out.k = torch.empty(index.numel(), *self.kv_shape, dtype=self.kv_dtype)
-            out.v = torch.empty_like(out.k)
-            for dst, src, cache in zip((out.k, out.v), self.kv[layer], self.cache_kv):
-                gather_rows_(dst, src[:n], cache[layer, :m], index)
+            pairs = zip("kv", self.kv[layer], self.cache_kv)
+            sources += [(name, src[:n], cache[layer, :m]) for name, src, cache in pairs]
+        for name, src, cache in sources:
+            dst = torch.empty((r, *src.shape[1:]), dtype=src.dtype, device=dev)
+            setattr(out, name, gather_rows_(dst, src, cache, index, backend=backend))
         return out
 
     # -------------------------------------------------------------------------------------------- save / load
-    def state_dict(self) -> dict[str, Tensor]:
-        """Every used row and counter, in the official names where they exist (plus cache, counters, K/V)."""
+    def memory_state(self) -> dict[str, Tensor]:
+        """Every used row and counter, in the official names where they exist (plus cache, counters, K/V), on the
+        host. (Not ``state_dict``: the store's contents are memory, saved apart from the model's weights.)"""
+        self._host_sync()
         sd: dict[str, Tensor] = {}
         for layer in range(self.num_layers):
             n = self.size[layer]
             sd[f"ltm.{layer}"] = self.hidden[layer][:n]
             sd[f"ltm_keys.{layer}"] = self.keys[layer][:n].cpu()
-            sd[f"ltm_ages.{layer}"] = self.age[layer][:n]
+            sd[f"ltm_ages.{layer}"] = self.age[layer][:n].cpu()
             sd[f"ltm_recall_frequencies.{layer}"] = self.rf[layer][:n]
             if self.kv is not None:
                 sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = (t[:n] for t in self.kv[layer])
         m = self.cache_len
         sd["cached_dropped_memories"] = self.cache_hidden[:, :m]
         sd["cached_dropped_keys"] = self.cache_keys[:, :m].cpu()
-        sd["cached_dropped_memory_ages"] = self.cache_age[:, :m]
+        sd["cached_dropped_memory_ages"] = self.cache_age[:, :m].cpu()
         if self.cache_kv is not None:
             sd["cached_dropped_k"], sd["cached_dropped_v"] = (t[:, :m] for t in self.cache_kv)
         sd["update_step"] = torch.tensor([self.update_step], dtype=torch.int64)
         return {k: v.contiguous() for k, v in sd.items()}
 
-    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
-        """Replace the whole state by ``sd`` (as written by :meth:`state_dict`); validated before anything changes."""
+    def load_memory_state(self, sd: dict[str, Tensor]) -> None:
+        """Replace the whole state by ``sd`` (as written by :meth:`memory_state`); validated before anything changes."""
         missing = [
             f"{name}.{layer}"
             for layer in range(self.num_layers)
@@ -423,10 +490,12 @@ class LongTermMemory:
             if k not in sd
         ]
         if missing:
-            raise KeyError(f"load_state_dict: missing {missing}")
+            raise KeyError(f"load_memory_state: missing {missing}")
         m = sd["cached_dropped_memories"].shape[1]
         if m > self.cache_hidden.shape[1]:
-            raise ValueError(f"load_state_dict: {m} cached rows exceed the cache capacity {self.cache_hidden.shape[1]}")
+            raise ValueError(
+                f"load_memory_state: {m} cached rows exceed the cache capacity {self.cache_hidden.shape[1]}"
+            )
         self.size = [0] * self.num_layers
         for layer in range(self.num_layers):
             kv = (sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"]) if self.kv is not None else None
@@ -438,17 +507,17 @@ class LongTermMemory:
                 sd[f"ltm_recall_frequencies.{layer}"].double(),
                 kv,
             )
-        self.cache_hidden[:, :m].copy_(sd["cached_dropped_memories"])
+        _copy_(self.cache_hidden[:, :m], sd["cached_dropped_memories"])
         self.cache_keys[:, :m].copy_(sd["cached_dropped_keys"])
         self.cache_age[:, :m].copy_(sd["cached_dropped_memory_ages"])
         if self.cache_kv is not None:
-            self.cache_kv[0][:, :m].copy_(sd["cached_dropped_k"])
-            self.cache_kv[1][:, :m].copy_(sd["cached_dropped_v"])
+            _copy_(self.cache_kv[0][:, :m], sd["cached_dropped_k"])
+            _copy_(self.cache_kv[1][:, :m], sd["cached_dropped_v"])
         self.cache_len = m
         self.update_step = int(sd["update_step"].reshape(-1)[0])
 
     def save(self, path: str) -> None:
-        save_file(self.state_dict(), path)
+        save_file(self.memory_state(), path)
 
     def load(self, path: str) -> None:
-        self.load_state_dict(load_file(path))
+        self.load_memory_state(load_file(path))

@@ -4,6 +4,10 @@ Per layer, N slots hold a hidden row (and optionally the generation adapter's K/
 maps slot → logical position and ``order`` the reverse. The logical memory (row i = logical position i) is what the
 official code stores; here an update only touches the K victims' slots (O(K·d) bytes) and renumbers positions
 (O(N) ints), through ``mplus_kernels.memory_update_``.
+
+The STM is an ``nn.Module`` whose tensors are (non-persistent) buffers, so it follows its model: ``model.to("cuda")``
+moves every slot tensor; a dtype cast (``model.to(torch.bfloat16)``) casts the hidden rows and the K/V cache but
+leaves the ages float64 and the positions int32.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from torch import Tensor
 
 from mplus_kernels import draw_victims, memory_update_
 from mplus_kernels.memory_update import logical_view, validate_memory_update
+
+from .._placement import FixedDtypeBuffers
 
 AgeMode = Literal["reference", "training"]
 
@@ -31,7 +37,7 @@ class DroppedRows:
     v: Tensor | None = None
 
 
-class ShortTermMemory:
+class ShortTermMemory(FixedDtypeBuffers):
     """STM of ``num_layers`` layers × ``n`` slots of width ``d``.
 
     Args:
@@ -56,23 +62,27 @@ class ShortTermMemory:
             raise ValueError(f"ShortTermMemory: hidden must be [L, N, d], got {list(hidden.shape)}")
         if age_mode not in ("reference", "training"):
             raise ValueError(f"ShortTermMemory: age_mode={age_mode!r}, expected 'reference' or 'training'")
+        super().__init__()
         num_layers, n, _ = hidden.shape
         device = hidden.device
-        self.hidden = hidden.contiguous()
         if age is None:
             age = torch.zeros(num_layers, n, dtype=torch.float64, device=device)
         if tuple(age.shape) != (num_layers, n):
             raise ValueError(f"ShortTermMemory: age must be [L={num_layers}, N={n}], got {list(age.shape)}")
-        self.age = age.to(device).contiguous()
-        self.pos = torch.arange(n, dtype=torch.int32, device=device).repeat(num_layers, 1)
-        self.order = self.pos.clone()
-        self.age_mode = age_mode
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+        pos = torch.arange(n, dtype=torch.int32, device=device).repeat(num_layers, 1)
+        k = v = None
         if kv_shape is not None:
-            dtype = kv_dtype or hidden.dtype
-            self.k = torch.zeros(num_layers, n, *kv_shape, dtype=dtype, device=device)
-            self.v = torch.zeros_like(self.k)
+            k = torch.zeros(num_layers, n, *kv_shape, dtype=kv_dtype or hidden.dtype, device=device)
+            v = torch.zeros_like(k)
+        # Not in the model's state_dict: the memory is saved and loaded as a memory state (mplus.checkpoint).
+        for name, t in [("hidden", hidden.contiguous()), ("age", age.to(device).contiguous()), ("pos", pos),
+                        ("order", pos.clone()), ("k", k), ("v", v)]:  # fmt: skip
+            self.register_buffer(name, t, persistent=False)
+        self.age_mode = age_mode
+
+    # moves and casts apply to every buffer, but ages stay float64 (a cast would round them); positions stay int32
+    fixed_dtype_buffers = ("age",)
+
 
     @property
     def num_layers(self) -> int:

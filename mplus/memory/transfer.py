@@ -5,9 +5,12 @@ thread (the C++ gather releases the GIL and uses every core it is given) while t
 memory and the chunk; the two partial attentions are merged through their LSE (``merge_attention_states``).
 
 * CPU: ``submit`` runs the job on one worker thread; ``wait`` returns its result.
-* CUDA: the job gathers into a pinned staging buffer on the worker thread, then the host→device copy is queued on a
-  side stream with an event; ``wait`` makes the caller's current stream wait for that event (no host sync).
+* CUDA: the job is *queued* at once on a side stream (after the caller's stream, whose tensors it reads): retrieval
+  and the zero-copy gather of pinned host rows are device kernels, so no host thread is needed; any host tensor in
+  the result is copied to the device on that stream. ``wait`` makes the caller's stream wait for the side stream's
+  event (no host sync) and marks the result's tensors as used by the caller's stream (caching-allocator safety).
   (No machine of this project has a GPU: the CUDA branch is written to the stream/event contract but not run here.)
+* meta (the stand-in for a GPU): the job runs inline; nothing moves.
 
 ``timeline`` records (name, thread, start, end) of every job and of caller spans marked with ``span(name)``, so
 overlap can be seen and tested.
@@ -37,6 +40,22 @@ class Span:
         return self.start < other.end and other.start < self.end
 
 
+def _walk(result: Any, visit: Callable[[torch.Tensor], Any]) -> Any:
+    """Rebuild ``result`` (tensors, dataclasses, lists, tuples, dicts) with ``visit`` applied to every tensor."""
+    if isinstance(result, torch.Tensor):
+        out = visit(result)
+        return result if out is None else out
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.replace(
+            result, **{f.name: _walk(getattr(result, f.name), visit) for f in dataclasses.fields(result)}
+        )
+    if isinstance(result, (list, tuple)):
+        return type(result)(_walk(x, visit) for x in result)
+    if isinstance(result, dict):
+        return {k: _walk(v, visit) for k, v in result.items()}
+    return result
+
+
 class Handle:
     """A submitted transfer: ``wait()`` returns the job's result (on CUDA: moved to the device, stream-ordered)."""
 
@@ -49,8 +68,10 @@ class Handle:
 
     def wait(self) -> Any:
         result, event = self._future.result()
-        if event is not None:  # CUDA: order the caller's stream after the side-stream copy
-            torch.cuda.current_stream(self._engine.device).wait_event(event)
+        if event is not None:  # CUDA: order the caller's stream after the side-stream work
+            stream = torch.cuda.current_stream(self._engine.device)
+            stream.wait_event(event)
+            _walk(result, lambda t: t.record_stream(stream) if t.is_cuda else None)
         return result
 
 
@@ -61,15 +82,22 @@ class TransferEngine:
         device: where results are needed. ``cpu``: results stay on the host. ``cuda``: every tensor in a job's result
             is copied to the device on a side stream (from pinned memory when the job used :meth:`staging`).
         record_timeline: keep a :class:`Span` per job and per caller ``span``.
+        threaded: on the CPU, run jobs on the worker thread (False: inline, e.g. for Triton kernels under the
+            interpreter, which patches ``triton.language`` per launch and so cannot run kernels on two threads).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", *, record_timeline: bool = False) -> None:
+    def __init__(
+        self, device: torch.device | str = "cpu", *, record_timeline: bool = False, threaded: bool = True
+    ) -> None:
         self.device = torch.device(device)
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"TransferEngine: device {self.device} is not supported (cpu or cuda)")
+        if self.device.type not in ("cpu", "cuda", "meta"):
+            raise ValueError(f"TransferEngine: device {self.device} is not supported (cpu, cuda or meta)")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TransferEngine: a cuda device was requested but CUDA is not available")
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mplus-transfer")
+        self.threaded = threaded
+        threaded = threaded and self.device.type == "cpu"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mplus-transfer") if threaded else None
+        self._closed = False
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -106,36 +134,39 @@ class TransferEngine:
 
     # ------------------------------------------------------------------------------------------------- jobs
     def _to_device(self, result: Any) -> Any:
-        if isinstance(result, torch.Tensor):
-            return result.to(self.device, non_blocking=True)
-        if dataclasses.is_dataclass(result) and not isinstance(result, type):
-            return dataclasses.replace(
-                result, **{f.name: self._to_device(getattr(result, f.name)) for f in dataclasses.fields(result)}
-            )
-        if isinstance(result, (list, tuple)):
-            return type(result)(self._to_device(x) for x in result)
-        if isinstance(result, dict):
-            return {k: self._to_device(v) for k, v in result.items()}
-        return result
+        return _walk(result, lambda t: t.to(self.device, non_blocking=True))
 
     def _run(self, name: str, fn: Callable[[], Any]) -> tuple[Any, Any]:
         start = time.perf_counter()
-        result = fn()
         event = None
         if self._side_stream is not None:
+            self._side_stream.wait_stream(torch.cuda.current_stream(self.device))  # the job reads caller tensors
             with torch.cuda.stream(self._side_stream):
-                result = self._to_device(result)
+                result = self._to_device(fn())
                 event = torch.cuda.Event()
                 event.record(self._side_stream)
+        else:
+            result = fn()
         self._record(name, start, time.perf_counter())
         return result, event
 
     def submit(self, name: str, fn: Callable[[], Any]) -> Handle:
-        """Run ``fn`` on the worker thread (then, on CUDA, copy its tensors to the device asynchronously)."""
-        return Handle(self._pool.submit(self._run, name, fn), self)
+        """Run ``fn`` on the worker thread (CPU), or queue it on the side stream (CUDA) / run it inline (meta)."""
+        if self._closed:
+            raise RuntimeError("TransferEngine: submit after close()")
+        if self._pool is not None:
+            return Handle(self._pool.submit(self._run, name, fn), self)
+        future: Future = Future()
+        try:
+            future.set_result(self._run(name, fn))
+        except BaseException as exc:  # delivered by wait(), as from the worker thread
+            future.set_exception(exc)
+        return Handle(future, self)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def __enter__(self) -> TransferEngine:
         return self

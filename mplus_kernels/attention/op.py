@@ -2,10 +2,18 @@
 
 The chunk's queries attend to a memory prefix that every query sees and to the chunk itself, bottom-right causal
 (query t of Tq sees chunk key j of Tk iff ``j <= t + Tk - Tq``, FlashAttention >= 2.1), with native GQA and no mask
-tensor. Memory keys are stored before RoPE and rotated inside the kernel from a per-row position table, so a memory
-slot updated in place never invalidates cached K/V. Both ops return the natural-log LSE, so partial attentions over
-disjoint key sets merge exactly (``merge_attention_states``): e.g. attend to short-term memory and the chunk while the
-long-term rows are still being copied, then attend to those rows alone and merge.
+tensor. With a static KV cache (``k``/``v`` the whole preallocated ``[B, S_max, Hkv, D]`` buffer) each batch row has
+its own valid key range ``[kv_start[b], kv_len[b])``, passed as device tensors and read only inside the kernels, and
+causality is aligned to the row's end (flash-attn's ``cache_seqlens`` / ``cache_leftpad``). Memory keys are stored
+before RoPE and rotated inside the kernel from a per-row position table, so a memory slot updated in place never
+invalidates cached K/V. Both ops return the natural-log LSE, so partial attentions over disjoint key sets merge
+exactly (``merge_attention_states``): e.g. attend to short-term memory and the chunk while the long-term rows are
+still being copied, then attend to those rows alone and merge.
+
+Dispatch (DESIGN.md §2.5): the wrappers validate, then call ``torch.ops.mplus.<op>``, which the dispatcher sends by
+device key (CPU → C++, CUDA → the Triton launcher registered below, Meta/FakeTensor → the fake kernel). Only
+``backend="reference"`` and ``backend="triton"`` on CPU tensors (the interpreter, for tests) bypass it. Nothing in a
+wrapper reads a device tensor's values.
 """
 
 from __future__ import annotations
@@ -15,38 +23,13 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _config
+from .._utils import check_device, check_float, check_integer, check_tensor, host_values
 from .._utils import shape_str as _shape
 from .reference import memory_attention_reference, merge_attention_states_reference
 
 OP_ATTENTION = "mplus::memory_attention"
 OP_MERGE = "mplus::merge_attention_states"
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _tensor(fn: str, name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def _float(fn: str, name: str, t: Tensor, dtype: torch.dtype | None = None) -> None:
-    if dtype is None and t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected {dtype}")
-
-
-def _same_device(fn: str, name: str, t: Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (where q is)")
-
-
-def _can_sync() -> bool:
-    """Whether reading a tensor's values on the host is allowed here (not while tracing or capturing a graph)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _validate_attention(
@@ -60,13 +43,16 @@ def _validate_attention(
     rope_sin: Tensor | None,
     softmax_scale: float | None,
     causal: bool,
+    kv_len: Tensor | None,
+    kv_start: Tensor | None,
 ) -> float:
-    """Check every argument before anything runs; return the softmax scale."""
+    """Check every argument before anything runs; return the softmax scale. Values (``mem_pos``, ``kv_len``,
+    ``kv_start``) are checked only where they can be read without a device sync (``host_values``)."""
     fn = "memory_attention"
-    q, k, v = _tensor(fn, "q", q), _tensor(fn, "k", k), _tensor(fn, "v", v)
+    q, k, v = check_tensor(fn, "q", q), check_tensor(fn, "k", k), check_tensor(fn, "v", v)
     if q.dim() != 4:
         raise ValueError(f"{fn}: q must be [B, Tq, Hq, D], got {_shape(q)}")
-    _float(fn, "q", q)
+    check_float(fn, "q", q)
     b, _, hq, d = q.shape
     if d == 0 or d % 2:
         raise ValueError(f"{fn}: head dim D = q.shape[3] must be even and > 0 (RoPE rotates two halves), got {d}")
@@ -79,8 +65,8 @@ def _validate_attention(
     if v.shape != k.shape:
         raise ValueError(f"{fn}: v must have k's shape {_shape(k)}, got {_shape(v)}")
     for name, t in (("k", k), ("v", v)):
-        _float(fn, name, t, q.dtype)
-        _same_device(fn, name, t, device)
+        check_float(fn, name, t, q.dtype)
+        check_device(fn, name, t, device, "q")
 
     if (mem_k is None) != (mem_v is None):
         raise ValueError(
@@ -88,39 +74,38 @@ def _validate_attention(
         )
     m = 0
     if mem_k is not None:
-        mem_k, mem_v = _tensor(fn, "mem_k", mem_k), _tensor(fn, "mem_v", mem_v)
+        mem_k, mem_v = check_tensor(fn, "mem_k", mem_k), check_tensor(fn, "mem_v", mem_v)
         if mem_k.dim() != 4 or mem_k.shape[0] != b or mem_k.shape[2] != hkv or mem_k.shape[3] != d:
             raise ValueError(f"{fn}: mem_k must be [B={b}, M, Hkv={hkv}, D={d}], got {_shape(mem_k)}")
         if mem_v.shape != mem_k.shape:
             raise ValueError(f"{fn}: mem_v must have mem_k's shape {_shape(mem_k)}, got {_shape(mem_v)}")
         for name, t in (("mem_k", mem_k), ("mem_v", mem_v)):
-            _float(fn, name, t, q.dtype)
-            _same_device(fn, name, t, device)
+            check_float(fn, name, t, q.dtype)
+            check_device(fn, name, t, device, "q")
         m = mem_k.shape[1]
 
     if mem_pos is None:
         if rope_cos is not None or rope_sin is not None:
             raise ValueError(f"{fn}: rope_cos/rope_sin were given without mem_pos (which table rows to use)")
     else:
-        mem_pos = _tensor(fn, "mem_pos", mem_pos)
+        mem_pos = check_tensor(fn, "mem_pos", mem_pos)
         if mem_k is None:
             raise ValueError(f"{fn}: mem_pos was given without mem_k/mem_v")
-        if mem_pos.dtype.is_floating_point or mem_pos.is_complex() or mem_pos.dtype == torch.bool:
-            raise TypeError(f"{fn}: mem_pos must be an integer tensor (int32 or int64), got {mem_pos.dtype}")
+        check_integer(fn, "mem_pos", mem_pos)
         if mem_pos.dim() != 1 or mem_pos.shape[0] != m:
             raise ValueError(f"{fn}: mem_pos must be [M={m}] (one position per memory row), got {_shape(mem_pos)}")
-        _same_device(fn, "mem_pos", mem_pos, device)
+        check_device(fn, "mem_pos", mem_pos, device, "q")
         if rope_cos is None or rope_sin is None:
             raise ValueError(f"{fn}: mem_pos needs both rope_cos and rope_sin tables [P, D/2={d // 2}]")
         for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-            t = _tensor(fn, name, t)
+            t = check_tensor(fn, name, t)
             if t.dim() != 2 or t.shape[1] != d // 2:
                 raise ValueError(f"{fn}: {name} must be [P, D/2={d // 2}], got {_shape(t)}")
-            _float(fn, name, t, torch.float32)
-            _same_device(fn, name, t, device)
+            check_float(fn, name, t, torch.float32)
+            check_device(fn, name, t, device, "q")
         if rope_sin.shape != rope_cos.shape:
             raise ValueError(f"{fn}: rope_sin {_shape(rope_sin)} must have rope_cos's shape {_shape(rope_cos)}")
-        if m > 0 and _can_sync():
+        if m > 0 and host_values(mem_pos):
             lo, hi = (int(x) for x in torch.aminmax(mem_pos))
             p = rope_cos.shape[0]
             if lo < 0 or hi >= p:
@@ -128,6 +113,28 @@ def _validate_attention(
                     f"{fn}: mem_pos must index the {p} rows of rope_cos/rope_sin (0 <= pos < {p}), "
                     f"got range [{lo}, {hi}]"
                 )
+
+    tk = k.shape[1]
+    for name, t in (("kv_len", kv_len), ("kv_start", kv_start)):
+        if t is None:
+            continue
+        t = check_tensor(fn, name, t)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{fn}: {name} must be an int32 tensor [B={b}], got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != b:
+            raise ValueError(f"{fn}: {name} must be [B={b}] (one value per batch row), got {_shape(t)}")
+        check_device(fn, name, t, device, "q")
+    given = [t for t in (kv_len, kv_start) if t is not None]
+    if given and all(host_values(t) for t in given):
+        end = torch.full((b,), tk, device=device) if kv_len is None else kv_len.long()
+        start = torch.zeros(b, dtype=torch.int64, device=device) if kv_start is None else kv_start.long()
+        bad = (start < 0) | (start > end) | (end > tk)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{fn}: batch row {i} needs 0 <= kv_start <= kv_len <= Tk={tk} (k is {_shape(k)}), got "
+                f"kv_start={int(start[i])}, kv_len={int(end[i])}"
+            )
 
     if not isinstance(causal, bool):
         raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
@@ -142,24 +149,23 @@ def _validate_attention(
 
 def _validate_merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
     fn = "merge_attention_states"
-    out_a, out_b = _tensor(fn, "out_a", out_a), _tensor(fn, "out_b", out_b)
-    lse_a, lse_b = _tensor(fn, "lse_a", lse_a), _tensor(fn, "lse_b", lse_b)
+    out_a, out_b = check_tensor(fn, "out_a", out_a), check_tensor(fn, "out_b", out_b)
+    lse_a, lse_b = check_tensor(fn, "lse_a", lse_a), check_tensor(fn, "lse_b", lse_b)
     if out_a.dim() != 4:
         raise ValueError(f"{fn}: out_a must be [B, T, H, D], got {_shape(out_a)}")
-    _float(fn, "out_a", out_a)
+    check_float(fn, "out_a", out_a)
     if out_b.shape != out_a.shape:
         raise ValueError(f"{fn}: out_b must have out_a's shape {_shape(out_a)}, got {_shape(out_b)}")
-    _float(fn, "out_b", out_b, out_a.dtype)
+    check_float(fn, "out_b", out_b, out_a.dtype)
     b, t, h, _ = out_a.shape
     for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if tuple(lse.shape) != (b, h, t):
             raise ValueError(
                 f"{fn}: {name} must be [B={b}, H={h}, T={t}] (out_a is {_shape(out_a)}), got {_shape(lse)}"
             )
-        _float(fn, name, lse, torch.float32)
+        check_float(fn, name, lse, torch.float32)
     for name, x in (("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
-        if x.device != out_a.device:
-            raise ValueError(f"{fn}: {name} is on {x.device}, expected {out_a.device} (where out_a is)")
+        check_device(fn, name, x, out_a.device, "out_a")
 
 
 def _require_cpu_kernel(op: str, fn: str) -> None:
@@ -181,6 +187,31 @@ def _triton(fn: str, head_dim: int):
     return impl
 
 
+def _route(fn: str, op: str, device: torch.device, backend: str | None, head_dim: int | None = None) -> str:
+    """Where a validated call goes: ``"reference"``, ``"triton"`` (the launcher itself: CPU tensors under the
+    interpreter, or CUDA without the extension that declares the schemas) or ``"op"`` (``torch.ops.mplus``, which
+    picks the kernel by device key). Raises ``BackendUnavailableError`` for what cannot run, before anything does."""
+    requested = (backend or _config.backend_override()).lower()
+    if requested == "auto" and device.type not in ("cpu", "cuda"):
+        # meta (or any other key with a fake kernel): the backend table has no row for it; the dispatcher has one
+        if not _backend.cpp_available():
+            raise _backend.BackendUnavailableError(
+                f"{fn}: tensors on {device} reach {op}'s fake kernel through torch.ops, whose schema comes from the "
+                f"C++ extension mplus_kernels._C, which did not load ({_backend.cpp_import_error()})"
+            )
+        return "op"
+    which = _backend.resolve(fn, device, backend)
+    if which == "reference":
+        return "reference"
+    if which == "triton" and head_dim is not None:
+        _triton(fn, head_dim)
+    if which == "triton" and (device.type == "cpu" or not _backend.cpp_available()):
+        return "triton"
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        _require_cpu_kernel(op, fn)
+    return "op"
+
+
 def memory_attention(
     q: Tensor,
     k: Tensor,
@@ -193,44 +224,63 @@ def memory_attention(
     *,
     softmax_scale: float | None = None,
     causal: bool = True,
+    kv_len: Tensor | None = None,
+    kv_start: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of a chunk's queries over ``[memory ; chunk]``, returning the output and its natural-log LSE.
 
+    Visibility (the exact rule, every backend): every query sees every memory row; query ``t`` (of Tq) of batch row
+    ``b`` sees chunk key ``j`` (of Tk) iff ``kv_start[b] <= j < kv_len[b]`` and, when ``causal``,
+    ``j <= t + kv_len[b] - Tq`` (bottom-right causal aligned to the row's last valid key). With ``kv_len`` and
+    ``kv_start`` None this is ``j <= t + Tk - Tq`` over the whole chunk (FlashAttention >= 2.1).
+
     Args:
         q: ``[B, Tq, Hq, D]`` queries, already rotated (fp16, bf16 or fp32; any strides).
         k, v: ``[B, Tk, Hkv, D]`` the chunk's keys (rotated) and values, q's dtype; ``Hq % Hkv == 0`` (GQA).
-            With a KV cache, ``k``/``v`` are the cache's valid rows (past + this chunk): ``Tk >= Tq``.
+            With a KV cache, ``k``/``v`` are either the cache's valid rows (past + this chunk) or the whole static
+            cache ``[B, S_max, Hkv, D]`` with ``kv_len``.
         mem_k, mem_v: ``[B, M, Hkv, D]`` memory keys *before* RoPE and values, or None. Every query sees every
             memory row. A memory shared by the batch can be passed as ``x.expand(B, -1, -1, -1)`` (no copy).
         mem_pos: ``[M]`` int32/int64 row of the RoPE tables for each memory row (None: ``mem_k`` used as given).
         rope_cos, rope_sin: ``[P, D/2]`` fp32 tables, row p = ``cos/sin(p · inv_freq)``; needed with ``mem_pos``.
         softmax_scale: default ``1/sqrt(D)``.
-        causal: bottom-right causal on the chunk (query t sees chunk key j iff ``j <= t + Tk - Tq``); False makes the
-            whole chunk visible.
+        causal: bottom-right causal on the chunk (see above); False makes every valid chunk key visible.
+        kv_len: ``[B]`` int32 on q's device, the number of valid chunk keys per batch row (like flash-attn's
+            ``cache_seqlens``): keys ``j >= kv_len[b]`` are never read. None: Tk for every row.
+        kv_start: ``[B]`` int32 on q's device, the first valid chunk key per batch row (left padding, like
+            ``cache_leftpad``): keys before it are never read. None: 0. Needs ``0 <= kv_start <= kv_len <= Tk``.
+            Both are read by the kernels on the device, never by this wrapper (except host tensors, validated), so
+            a compiled or CUDA-graph decode step over a static cache does not depend on their values.
         backend: ``auto`` / ``cpp`` / ``triton`` / ``reference`` (default: ``MPLUS_BACKEND``, else auto).
 
     Returns:
         ``out [B, Tq, Hq, D]`` in q's dtype, ``lse [B, Hq, Tq]`` fp32 (natural log of the softmax denominator of the
         scaled scores). A query that sees no key gets ``out = 0`` and ``lse = -inf``.
 
-    Raises ``TypeError``/``ValueError`` naming the argument before anything runs (including memory positions outside
-    the tables, checked on the host except while tracing or capturing a CUDA graph), and ``BackendUnavailableError``
-    when the chosen backend cannot run.
+    Raises ``TypeError``/``ValueError`` naming the argument before anything runs (value ranges of ``mem_pos``,
+    ``kv_len`` and ``kv_start`` only where they are host tensors and not traced: ``host_values``), and
+    ``BackendUnavailableError`` when the chosen backend cannot run. The raw CPU op range-checks those values itself;
+    the Triton kernel clamps them to the tensors' extents, so no call reads out of bounds.
     """
     fn = "memory_attention"
-    scale = _validate_attention(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal)
-    which = _backend.resolve(fn, q.device, backend)
-    if which == "reference":
+    scale = _validate_attention(
+        q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal, kv_len, kv_start
+    )
+    route = _route(fn, OP_ATTENTION, q.device, backend, head_dim=q.shape[3])
+    if route == "reference":
         return memory_attention_reference(
-            q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale=scale, causal=causal
+            q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale=scale, causal=causal, kv_len=kv_len,
+            kv_start=kv_start,
+        )  # fmt: skip
+    if route == "triton":
+        return _backend.import_triton_impl("attention").memory_attention_fwd(
+            q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start
         )
-    if which == "triton":
-        impl = _triton(fn, q.shape[3])
-        return impl.memory_attention_fwd(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal)
-    _require_cpu_kernel(OP_ATTENTION, fn)
     pos = None if mem_pos is None else mem_pos.to(torch.int32)
-    out, lse = torch.ops.mplus.memory_attention(q, k, v, mem_k, mem_v, pos, rope_cos, rope_sin, scale, causal)
+    out, lse = torch.ops.mplus.memory_attention(
+        q, k, v, mem_k, mem_v, pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start
+    )
     return out, lse
 
 
@@ -250,23 +300,24 @@ def merge_attention_states(
     """
     fn = "merge_attention_states"
     _validate_merge(out_a, lse_a, out_b, lse_b)
-    which = _backend.resolve(fn, out_a.device, backend)
-    if which == "reference":
+    route = _route(fn, OP_MERGE, out_a.device, backend)
+    if route == "reference":
         return merge_attention_states_reference(out_a, lse_a, out_b, lse_b)
-    if which == "triton":
+    if route == "triton":
         return _backend.import_triton_impl("attention").merge_attention_states_fwd(out_a, lse_a, out_b, lse_b)
-    _require_cpu_kernel(OP_MERGE, fn)
     out, lse = torch.ops.mplus.merge_attention_states(out_a, lse_a, out_b, lse_b)
     return out, lse
 
 
 def _register() -> None:
-    """Fake kernels (for torch.compile / FakeTensor) and the CUDA → Triton kernels, when the schemas exist."""
+    """Fake kernels (for torch.compile / FakeTensor / the meta device) and the CUDA → Triton kernels, when the
+    schemas exist."""
     if not _backend.cpp_available():
         return
 
     @torch.library.register_fake(OP_ATTENTION)
-    def _fake_attention(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal):  # noqa: ARG001
+    def _fake_attention(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal, kv_len=None,
+                        kv_start=None):  # fmt: skip  # noqa: ARG001
         b, tq, hq, d = q.shape
         return q.new_empty((b, tq, hq, d)), q.new_empty((b, hq, tq), dtype=torch.float32)
 
@@ -276,9 +327,12 @@ def _register() -> None:
         return out_a.new_empty((b, t, h, d)), lse_a.new_empty((b, h, t))
 
     @torch.library.impl(OP_ATTENTION, "CUDA")
-    def _cuda_attention(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal):
+    def _cuda_attention(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal, kv_len=None,
+                        kv_start=None):  # fmt: skip
         impl = _triton("memory_attention", q.shape[3])
-        return impl.memory_attention_fwd(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal)
+        return impl.memory_attention_fwd(
+            q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal, kv_len, kv_start
+        )
 
     @torch.library.impl(OP_MERGE, "CUDA")
     def _cuda_merge(out_a, lse_a, out_b, lse_b):

@@ -2,6 +2,9 @@
 
 The chunk's queries attend to (a) a memory segment that every query sees and (b) the chunk's own keys, causally and
 bottom-right aligned: query t (of Tq) sees chunk key j (of Tk) iff ``j <= t + Tk - Tq`` (FlashAttention >= 2.1).
+With a static KV cache each batch row b has its own valid key range ``[kv_start[b], kv_len[b])`` of the Tk cache
+rows, and causality is aligned to the row's end: query t sees chunk key j iff ``kv_start[b] <= j < kv_len[b]`` and
+(causal) ``j <= t + kv_len[b] - Tq``.
 Memory keys are stored *before* RoPE and rotated here by a per-row position table; chunk keys arrive rotated.
 Everything is computed in fp32 (or in ``compute_dtype``, to measure a low-precision reference's own error).
 """
@@ -40,6 +43,8 @@ def memory_attention_reference(
     rope_sin: Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = True,
+    kv_len: Tensor | None = None,
+    kv_start: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """Attention of a chunk over [memory ; chunk].
@@ -52,6 +57,8 @@ def memory_attention_reference(
         rope_cos, rope_sin: ``[P, D/2]`` fp32 tables, row p = cos/sin(p · inv_freq); needed when ``mem_pos`` is given.
         softmax_scale: default ``1/sqrt(D)``.
         causal: bottom-right causal mask on the chunk part (memory is always fully visible).
+        kv_len: ``[B]`` integer, valid chunk keys per batch row (keys ``j >= kv_len[b]`` are never used); None: Tk.
+        kv_start: ``[B]`` integer, first valid chunk key per batch row (left padding); None: 0.
 
     Returns:
         ``out [B, Tq, Hq, D]`` in q's dtype and ``lse [B, Hq, Tq]`` fp32 (natural log of the softmax denominator,
@@ -68,16 +75,24 @@ def memory_attention_reference(
         keys.append(mk)
         values.append(mem_v.to(compute_dtype))
     m = keys[0].shape[1] if keys else 0
-    keys.append(k.to(compute_dtype))
-    values.append(v.to(compute_dtype))
+    # chunk key j of row b is usable iff start[b] <= j < end[b]; rows outside that range may hold garbage (a static
+    # cache): they are zeroed, so not even 0 * NaN reaches the result
+    j = torch.arange(tk, device=q.device)
+    end = torch.full((b,), tk, device=q.device) if kv_len is None else kv_len.to(q.device, torch.int64)
+    start = torch.zeros(b, dtype=torch.int64, device=q.device) if kv_start is None else kv_start.to(q.device).long()
+    in_range = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])  # [B, Tk]
+    keys.append(k.to(compute_dtype).masked_fill(~in_range[:, :, None, None], 0.0))
+    values.append(v.to(compute_dtype).masked_fill(~in_range[:, :, None, None], 0.0))
     kk = torch.cat(keys, dim=1).repeat_interleave(hq // hkv, dim=2)  # [B, M+Tk, Hq, D]
     vv = torch.cat(values, dim=1).repeat_interleave(hq // hkv, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.to(compute_dtype), kk) * scale  # [B, Hq, Tq, M+Tk]
-    visible = torch.ones(tq, m + tk, dtype=torch.bool, device=q.device)
+    visible = torch.ones(b, tq, m + tk, dtype=torch.bool, device=q.device)
+    chunk_visible = in_range[:, None, :].expand(b, tq, tk)
     if causal:
-        t = torch.arange(tq, device=q.device)[:, None]
-        j = torch.arange(tk, device=q.device)[None, :]
-        visible[:, m:] = j <= t + tk - tq
+        t = torch.arange(tq, device=q.device)[None, :, None]
+        chunk_visible = chunk_visible & (j[None, None, :] <= t + end[:, None, None] - tq)
+    visible[:, :, m:] = chunk_visible
+    visible = visible[:, None]  # [B, 1, Tq, M+Tk]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)  # [B, Hq, Tq]
     probs = torch.exp(scores.float() - lse[..., None]).nan_to_num(0.0).to(compute_dtype)  # -inf rows -> 0

@@ -11,16 +11,22 @@ One attention kernel serves prefill and decode, plus two small merge kernels:
   ``k1' = k1·cos − k2·sin``, ``k2' = k2·cos + k1·sin`` (Llama's ``rotate_half``) are formed in fp32 and rounded once to
   the input dtype. Queries are kept as halves too, so ``q·k'ᵀ = q1·k1'ᵀ + q2·k2'ᵀ`` needs no concatenation. Chunk
   keys (already rotated) go through the same two-half product.
-* **Two key loops, no mask tensor.** The memory loop has only a key-bound mask. The chunk loop is bottom-right causal
-  (query t sees chunk key j iff ``j <= t + causal_shift``, ``causal_shift = Tk − Tq``; ``Tk`` when not causal): its
-  upper bound is the last row's limit, so blocks that no row of the tile can see are never loaded.
+* **Two key loops, no mask tensor.** The memory loop has only a key-bound mask. The chunk loop covers the batch row's
+  valid keys ``[kv_start[b], kv_len[b])`` (loaded in the kernel; default ``[0, Tk)``) and is bottom-right causal
+  aligned to the row's end (query t sees chunk key j iff ``j <= t + kv_len[b] − Tq``): it starts at ``kv_start[b]``
+  and stops at the last row's limit, so blocks that no row of the tile can see are never loaded, and cache rows
+  outside the valid range are never read. The per-row values (and ``mem_pos``) are clamped to the tensors' extents
+  in the kernel, so even unchecked device values never index out of bounds.
 * **Online softmax in fp32**, scores in log2 units (``exp2``), rows that see no key end with ``out = 0``,
   ``lse = −inf``. The natural-log LSE is written next to the output.
-* **Split-KV.** The key index space ``[0, M + Tk)`` is cut into ``num_splits`` ranges of ``split_len`` keys (a
-  multiple of ``BLOCK_N``); grid axis 2 picks the range. With one split the kernel writes the final output; with more
-  it writes fp32 partials ``[S, B, Tq, Hq, D]`` / ``[S, B, Hq, Tq]`` that ``_combine_splits_kernel`` merges exactly.
-  Used when (batch × KV heads × row blocks) would leave SMs idle and there are enough keys (``plan_splits``): every
-  decode step over the M+ memory.
+* **Split-KV.** Each batch row's key index space ``[0, M + kv_len[b] − kv_start[b])`` (memory, then the valid chunk
+  keys) is cut into ranges of ``split_len`` keys (a multiple of ``BLOCK_N``), planned on the host from the shapes
+  (``M + Tk``, the most a row can have) so that nothing in the launch depends on the values; grid axis 2 picks the
+  range, and ranges past a row's keys are empty (partial lse −inf). (Cutting each row's own keys evenly would need
+  the loaded values live across the memory loop, which spills the sm_90a decode tiles.) With one split the kernel
+  writes the final output; with more it writes fp32 partials ``[S, B, Tq, Hq, D]`` / ``[S, B, Hq, Tq]`` that
+  ``_combine_splits_kernel`` merges exactly. Used when (batch × KV heads × row blocks) would leave SMs idle and there
+  are enough keys (``plan_splits``): every decode step over the M+ memory.
 
 ``tl.dot`` takes 16-bit tiles on tensor cores with fp32 accumulation. fp32 inputs use ``input_precision="ieee"``
 (no TF32), so fp32 results match the fp32 reference to fp32 rounding; that path is for checking, not speed.
@@ -147,13 +153,18 @@ def _memory_attention_fwd_kernel(
     sin_ptr,  # [P, D/2] fp32, contiguous
     o_ptr,  # [S, B, Tq, Hq, D] (S = 1: the output itself, else fp32 partials)
     lse_ptr,  # [S, B, Hq, Tq] fp32, last dim contiguous
+    kv_len_ptr,  # [B] int32 end of each row's valid chunk keys (read only when has_kv_len; else Tk)
+    kv_start_ptr,  # [B] int32 first valid chunk key of each row (read only when has_kv_start; else 0)
+    has_kv_len,
+    has_kv_start,
     Tq,
     Tk,
     M,
+    P,  # rows of the RoPE tables
     HKV,
     G,  # Hq // Hkv
-    causal_shift,  # chunk key j is visible to query t iff j <= t + causal_shift
-    split_len,  # keys of [memory ; chunk] per split, a multiple of BLOCK_N
+    causal_off,  # -Tq when causal (chunk key j is visible to query t iff j <= t + kv_len - Tq), else 0
+    split_len,  # positions of [memory ; valid chunk keys] per split, a multiple of BLOCK_N
     qk_scale,  # softmax_scale · log2(e)
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -199,9 +210,9 @@ def _memory_attention_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # this split's keys: [lo, hi) over [memory (M keys) ; chunk (Tk keys)]
+    # this split's positions [lo, hi) of [memory (M keys) ; the row's valid chunk keys] (the end is cut below)
     lo = i_s * split_len
-    hi = tl.minimum(lo + split_len, M + Tk)
+    hi = lo + split_len
 
     # ---- memory: every query sees every row; keys rotated here by their position ----
     p_mk = mk_ptr + i_b * stride_mkb + i_h * stride_mkh
@@ -211,7 +222,8 @@ def _memory_attention_fwd_kernel(
         o_n = start + o_nl
         m_n = o_n < mem_hi
         o_n64 = o_n.to(tl.int64)
-        b_pos = tl.load(pos_ptr + o_n64 * stride_pos, mask=m_n, other=0).to(tl.int64)
+        b_pos = tl.load(pos_ptr + o_n64 * stride_pos, mask=m_n, other=0)
+        b_pos = tl.minimum(tl.maximum(b_pos, 0), P - 1).to(tl.int64)  # checked on the host where it can be
         p_cs = b_pos[:, None] * HALF + o_dh[None, :]  # [BLOCK_N, D/2] into the [P, D/2] tables
         b_cos = tl.load(tl.multiple_of(cos_ptr + p_cs, [16, 16]), mask=m_n[:, None], other=0.0)
         b_sin = tl.load(tl.multiple_of(sin_ptr + p_cs, [16, 16]), mask=m_n[:, None], other=0.0)
@@ -230,12 +242,21 @@ def _memory_attention_fwd_kernel(
         b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
         b_m, b_l, b_acc = _online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
 
-    # ---- chunk: bottom-right causal; stop at the last row's limit (later blocks are invisible to every row) ----
+    # ---- chunk: keys [c_start, c_end), bottom-right causal aligned to c_end; split position p is key c_start + p - M;
+    # stop at the last row's limit (later blocks are invisible to every row) ----
+    # The row's range, loaded only now (kept live across the memory loop it spills the sm_90a decode tiles) and
+    # clamped to [0, Tk]: never an out-of-bounds row, whatever the values.
+    c_end = tl.load(kv_len_ptr + i_b, mask=has_kv_len != 0, other=Tk)
+    c_end = tl.minimum(tl.maximum(c_end, 0), Tk)
+    c_start = tl.load(kv_start_ptr + i_b, mask=has_kv_start != 0, other=0)
+    c_start = tl.minimum(tl.maximum(c_start, 0), c_end)
+    hi = tl.minimum(hi, M + c_end - c_start)
     p_ck = k_ptr + i_b * stride_kb + i_h * stride_kh
     p_cv = v_ptr + i_b * stride_vb + i_h * stride_vh
-    c_lo = tl.maximum(lo - M, 0)
+    causal_shift = c_end + causal_off  # chunk key j is visible to query t iff j <= t + causal_shift
+    c_lo = c_start + tl.maximum(lo - M, 0)
     t_last = (tl.minimum(i_m * BLOCK_M + BLOCK_M, num_rows) - 1) // G
-    c_hi = tl.minimum(tl.minimum(hi - M, Tk), t_last + causal_shift + 1)
+    c_hi = tl.minimum(c_start + hi - M, t_last + causal_shift + 1)
     for start in range(c_lo, c_hi, BLOCK_N):
         o_j = start + o_nl
         m_j = o_j < c_hi
@@ -403,11 +424,16 @@ def memory_attention_fwd(
     rope_sin: Tensor | None,
     softmax_scale: float,
     causal: bool,
+    kv_len: Tensor | None = None,
+    kv_start: Tensor | None = None,
     *,
     config: AttnConfig | None = None,
     num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch memory attention on validated inputs (contract: ``op.memory_attention``).
+
+    ``kv_len`` / ``kv_start`` (``[B]`` int32, on q's device) are read by the kernel, never here: nothing in the launch
+    depends on their values, so a CUDA graph of a decode step over a static cache stays valid as they change.
 
     ``config`` and ``num_splits`` override the automatic choices (``select_config``, ``plan_splits``); tests use them
     to drive many blocks and splits through tiny shapes.
@@ -428,19 +454,26 @@ def memory_attention_fwd(
         mem_k, mem_v = _aligned(mem_k), _aligned(mem_v)
     if m > 0 and mem_pos is not None:
         pos = mem_pos.to(torch.int32)
+        num_pos = rope_cos.shape[0]
         stride_pos = pos.stride(0)
         cos = _aligned(rope_cos.float().contiguous())
         sin = _aligned(rope_sin.float().contiguous())
     else:  # no rotation: every row reads table row 0 = (cos 1, sin 0), the identity, exactly
         pos = torch.zeros(1, dtype=torch.int32, device=q.device)
+        num_pos = 1
         stride_pos = 0
         cos = torch.ones((1, d // 2), dtype=torch.float32, device=q.device)
         sin = torch.zeros((1, d // 2), dtype=torch.float32, device=q.device)
 
+    # absent per-row ranges: the kernel does not load them (masked loads), any int32 pointer will do
+    has_kv_len, has_kv_start = int(kv_len is not None), int(kv_start is not None)
+    kv_len = pos if kv_len is None else kv_len.contiguous()
+    kv_start = pos if kv_start is None else kv_start.contiguous()
+
     rows = tq * group
     cfg = config or select_config(d, q.dtype, rows)
     row_blocks = triton.cdiv(rows, cfg.block_m)
-    num_keys = m + tk
+    num_keys = m + tk  # the most keys a row can have (shapes only: the split plan never depends on kv_len)
     if num_splits is None:
         splits, split_len = plan_splits(b * hkv * row_blocks, num_keys, cfg.block_n, _num_sms(q.device))
     else:
@@ -458,8 +491,8 @@ def memory_attention_fwd(
 
     grid = (row_blocks, b * hkv, splits)
     _memory_attention_fwd_kernel[grid](
-        q, k, v, mem_k, mem_v, pos, cos, sin, o_buf, l_buf,
-        tq, tk, m, hkv, group, (tk - tq) if causal else tk, split_len, softmax_scale * LOG2E,
+        q, k, v, mem_k, mem_v, pos, cos, sin, o_buf, l_buf, kv_len, kv_start, has_kv_len, has_kv_start,
+        tq, tk, m, num_pos, hkv, group, -tq if causal else 0, split_len, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -524,7 +557,8 @@ def compile_specs() -> list[KernelSpec]:
                 tensors = {name: f"*{ty}" for name in ("q_ptr", "k_ptr", "v_ptr", "mk_ptr", "mv_ptr")}
                 signature = _signature(
                     _memory_attention_fwd_kernel, constexprs, **tensors, pos_ptr="*i32", cos_ptr="*fp32",
-                    sin_ptr="*fp32", o_ptr="*fp32" if split else f"*{ty}", lse_ptr="*fp32", qk_scale="fp32",
+                    sin_ptr="*fp32", o_ptr="*fp32" if split else f"*{ty}", lse_ptr="*fp32", kv_len_ptr="*i32",
+                    kv_start_ptr="*i32", qk_scale="fp32",
                 )  # fmt: skip
                 specs.append(
                     KernelSpec(

@@ -1,4 +1,11 @@
-"""``torch.ops.mplus.gather_rows_``: gather rows from two sources ([LTM rows ; cached rows]) into a staging buffer."""
+"""``torch.ops.mplus.gather_rows_``: gather rows from two sources ([LTM rows ; cached rows]) into a staging buffer.
+
+The long-term rows live on the host; the retrieved indices are computed on the device. On CUDA the sources may be
+*pinned host* tensors while ``out`` and ``index`` are on the GPU: the Triton kernel then reads the selected rows
+straight from host memory through unified virtual addressing (a zero-copy gather, DESIGN.md §2.4) — no
+device-to-host sync of the indices, no CPU-side gather, no staging copy. On the CPU the same op is the threaded C++
+gather. On the meta device (the stand-in for a GPU) the call reaches the fake kernel.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import dense_rows
+from .._utils import check_integer, check_tensor, dense_rows, host_values
 from .reference import gather_rows_reference_
 
 OP = "mplus::gather_rows_"
@@ -16,46 +23,61 @@ def _dense_rows(t: Tensor) -> bool:  # [R, *F]: each row contiguous
     return dense_rows(t, 0)
 
 
+def _host_source_ok(src: Tensor, out: Tensor) -> bool:
+    """A host source for a device ``out``: pinned (CUDA reads it through UVA), or any host tensor when ``out`` is on
+    the meta device (no data moves there; pinning needs a CUDA runtime)."""
+    return src.device.type == "cpu" and out.device.type != "cpu" and (out.device.type == "meta" or src.is_pinned())
+
+
 def gather_rows_(out: Tensor, src_a: Tensor, src_b: Tensor, index: Tensor, *, backend: str | None = None) -> Tensor:
     """``out[r] = src_a[index[r]]`` if ``index[r] < len(src_a)`` else ``src_b[index[r] - len(src_a)]``; returns out.
 
     Args:
-        out: ``[R, *F]`` destination (e.g. a reusable, pinned staging buffer), contiguous rows.
-        src_a, src_b: ``[Na, *F]`` and ``[Nb, *F]`` sources, same dtype and device as ``out``, contiguous rows.
-        index: ``[R]`` integer indices into the concatenation ``[src_a ; src_b]`` (never materialised).
+        out: ``[R, *F]`` destination (e.g. a reusable staging buffer, or device memory), contiguous rows.
+        src_a, src_b: ``[Na, *F]`` and ``[Nb, *F]`` sources, out's dtype, contiguous rows; on out's device, or —
+            when out is on CUDA — pinned host memory (zero-copy read by the GPU).
+        index: ``[R]`` integer indices into the concatenation ``[src_a ; src_b]`` (never materialised), on out's
+            device (or on the host when out is on the host). Checked on the host when it is there; device indices
+            are range-checked only under ``MPLUS_DEBUG_CHECKS=1`` (a host sync).
     """
+    fn = "gather_rows_"
     for name, t in (("out", out), ("src_a", src_a), ("src_b", src_b), ("index", index)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"gather_rows_: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(fn, name, t)
     for name, t in (("src_a", src_a), ("src_b", src_b)):
         if t.dim() != out.dim() or t.shape[1:] != out.shape[1:]:
             raise ValueError(
-                f"gather_rows_: {name} {list(t.shape)} must be [N, {', '.join(map(str, out.shape[1:]))}]"
+                f"{fn}: {name} {list(t.shape)} must be [N, {', '.join(map(str, out.shape[1:]))}]"
                 f" to match out {list(out.shape)}"
             )
-        if t.dtype != out.dtype or t.device != out.device:
-            raise ValueError(f"gather_rows_: {name} is {t.dtype} on {t.device}; out is {out.dtype} on {out.device}")
+        if t.dtype != out.dtype or (t.device != out.device and not _host_source_ok(t, out)):
+            raise ValueError(
+                f"{fn}: {name} is {t.dtype} on {t.device}{' (not pinned)' if t.device.type == 'cpu' else ''}; out "
+                f"is {out.dtype} on {out.device}. Sources must be on out's device or, for a CUDA out, in pinned "
+                "host memory"
+            )
         if not _dense_rows(t):
-            raise ValueError(f"gather_rows_: {name} {list(t.shape)} must have contiguous rows")
+            raise ValueError(f"{fn}: {name} {list(t.shape)} must have contiguous rows")
     if out.dim() < 1 or not _dense_rows(out):
-        raise ValueError(f"gather_rows_: out {list(out.shape)} must be [R, ...] with contiguous rows")
+        raise ValueError(f"{fn}: out {list(out.shape)} must be [R, ...] with contiguous rows")
     if index.dim() != 1 or index.shape[0] != out.shape[0]:
-        raise ValueError(f"gather_rows_: index must be [R={out.shape[0]}], got {list(index.shape)}")
-    if index.dtype.is_floating_point or index.dtype == torch.bool:
-        raise TypeError(f"gather_rows_: index must be an integer tensor, got {index.dtype}")
+        raise ValueError(f"{fn}: index must be [R={out.shape[0]}], got {list(index.shape)}")
+    check_integer(fn, "index", index)
+    if index.device != out.device and not (index.device.type == "cpu" and out.device.type == "cpu"):
+        raise ValueError(f"{fn}: index is on {index.device}, expected {out.device} (where out is)")
     total = src_a.shape[0] + src_b.shape[0]
-    if index.numel():
-        lo, hi = int(index.min()), int(index.max())
+    if index.numel() and host_values(index):
+        lo, hi = (int(x) for x in torch.aminmax(index))
         if lo < 0 or hi >= total:
-            raise ValueError(f"gather_rows_: index range [{lo}, {hi}] is outside [0, {total}) (src_a + src_b rows)")
-    which = _backend.resolve("gather_rows_", out.device, backend)
-    index = index.to(device=out.device, dtype=torch.int64).contiguous()
-    if which == "cpp":
-        torch.ops.mplus.gather_rows_(out, src_a, src_b, index)
-    elif which == "triton":
-        _backend.import_triton_impl("gather").gather_rows_fwd(out, src_a, src_b, index)
-    else:
-        gather_rows_reference_(out, src_a, src_b, index)
+            raise ValueError(f"{fn}: index range [{lo}, {hi}] is outside [0, {total}) (src_a + src_b rows)")
+    which = _backend.resolve(fn, out.device, backend)
+    index = index.to(dtype=torch.int64).contiguous()
+    if not _backend.through_dispatcher(which, out.device):
+        if which == "triton":
+            _backend.import_triton_impl("gather").gather_rows_fwd(out, src_a, src_b, index)
+        else:
+            gather_rows_reference_(out, src_a, src_b, index)
+        return out
+    torch.ops.mplus.gather_rows_(out, src_a, src_b, index)
     return out
 
 

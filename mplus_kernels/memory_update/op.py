@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import dense_rows
+from .._utils import check_integer, check_tensor, dense_rows, host_values
 from .._utils import shape_str as _shape
 from .reference import memory_update_reference_
 
@@ -26,9 +26,7 @@ def _dense_rows(t: Tensor) -> bool:  # slot tensors [L, N, *F]: each (l, n) row 
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"memory_update_: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
+    return check_tensor("memory_update_", name, t)
 
 
 def validate_memory_update(
@@ -57,22 +55,24 @@ def validate_memory_update(
     num_layers, n = pos.shape
     if victims.dim() != 2 or victims.shape[0] != num_layers:
         raise ValueError(f"memory_update_: victims must be [L={num_layers}, K], got {_shape(victims)}")
-    if victims.dtype.is_floating_point or victims.dtype == torch.bool or victims.is_complex():
-        raise TypeError(f"memory_update_: victims must be an integer tensor, got {victims.dtype}")
+    check_integer("memory_update_", "victims", victims)
     k = victims.shape[1]
     if k > n:
         raise ValueError(f"memory_update_: victims {_shape(victims)} asks to drop K={k} rows of only N={n} per layer")
     if victims.device not in (device, torch.device("cpu")):
         raise ValueError(f"memory_update_: victims are on {victims.device}; expected {device} or cpu")
-    v = victims.to(device=device, dtype=torch.int64).sort(dim=1).values.contiguous()
-    if v.numel():
-        lo, hi = int(v.min()), int(v.max())
+    # Values are checked where they are (host victims, e.g. drawn by draw_victims), before the move to the device:
+    # no device-to-host sync. Device victims are checked by the raw op (C++) or under MPLUS_DEBUG_CHECKS=1.
+    v = victims.to(torch.int64).sort(dim=1).values
+    if v.numel() and host_values(v):
+        lo, hi = (int(x) for x in torch.aminmax(v))
         if lo < 0 or hi >= n:
             raise ValueError(f"memory_update_: victims must be logical positions in [0, {n}), got range [{lo}, {hi}]")
         dup = (v[:, 1:] == v[:, :-1]).any(dim=1)
         if bool(dup.any()):
             layer = int(dup.nonzero()[0])
             raise ValueError(f"memory_update_: victims of layer {layer} contain duplicates: {v[layer].tolist()}")
+    v = v.to(device).contiguous()
 
     if not isinstance(slots, (list, tuple)) or not isinstance(new_rows, (list, tuple)):
         raise TypeError("memory_update_: slots and new_rows must be lists of tensors")
@@ -144,7 +144,7 @@ def memory_update_(
     if dropped is None:
         dropped = [torch.empty((s.shape[0], k, *s.shape[2:]), dtype=s.dtype, device=s.device) for s in slots]
     slots, dropped = list(slots), list(dropped)
-    if which == "cpp":
+    if _backend.through_dispatcher(which, pos.device):
         torch.ops.mplus.memory_update_(pos, order, v, slots, fresh, dropped)
     elif which == "triton":
         _backend.import_triton_impl("memory_update").memory_update_fwd(pos, order, v, slots, fresh, dropped)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._utils import check_tensor
 from .._utils import shape_str as _shape
 from .reference import retrieve_topk_reference
 
@@ -23,8 +24,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check_matrix(name: str, t: object, rows: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"retrieve_topk: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor("retrieve_topk", name, t)
     if t.dim() != 2:
         raise ValueError(f"retrieve_topk: {name} must be a 2-D [{rows}, ds] tensor, got {t.dim()}-D {_shape(t)}")
     if t.dtype not in DTYPES:
@@ -97,7 +97,7 @@ def retrieve_topk(
     """
     queries, keys, keys2, k = _validate(queries, keys, keys2, k)
     which = _backend.resolve("retrieve_topk", queries.device, backend)
-    if which == "cpp":
+    if _backend.through_dispatcher(which, queries.device):
         return torch.ops.mplus.retrieve_topk(queries, keys, keys2, k)
     if which == "triton":
         return _backend.import_triton_impl("retrieval").retrieve_topk_fwd(queries, keys, keys2, k)
