@@ -43,3 +43,20 @@ bench: $(BUILD_STAMP)
 
 clean:
 	rm -rf build $(VENV) $(RESULTS) mplus_kernels/_C*.so *.egg-info
+
+# make gpu-check: the one command for a machine with an NVIDIA GPU (README "Validating on a GPU"). It uses that
+# machine's own python3, torch, triton and transformers: no venv, nothing downloaded (PYTHON=... picks another
+# interpreter, GPU_CHECK_ARGS="--only bench" etc. a part). Builds the extension in place, then tests on CUDA, the
+# compile check and the GPU benchmarks, in under 10 minutes; results in gpu-check-results/.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) -m mplus.gpu_check $(GPU_CHECK_ARGS)
+
+# make gpu-check-wheels (on a machine with PyPI): the pure-Python wheels of pytest and its dependencies for Python 3.12,
+# in gpu-check-wheels/. Copied along to a GPU machine whose python lacks pytest, gpu-check unpacks them next to its
+# results and puts them on PYTHONPATH (nothing is installed there).
+GPU_CHECK_WHEELS ?= gpu-check-wheels
+.PHONY: gpu-check-wheels
+gpu-check-wheels: $(STAMP)
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 -d $(GPU_CHECK_WHEELS) pytest==9.2.0

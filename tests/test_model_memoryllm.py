@@ -114,10 +114,14 @@ def test_fused_and_reference_agree_on_gqa4_bf16():
     assert_close(fused[1], ref[1], atol=0.03 * float(scale), rtol=0, name="decode logits (bf16)")
 
 
-def test_every_op_on_triton_matches_reference_end_to_end(monkeypatch):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_every_op_on_triton_matches_reference_end_to_end(monkeypatch, device):
     """M+ at head dim 64 (the Triton attention kernel's smallest), fp32, every op on its Triton kernel (the
-    interpreter here): five injections (two merges), a prefill with retrieval, greedy decoding; against the same
-    model on reference kernels."""
+    interpreter on cpu; compiled kernels and pinned-host long-term rows on cuda): five injections (two merges), a
+    prefill with retrieval, greedy decoding; against the same model on reference kernels on the CPU."""
     cfg = MPlusConfig.mplus_8b(vocab_size=89, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=2, num_key_value_heads=1, num_tokens=4, num_blocks=6,
                                num_ltm_blocks=2, update_ltm_frequency=2, selector_hidden_dim=16,
@@ -129,12 +133,16 @@ def test_every_op_on_triton_matches_reference_end_to_end(monkeypatch):
         monkeypatch.setenv("MPLUS_BACKEND", backend)
         model = MPlusForCausalLM(cfg, kernels="fused", max_length=32)
         _randomise(model, 3)
+        where = "cpu" if backend == "reference" else device
+        model.to(where)
         torch.manual_seed(4)
         for length in (11, 6, 9, 4, 13):
             model.inject(torch.randint(0, 89, (1, length), generator=torch.Generator().manual_seed(length)))
-        ids = torch.tensor([[5, 17, 33, 2, 60, 41]])
+        ids = torch.tensor([[5, 17, 33, 2, 60, 41]], device=where)
         out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        outs[backend] = (out.sequences, torch.cat(out.logits), model.stm.logical("hidden"), list(model.ltm.size))
+        outs[backend] = (
+            out.sequences.cpu(), torch.cat(out.logits).cpu(), model.stm.logical("hidden").cpu(), list(model.ltm.size)
+        )
     ref, tri = outs["reference"], outs["triton"]
     assert tri[3] == ref[3], "long-term sizes"
     # rows of magnitude ~8 after two layers of fp32 kernels with other summation orders: ~1e-5 relative
