@@ -76,6 +76,11 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
         elif device.type == "cpu":
             requested = "cpp"
         elif device.type == "meta":
+            if not cpp_available():  # the fake kernels hang off the schemas, which the extension declares
+                raise BackendUnavailableError(
+                    f"{op}: tensors on meta reach the fake kernel through torch.ops.mplus, whose schemas come from "
+                    f"the C++ extension mplus_kernels._C, which did not load ({_C_IMPORT_ERROR})"
+                )
             return "meta"
         else:
             raise BackendUnavailableError(f"{op}: no backend for tensors on device type {device.type!r}")
@@ -98,8 +103,11 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
 
 def through_dispatcher(which: str, device: torch.device) -> bool:
     """Whether a call resolved to ``which`` goes through ``torch.ops.mplus`` (else: the reference, or the Triton
-    launcher called directly on CPU tensors under the interpreter)."""
-    return which != "reference" and not (which == "triton" and device.type == "cpu")
+    launcher called directly: on CPU tensors under the interpreter, or on CUDA when the extension that declares the
+    schemas is not built)."""
+    if which == "reference":
+        return False
+    return not (which == "triton" and (device.type == "cpu" or not cpp_available()))
 
 
 def import_triton_impl(module: str):

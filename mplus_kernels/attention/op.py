@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _backend, _config
+from .. import _backend
 from .._utils import check_device, check_float, check_integer, check_tensor, host_values
 from .._utils import shape_str as _shape
 from .reference import memory_attention_reference, merge_attention_states_reference
@@ -188,25 +188,14 @@ def _triton(fn: str, head_dim: int):
 
 
 def _route(fn: str, op: str, device: torch.device, backend: str | None, head_dim: int | None = None) -> str:
-    """Where a validated call goes: ``"reference"``, ``"triton"`` (the launcher itself: CPU tensors under the
-    interpreter, or CUDA without the extension that declares the schemas) or ``"op"`` (``torch.ops.mplus``, which
-    picks the kernel by device key). Raises ``BackendUnavailableError`` for what cannot run, before anything does."""
-    requested = (backend or _config.backend_override()).lower()
-    if requested == "auto" and device.type not in ("cpu", "cuda"):
-        # meta (or any other key with a fake kernel): the backend table has no row for it; the dispatcher has one
-        if not _backend.cpp_available():
-            raise _backend.BackendUnavailableError(
-                f"{fn}: tensors on {device} reach {op}'s fake kernel through torch.ops, whose schema comes from the "
-                f"C++ extension mplus_kernels._C, which did not load ({_backend.cpp_import_error()})"
-            )
-        return "op"
+    """Where a validated call goes: ``"reference"``, ``"triton"`` (the launcher itself, see
+    :func:`_backend.through_dispatcher`) or ``"op"`` (``torch.ops.mplus``, which picks the kernel by device key).
+    Raises ``BackendUnavailableError`` for what cannot run, before anything does."""
     which = _backend.resolve(fn, device, backend)
-    if which == "reference":
-        return "reference"
     if which == "triton" and head_dim is not None:
         _triton(fn, head_dim)
-    if which == "triton" and (device.type == "cpu" or not _backend.cpp_available()):
-        return "triton"
+    if not _backend.through_dispatcher(which, device):
+        return which
     if device.type == "cpu" and not torch.compiler.is_compiling():
         _require_cpu_kernel(op, fn)
     return "op"
