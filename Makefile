@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_WHEELS ?= /opt/wheels
 STAMP := $(VENV)/.mplus-deps
 BUILD_STAMP := $(VENV)/.mplus-build
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/isa/*.cpp csrc/cuda/*.cu)
 RESULTS ?= bench-results
 PYTEST_ARGS ?=
 

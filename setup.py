@@ -1,9 +1,11 @@
 """Build of mplus and its compiled extension ``mplus_kernels._C``.
 
-C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always compiled. CUDA sources (csrc/cuda/*.cu) are compiled only
-when a CUDA toolkit and a CUDA build of torch are both present, or when ``MPLUS_BUILD_CUDA=1`` insists (then a
-missing piece is an error); ``MPLUS_BUILD_CUDA=0`` turns them off. ``MPLUS_CPU_ARCH`` (default ``native``) is the
-``-march`` of the CPU kernels. A compiler error fails the install: there is no pure-Python fallback.
+C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp, and csrc/cpu/isa/*.cpp: each kernel family once per ISA level) are
+always compiled, without ``-march``: the extension runs on any x86-64 CPU and picks its kernels' ISA level at load
+(csrc/cpu/isa.h; ``MPLUS_CPU_ISA`` overrides it at run time). CUDA sources (csrc/cuda/*.cu) are compiled only when a
+CUDA toolkit and a CUDA build of torch are both present, or when ``MPLUS_BUILD_CUDA=1`` insists (then a missing
+piece is an error); ``MPLUS_BUILD_CUDA=0`` turns them off. A compiler error fails the install: there is no
+pure-Python fallback.
 
 Install (torch first, then): ``pip install -e . --no-build-isolation``.
 """
@@ -35,9 +37,13 @@ def _want_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    arch = os.environ.get("MPLUS_CPU_ARCH", "native").strip() or "native"
-    cxx = ["-O3", "-fopenmp", f"-march={arch}", "-Wall", "-Wno-unused-function"]
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/cpu/isa/*.cpp")
+    if os.environ.get("MPLUS_CPU_ARCH"):
+        raise RuntimeError(
+            "MPLUS_CPU_ARCH is gone: the CPU kernels are built for every ISA level and picked at run time "
+            "(MPLUS_CPU_ISA=baseline|avx2|avx512 chooses one); unset MPLUS_CPU_ARCH"
+        )
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     if _want_cuda():
         return CUDAExtension(
             "mplus_kernels._C",

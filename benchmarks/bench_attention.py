@@ -33,10 +33,11 @@ from torch.nn.attention.bias import causal_lower_right
 
 import mplus_kernels  # noqa: F401  (registers torch.ops.mplus.*)
 from mplus_kernels.attention.reference import apply_rope
+from mplus_kernels.testing import mplus_providers
 
 B, M, HQ, HKV, D = 1, 12_801, 32, 8, 128
 SCALE = 1.0 / math.sqrt(D)
-PROVIDERS = ["official", "sdpa_gqa", "flex", "mplus"]
+PROVIDERS = ["official", "sdpa_gqa", "flex", *mplus_providers()]  # mplus@<level>: MPLUS_BENCH_ISAS (conftest)
 ROUNDS = {1: 30, 256: 3, 2048: 1}  # the peers take > 1 s per call at Tq 2048; mplus gets 3x the rounds
 
 _cache: dict[tuple[int, torch.dtype], dict] = {}
@@ -142,7 +143,7 @@ def test_memory_attention(bench, benchmark, provider, dtype, tq):
     if provider == "flex":
         fn, first_call = _flex(x)
     else:
-        fn = {"official": _official, "sdpa_gqa": _sdpa_gqa, "mplus": _mplus}[provider](x)
+        fn = {"official": _official, "sdpa_gqa": _sdpa_gqa, "mplus": _mplus}[provider.split("@")[0]](x)
 
     phase = "decode" if tq == 1 else "prefill"
     extra = {}
@@ -151,7 +152,7 @@ def test_memory_attention(bench, benchmark, provider, dtype, tq):
     if phase == "decode":
         n_kv = M + tq
         extra["moved_bytes"] = (2 * B * n_kv * HKV * D + 2 * B * tq * HQ * D) * elt
-    rounds = ROUNDS[tq] * (3 if provider == "mplus" and tq > 1 else 1)
+    rounds = ROUNDS[tq] * (3 if provider.startswith("mplus") and tq > 1 else 1)
     out = bench(
         fn,
         group=f"attention/{phase}/T{tq}/{str(dtype).replace('torch.', '')}",

@@ -23,14 +23,14 @@ import pytest
 import torch
 
 import mplus_kernels as mk
-from mplus_kernels.testing import measure_peak_memory, peak_memory_available
+from mplus_kernels.testing import measure_peak_memory, mplus_providers, peak_memory_available
 
 DS, K0 = 256, 2560
 T_MAX = 2048
 PROVIDERS = {
     "official": mk.official_retrieve_reference,
     "chunked": mk.retrieve_topk_chunked,
-    "mplus": mk.retrieve_topk,
+    **{name: mk.retrieve_topk for name in mplus_providers()},  # mplus@<level>: MPLUS_BENCH_ISAS (conftest)
 }
 
 _cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}

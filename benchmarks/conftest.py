@@ -6,6 +6,10 @@ Conventions the report (``benchmarks/report.py``) relies on:
 * ``benchmark.extra_info["peak_extra_bytes"]`` is measured in a separate call (``measure_peak_memory``), never
   during timing; other metrics (``tflops``, ``gbps``, ``gflops``) are optional; ``moved_bytes`` (bytes read +
   written once) turns into ``gbps`` from the measured median.
+* ``benchmark.extra_info["cpu_isa"]`` is the ISA level the C++ CPU kernels ran at, and ``fp32_peak_gflops`` the
+  machine's measured fp32 peak (see ``fp32_peak_gflops``); the report turns ``tflops``/``gflops`` into a fraction of it.
+* ``MPLUS_BENCH_ISAS=all`` (or a comma list of levels) adds one provider ``mplus@<level>`` per other ISA level this
+  CPU runs, on the same inputs, next to ``mplus`` (the best level, or the one ``MPLUS_CPU_ISA`` forces).
 Benchmarks never assert on time.
 """
 
@@ -18,13 +22,18 @@ from typing import Any
 import pytest
 import torch
 
-from mplus_kernels.testing import measure_peak_memory, peak_memory_available
+import mplus_kernels as mk
+from mplus_kernels.testing import fp32_peak_gflops, measure_peak_memory, peak_memory_available, provider_isa
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 
 def pytest_report_header(config):  # noqa: ARG001
-    return f"mplus benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus"
+    return (
+        f"mplus benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+        f"CPU kernels at ISA level {mk.cpu_isa()} (this CPU runs {', '.join(mk.supported_cpu_isas())}), "
+        f"measured fp32 peak {fp32_peak_gflops():.0f} GFLOP/s"
+    )
 
 
 def run_benchmark(
@@ -42,7 +51,22 @@ def run_benchmark(
 ) -> Any:
     """Time ``fn`` with pytest-benchmark (median over ``rounds``) and record the conventions above."""
     benchmark.group = group
-    info = {"provider": provider, "shape": shape, "dtype": str(dtype).replace("torch.", ""), **extra}
+    level = provider_isa(provider)
+    if level is not None:  # the same call at another ISA level of the C++ kernels
+        inner = fn
+
+        def fn():
+            with mk.use_cpu_isa(level):
+                return inner()
+
+    info = {
+        "provider": provider,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "cpu_isa": level or mk.cpu_isa(),
+        "fp32_peak_gflops": fp32_peak_gflops(),
+        **extra,
+    }
     if measure_memory and peak_memory_available():
         fn()  # warm caches and lazy initialisation out of the memory measurement
         _, info["peak_extra_bytes"] = measure_peak_memory(fn)

@@ -3,7 +3,9 @@
     python benchmarks/report.py bench-results/latest.json [--png bench-results/speedups.png]
 
 Per group: every provider's median time, peak extra memory and metrics, and "mplus speed-up" = the provider's
-median / mplus's median (so > 1 means mplus is faster).
+median / mplus's median (so > 1 means mplus is faster). "ISA" is the level the C++ CPU kernels ran at
+(``mplus@<level>`` rows: the same call at another level), "of fp32 peak" the provider's FLOP rate as a fraction of the
+machine's measured fp32 peak (``fp32_peak_gflops``, a dense fp32 matmul; see benchmarks/conftest.py).
 """
 
 from __future__ import annotations
@@ -59,10 +61,17 @@ def speedups(groups: dict[str, list[dict]]) -> list[tuple[str, str, float]]:
     return out
 
 
+def _peak_fraction(info: dict) -> str:
+    gflops = info["tflops"] * 1e3 if "tflops" in info else info.get("gflops")
+    peak = info.get("fp32_peak_gflops")
+    return "–" if gflops is None or not peak else f"{gflops / peak:.0%}"
+
+
 def markdown(groups: dict[str, list[dict]]) -> str:
     lines = [
-        "| group | shape | dtype | provider | median | rounds | mplus speed-up | peak extra | metric |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| group | shape | dtype | provider | ISA | median | rounds | mplus speed-up | peak extra | metric "
+        "| of fp32 peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group in sorted(groups):
         rows = sorted(groups[group], key=lambda r: (r["provider"] != "mplus", r["provider"]))
@@ -73,8 +82,8 @@ def markdown(groups: dict[str, list[dict]]) -> str:
             metric = ", ".join(f"{m} {info[m]:.3g}" for m in METRICS if m in info) or "–"
             lines.append(
                 f"| {group} | {info.get('shape', '')} | {info.get('dtype', '')} | {r['provider']} | "
-                f"{_fmt_time(r['median'])} | {r['rounds']} | {ratio} | {_fmt_bytes(info.get('peak_extra_bytes'))} | "
-                f"{metric} |"
+                f"{info.get('cpu_isa', '–')} | {_fmt_time(r['median'])} | {r['rounds']} | {ratio} | "
+                f"{_fmt_bytes(info.get('peak_extra_bytes'))} | {metric} | {_peak_fraction(info)} |"
             )
     return "\n".join(lines)
 

@@ -2,13 +2,56 @@
 // elsewhere (csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(mplus, CPU, m); Triton kernels: from Python for CUDA).
 // Every op here has a fake kernel in mplus_kernels/<family>/op.py so torch.compile can trace it.
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include "cpu/isa.h"
+
+namespace {
+
+// _C.cpu_isa() -> str: the ISA level the CPU kernels use now (csrc/cpu/isa.h).
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(mplus::isa_name(mplus::active_isa())); }
+
+// _C.set_cpu_isa(name): use that level from now on; ValueError for an unknown or unsupported one.
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "set_cpu_isa: expected a str naming an ISA level");
+    return nullptr;
+  }
+  try {
+    mplus::set_active_isa(mplus::isa_from_name(name));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// _C.cpu_isa_levels() -> list[tuple[str, bool]]: every level, lowest first, and whether this CPU can run it.
+PyObject* py_cpu_isa_levels(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(mplus::kNumIsa);
+  for (int i = 0; i < mplus::kNumIsa; ++i) {
+    const auto isa = static_cast<mplus::Isa>(i);
+    PyList_SET_ITEM(out, i, Py_BuildValue("(sO)", mplus::isa_name(isa), mplus::isa_supported(isa) ? Py_True : Py_False));
+  }
+  return out;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The ISA level the CPU kernels use now."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O, "Make the CPU kernels use this ISA level (it must be supported)."},
+    {"cpu_isa_levels", py_cpu_isa_levels, METH_NOARGS, "[(level, supported by this CPU)], lowest level first."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
 
 extern "C" {
 // `import mplus_kernels._C` loads this library, which runs the static op registrations below and in csrc/cpu.
-// The module itself is empty: ops are reached through torch.ops.mplus.
+// Ops are reached through torch.ops.mplus; the module itself only carries the CPU ISA level functions above.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

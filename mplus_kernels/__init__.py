@@ -3,7 +3,16 @@
 Each op family is a subpackage (reference.py, triton_impl.py, op.py). This package never imports transformers.
 """
 
-from ._backend import BackendUnavailableError, cpp_available, resolve
+from ._backend import (
+    BackendUnavailableError,
+    cpp_available,
+    cpu_isa,
+    cpu_isa_levels,
+    resolve,
+    set_cpu_isa,
+    supported_cpu_isas,
+    use_cpu_isa,
+)
 from .attention import (
     memory_attention,
     memory_attention_reference,
@@ -17,6 +26,8 @@ from .retrieval import official_retrieve_reference, retrieve_topk, retrieve_topk
 __all__ = [
     "BackendUnavailableError",
     "cpp_available",
+    "cpu_isa",
+    "cpu_isa_levels",
     "draw_victims",
     "gather_rows_",
     "memory_attention",
@@ -31,4 +42,7 @@ __all__ = [
     "retrieve_topk",
     "retrieve_topk_chunked",
     "retrieve_topk_reference",
+    "set_cpu_isa",
+    "supported_cpu_isas",
+    "use_cpu_isa",
 ]

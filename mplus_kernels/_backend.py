@@ -18,8 +18,10 @@ raises :class:`BackendUnavailableError` saying what is missing; nothing falls ba
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+from collections.abc import Iterator
 
 import torch
 
@@ -35,6 +37,66 @@ except ImportError as exc:  # kept, and reported when the cpp backend is asked f
 
 class BackendUnavailableError(RuntimeError):
     """A backend was requested (explicitly or by ``auto``) that cannot run here."""
+
+
+# --- ISA level of the C++ CPU kernels (csrc/cpu/isa.h) ------------------------------------------------------------
+
+
+def _require_cpp(what: str) -> None:
+    if _C_IMPORT_ERROR is not None:
+        raise BackendUnavailableError(f"{what}: the C++ extension mplus_kernels._C did not load ({_C_IMPORT_ERROR})")
+
+
+def cpu_isa_levels() -> list[tuple[str, bool]]:
+    """Every ISA level the C++ CPU kernels are built for, lowest first, with whether this CPU can run it."""
+    _require_cpp("cpu_isa_levels")
+    return [(name, bool(ok)) for name, ok in _C.cpu_isa_levels()]
+
+
+def supported_cpu_isas() -> list[str]:
+    """The levels this CPU runs, lowest first (``baseline`` always)."""
+    return [name for name, ok in cpu_isa_levels() if ok]
+
+
+def cpu_isa() -> str:
+    """The ISA level the C++ CPU kernels use now."""
+    _require_cpp("cpu_isa")
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(level: str) -> None:
+    """Make every C++ CPU kernel use ``level`` (``auto``: the best this CPU runs) from now on, in every thread.
+    Raises ``ValueError`` for an unknown level or one this CPU lacks, and changes nothing then."""
+    _require_cpp("set_cpu_isa")
+    if not isinstance(level, str):
+        raise TypeError(f"set_cpu_isa: level must be a str, got {type(level).__name__}")
+    name = level.strip().lower()
+    if name == "auto":
+        name = supported_cpu_isas()[-1]
+    elif name not in _config.CPU_ISA_LEVELS:
+        raise ValueError(f"set_cpu_isa: level {level!r} is not one of auto, {', '.join(_config.CPU_ISA_LEVELS)}")
+    _C.set_cpu_isa(name)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(level: str) -> Iterator[None]:
+    """``with use_cpu_isa("avx2"):`` runs the C++ CPU kernels at that level inside the block, then restores the
+    previous one. The level is process-wide: do not switch it while other threads run mplus ops."""
+    previous = cpu_isa()
+    set_cpu_isa(level)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+if _C_IMPORT_ERROR is None and _config.cpu_isa() != "auto":
+    try:
+        set_cpu_isa(_config.cpu_isa())
+    except ValueError as exc:
+        raise ValueError(
+            f"MPLUS_CPU_ISA={_config.cpu_isa()}: {exc}; this CPU runs {', '.join(supported_cpu_isas())}"
+        ) from None
 
 
 def cpp_available() -> bool:

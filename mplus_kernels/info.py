@@ -39,6 +39,14 @@ def report() -> str:
         "backends:",
         "  cpp (CPU kernels, mplus_kernels._C): "
         + ("built" if _backend.cpp_available() else f"NOT AVAILABLE: {_backend.cpp_import_error()}"),
+        "  cpp ISA level: "
+        + (
+            f"{_backend.cpu_isa()} (built: "
+            + ", ".join(f"{n}{'' if ok else ' [this CPU lacks it]'}" for n, ok in _backend.cpu_isa_levels())
+            + f"; MPLUS_CPU_ISA={_config.cpu_isa()})"
+            if _backend.cpp_available()
+            else "-"
+        ),
         f"  triton on cuda: {'available' if triton_cuda is None else triton_cuda}",
         f"  triton on cpu (interpreter): {'available' if triton_cpu is None else triton_cpu}",
         "  reference: available",

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import _backend
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-10),
@@ -154,3 +158,40 @@ def measure_peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
     result = fn()
     peak = _status_kib("VmHWM")
     return result, max(0, peak - base) * 1024
+
+
+# --- benchmarks: ISA variants of the C++ kernels, and the machine's fp32 peak --------------------------------------
+
+
+def mplus_providers(name: str = "mplus") -> list[str]:
+    """``[name]``, plus ``name@<level>`` for every other ISA level that ``MPLUS_BENCH_ISAS`` asks for (``all``: every
+    level this CPU runs; else a comma list; unset: none)."""
+    asked = os.environ.get("MPLUS_BENCH_ISAS", "").strip().lower()
+    if not asked:
+        return [name]
+    supported = _backend.supported_cpu_isas()
+    levels = supported if asked == "all" else [lvl.strip() for lvl in asked.split(",") if lvl.strip()]
+    for lvl in levels:
+        if lvl not in supported:
+            raise ValueError(f"MPLUS_BENCH_ISAS: level {lvl!r} is not one this CPU runs ({', '.join(supported)})")
+    return [name] + [f"{name}@{lvl}" for lvl in levels if lvl != _backend.cpu_isa()]
+
+
+def provider_isa(provider: str) -> str | None:
+    """The ISA level a ``name@<level>`` provider runs at (None for any other provider)."""
+    return provider.split("@", 1)[1] if "@" in provider else None
+
+
+@functools.cache
+def fp32_peak_gflops() -> float:
+    """The machine's fp32 peak as measured here: the best of 5 fp32 [2048 x 2048] @ [2048 x 2048] matmuls on all
+    intra-op threads (torch's BLAS reaches ~90% of the FMA units' peak on x86), in GFLOP/s. A measured, not a
+    datasheet, peak: the fraction the report gives is of what this machine delivers on dense fp32 FMAs."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best / 1e9

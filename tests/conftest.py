@@ -30,3 +30,29 @@ def pytest_report_header(config):  # noqa: ARG001
         f"mplus: torch {torch.__version__}, device {DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, "
         f"cpp backend {'built' if _backend.cpp_available() else 'MISSING: ' + str(_backend.cpp_import_error())}"
     )
+
+
+def _cpu_isa_levels() -> list[str]:
+    from mplus_kernels import _backend
+
+    return _backend.supported_cpu_isas() if _backend.cpp_available() else ["baseline"]
+
+
+def pytest_generate_tests(metafunc):
+    # Tests that use the `cpu_isa` fixture (directly or through `pytestmark = pytest.mark.usefixtures("cpu_isa")`)
+    # run once per ISA level of the C++ kernels that this CPU executes: every CI machine (x86-64 with AVX2 at least)
+    # covers the baseline and AVX2 variants, an AVX-512 machine the AVX-512 one too.
+    if "cpu_isa" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_isa", _cpu_isa_levels(), indirect=True)
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """The ISA level the C++ CPU kernels run at during the test (restored after it)."""
+    from mplus_kernels import _backend
+
+    if not _backend.cpp_available():
+        yield request.param
+        return
+    with _backend.use_cpu_isa(request.param):
+        yield request.param

@@ -24,6 +24,8 @@ from mplus_kernels.testing import assert_close, assert_equal, assert_within_refe
 if not _backend.cpp_available():  # a missing build is a failure, not a skip
     raise ImportError(f"the C++ extension did not load: {_backend.cpp_import_error()}")
 
+pytestmark = pytest.mark.usefixtures("cpu_isa")  # every test once per ISA level this CPU runs (conftest.py)
+
 attention = torch.ops.mplus.memory_attention
 merge = torch.ops.mplus.merge_attention_states
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -258,7 +260,7 @@ def test_kv_empty_range_sees_only_memory(tq, group):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("tq", "group"), [(1, 8), (2, 4)])
-def test_kv_ranges_split_kv_decode(four_threads, tq, group, dtype):  # noqa: ARG001
+def test_kv_ranges_split_kv_decode(tq, group, dtype):
     """Split-KV over a long memory and a static cache: each row splits its own keys (memory + valid chunk keys)."""
     args = make_case(3, tq, 300, 2000, group, 1, 128, dtype, gen_seed=group)
     args, kv = static_cache(args, [300, 17, 150], [0, 0, 150])
@@ -266,20 +268,32 @@ def test_kv_ranges_split_kv_decode(four_threads, tq, group, dtype):  # noqa: ARG
 
 
 # --- split-KV decode and merging --------------------------------------------------------------------------------------
-@pytest.fixture
-def four_threads():
-    """More threads than batch x splits would need, so decode splits the keys (the merge path of split-KV)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(old)
+# Decode splits a row's keys into splits of ~1024 keys (by the shape alone), so these 3,300-key cases take the merge
+# path of split-KV whatever the thread count.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tq", "group"), [(1, 8), (1, 4), (2, 4), (8, 1)])
+def test_decode_split_kv(tq, group, dtype):
+    args = make_case(1, tq, 300, 3000, group, 1, 128, dtype, gen_seed=group)
+    check(args, 1 / math.sqrt(128), True, name=f"split-KV Tq={tq} G={group}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("tq", "group"), [(1, 8), (1, 4), (2, 4), (8, 1)])
-def test_decode_split_kv(four_threads, tq, group, dtype):  # noqa: ARG001
-    args = make_case(1, tq, 300, 3000, group, 1, 128, dtype, gen_seed=group)
-    check(args, 1 / math.sqrt(128), True, name=f"split-KV Tq={tq} G={group}")
+@pytest.mark.parametrize(("b", "tq", "group", "m"), [(1, 1, 4, 5000), (2, 2, 4, 2500), (1, 64, 4, 700), (3, 1, 1, 40)])
+def test_bits_do_not_depend_on_thread_count(b, tq, group, m, dtype):
+    """Decode (split-KV) and prefill give the same bits on 1, 2 and 3 threads: splits and reduction order follow the
+    shape, never the machine."""
+    args = make_case(b, tq, 100, m, 2 * group, 2, 128, dtype, gen_seed=m)
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(attention(*args, 1 / math.sqrt(128), True))
+    finally:
+        torch.set_num_threads(old)
+    for threads, (out, lse) in zip((2, 3), results[1:], strict=True):
+        assert_equal(out, results[0][0], name=f"out on {threads} threads vs 1")
+        assert_equal(lse, results[0][1], name=f"lse on {threads} threads vs 1")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

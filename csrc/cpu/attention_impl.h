@@ -1,0 +1,502 @@
+// Memory attention on the CPU, ISA-generic drivers (csrc/cpu/attention.cpp checks the arguments and builds the
+// Problem; the files in isa/ compile this once per ISA level inside namespace mplus::<level>, see isa.h).
+//
+// A chunk of Tq queries attends to [memory (M keys, fully visible, keys rotated here from a position table) ;
+// chunk (Tk keys, bottom-right causal)] with native GQA. With a static KV cache, batch row b uses only the chunk keys
+// [kv_start[b], kv_len[b]) and its causality is aligned to that row's end: query t sees chunk key j iff
+// kv_start[b] <= j < kv_len[b] and (causal) j <= t + kv_len[b] - Tq. Keys outside the range are never read (a static
+// cache may hold garbage there). The G = Hq / Hkv query heads of a KV head are processed together, so each K/V row is
+// read, converted and rotated once per block of queries, never repeated per head, and no mask tensor exists.
+// Flash-style online softmax in fp32 (base 2: Q is pre-scaled by softmax_scale * log2 e).
+//
+// * prefill: one task per (batch, KV head, block of ~384 query rows = G x queries); the block keeps Q^T, O^T, max and
+//   sum in a task-local workspace (L2-resident) while 32-key blocks of K/V stream through fp32 tiles (converted,
+//   memory keys rotated, the next block prefetched). Causality is exploited per row group: invisible key blocks
+//   are skipped, fully visible ones run unmasked.
+// * decode (G x Tq <= 8 rows, D in {64, 128, 256}): split-KV. One task per (batch, key range); inside it every KV
+//   head is processed per 64-key block (the rope rows of a key are loaded once for all heads), each K/V byte is read
+//   once; each batch row cuts its own keys (memory + valid chunk keys) into the splits. Each split keeps (max, sum,
+//   out) per row; the last split of a batch to finish merges them through the LSEs, in split order.
+// Tasks are handed out dynamically (parallel_tasks): the CPUs this runs on are shared with other jobs.
+//
+// Library headers come from prelude.h (included before the ISA region); this file includes only kernel sources.
+
+namespace mplus {
+namespace MPLUS_ISA {
+namespace {
+
+using namespace ::mplus::attn;
+#include "vec.h"
+#include "attention_kernels.h"
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kKeyBlock = 32;                             // prefill keys per tile
+constexpr int64_t kTargetRows = 384;                      // prefill query rows per task (G x queries)
+constexpr int kDecodeBlock = 64;                          // decode keys per softmax step
+constexpr int64_t kSplitKeys = 1024, kMaxSplits = 64;     // decode split-KV: keys per split, most splits per row
+static_assert(kKeyBlock % kQkKeys == 0 && kDecodeBlock % kLanes == 0, "tile sizes must divide the blocks");
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// 64-byte aligned fp32 scratch owned by one task (freed when the task ends).
+struct Scratch {
+  explicit Scratch(int64_t n) : p(static_cast<float*>(::operator new[](n * sizeof(float), std::align_val_t{64}))) {}
+  ~Scratch() { ::operator delete[](p, std::align_val_t{64}); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* p;
+};
+
+// Runs body(task) for every task in [0, n) on the intra-op threads, handing tasks out one at a time: the machines
+// this runs on are shared, and a static split of the range would wait for its most preempted thread.
+template <typename F>
+void parallel_tasks(int64_t n, const F& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < n; task = next++) body(task);
+  });
+}
+
+// Writes one finished query row: out = acc / l, lse = ln(l) + m ln 2; a row that saw no key gets 0 and -inf.
+template <typename T>
+void finish_row(const Problem& P, int64_t b, int64_t t, int64_t hq, const float* acc, float m, float l, float* tmp) {
+  T* dst = static_cast<T*>(P.out) + ((b * P.Tq + t) * P.Hq + hq) * P.D;
+  const bool empty = !(l > 0.f);
+  const float inv = empty ? 0.f : 1.f / l;
+  for (int64_t i = 0; i < P.D; ++i) tmp[i] = acc[i] * inv;
+  store_row(dst, tmp, P.D);
+  P.lse[(b * P.Hq + hq) * P.Tq + t] = empty ? kNegInf : (m + std::log2(l)) * kLn2;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// prefill
+// ---------------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+class PrefillTask {
+ public:
+  // Scratch floats needed for blocks of up to `rows` query rows.
+  static int64_t scratch_size(int64_t rows, int64_t d) {
+    const int64_t rp = round_up(rows, kLanes), dp = round_up(d, 8);
+    return 2 * dp * leading_dim(rp) + 2 * kKeyBlock * dp + kKeyBlock * kRowVecs * kLanes + 3 * rp + dp;
+  }
+
+  // Row stride of Q^T and O^T: an odd number of cache lines, so that walking down a column (the d loop of the
+  // micro-kernels) visits every L1 set; 384 rows (24 lines) would map a column onto 24 of the 64 sets.
+  static int64_t leading_dim(int64_t rp) {
+    const int64_t lines = round_up(rp, 16) / 16;
+    return (lines % 2 ? lines : lines + 1) * 16;
+  }
+
+  PrefillTask(const Problem& P, float* ws, int64_t b, int64_t h, int64_t t0, int64_t nt)
+      : P_(P), b_(b), h_(h), t0_(t0), nt_(nt), rows_(P.G * nt), rp_(round_up(rows_, kLanes)),
+        ld_(leading_dim(rp_)), dp_(round_up(P.D, 8)) {
+    QT_ = ws;
+    OT_ = QT_ + dp_ * ld_;
+    K_ = OT_ + dp_ * ld_;
+    V_ = K_ + kKeyBlock * dp_;
+    S_ = V_ + kKeyBlock * dp_;
+    m_ = S_ + kKeyBlock * kRowVecs * kLanes;
+    l_ = m_ + rp_;
+    thr_ = l_ + rp_;
+    tmp_ = thr_ + rp_;
+    // This row's valid chunk keys [jbegin_, kv_len), cut to those that at least the block's last query sees.
+    kv_end_ = P.chunk_end(b);
+    jbegin_ = P.chunk_begin(b);
+    jend_ = P.causal ? std::clamp<int64_t>(t0 + nt + kv_end_ - P.Tq, 0, kv_end_) : kv_end_;
+    nmem_ = (P.M + kKeyBlock - 1) / kKeyBlock;
+    nblocks_ = nmem_ + (std::max<int64_t>(jend_ - jbegin_, 0) + kKeyBlock - 1) / kKeyBlock;
+  }
+
+  void run() {
+    const int64_t D = P_.D, G = P_.G;
+    // Q^T (scaled), O^T = 0, m = -inf, l = 0, thr[row] = last visible chunk key of the row's query.
+    std::fill(QT_, QT_ + 2 * dp_ * ld_, 0.f);
+    for (int64_t r = 0; r < rp_; ++r) {
+      m_[r] = kNegInf;
+      l_[r] = 0.f;
+      thr_[r] = r < rows_ ? static_cast<float>(t0_ + r / G + kv_end_ - P_.Tq) : 0.f;
+    }
+    for (int64_t r = 0; r < rows_; ++r) {
+      load_row(P_.q.row<T>(b_, t0_ + r / G, h_ * G + r % G), tmp_, D);
+      for (int64_t i = 0; i < D; ++i) QT_[i * ld_ + r] = tmp_[i] * P_.scale2;
+    }
+    for (int64_t i = 0; i < nblocks_; ++i) {
+      const KeyBlock blk = block(i);
+      pack(*blk.k, blk, blk.pos, K_);
+      pack(*blk.v, blk, nullptr, V_);
+      key_block(blk, i + 1 < nblocks_ ? block(i + 1) : KeyBlock{});
+    }
+    for (int64_t r = 0; r < rows_; ++r) {
+      float* acc = tmp_;  // O^T column r, then finish_row normalises it in place
+      for (int64_t i = 0; i < D; ++i) acc[i] = OT_[i * ld_ + r];
+      finish_row<T>(P_, b_, t0_ + r / G, h_ * G + r % G, acc, m_[r], l_[r], acc);
+    }
+  }
+
+ private:
+  // Keys j0 .. j0+n-1 of a segment: the memory (rotated by pos when given; jc0 = -1) or the chunk (jc0 = j0, chunk
+  // blocks start at the row's first valid key, so only the tail of the last one needs a key-bound mask).
+  struct KeyBlock {
+    const View *k = nullptr, *v = nullptr;
+    const int32_t* pos = nullptr;
+    int64_t j0 = 0, n = 0, jc0 = -1;
+  };
+
+  KeyBlock block(int64_t i) const {
+    if (i < nmem_) {
+      const int64_t j0 = i * kKeyBlock;
+      return {&P_.mk, &P_.mv, P_.pos, j0, std::min<int64_t>(kKeyBlock, P_.M - j0), -1};
+    }
+    const int64_t j0 = jbegin_ + (i - nmem_) * kKeyBlock;
+    return {&P_.k, &P_.v, nullptr, j0, std::min<int64_t>(kKeyBlock, jend_ - j0), j0};
+  }
+
+  // The block's rows of one tensor into a [kKeyBlock][dp] fp32 tile (rotated when pos is given), zero-padded.
+  void pack(const View& src, const KeyBlock& blk, const int32_t* pos, float* tile) const {
+    const int64_t D = P_.D;
+    for (int64_t j = 0; j < blk.n; ++j) {
+      float* dst = tile + j * dp_;
+      load_row(src.row<T>(b_, blk.j0 + j, h_), dst, D);
+      std::fill(dst + D, dst + dp_, 0.f);
+      if (pos != nullptr) {
+        const int64_t p = pos[blk.j0 + j] * P_.rope_ld;
+        rope_inplace(dst, P_.cos + p, P_.sin + p, D);
+      }
+    }
+    std::fill(tile + blk.n * dp_, tile + kKeyBlock * dp_, 0.f);
+  }
+
+  // The cache lines of a block's K, V and rope rows, for the Prefetcher.
+  void list_lines(const KeyBlock& blk) {
+    lines_.clear();
+    const int64_t row_bytes = P_.D * static_cast<int64_t>(sizeof(T));
+    for (int64_t j = blk.j0; j < blk.j0 + blk.n; ++j) {
+      const char* kr = reinterpret_cast<const char*>(blk.k->template row<T>(b_, j, h_));
+      const char* vr = reinterpret_cast<const char*>(blk.v->template row<T>(b_, j, h_));
+      for (int64_t off = 0; off < row_bytes; off += 64) {
+        lines_.push_back(kr + off);
+        lines_.push_back(vr + off);
+      }
+      if (blk.pos != nullptr) {
+        for (int64_t off = 0; off < P_.D / 2; off += 16) {
+          lines_.push_back(reinterpret_cast<const char*>(P_.cos + blk.pos[j] * P_.rope_ld + off));
+          lines_.push_back(reinterpret_cast<const char*>(P_.sin + blk.pos[j] * P_.rope_ld + off));
+        }
+      }
+    }
+  }
+
+  void key_block(const KeyBlock& blk, const KeyBlock& next) {
+    // Row groups of at most kRowVecs vectors, as even as possible (7 vectors in groups of 3: 3 + 2 + 2, not
+    // 3 + 3 + 1): a group of 1 has a load-bound micro-tile (1 vector load + kQkKeys broadcasts per kQkKeys FMAs).
+    const int64_t nvec = rp_ / kLanes;
+    const int64_t groups = (nvec + kRowVecs - 1) / kRowVecs, small = groups * ((nvec + groups - 1) / groups) - nvec;
+    const int64_t n = blk.n, jc0 = P_.causal ? blk.jc0 : -1;
+    list_lines(next);
+    const int steps = static_cast<int>(groups * (kKeyBlock / 8 + dp_ / 8));  // qk_tile and pv_tile steps
+    Prefetcher pf{lines_.data(), static_cast<int>(lines_.size()), 0,
+                  static_cast<int>((lines_.size() + steps - 1) / steps)};
+    for (int64_t g = 0, r0 = 0, rv = 0; g < groups; ++g, r0 += rv * kLanes) {
+      rv = (nvec + groups - 1) / groups - (g >= groups - small ? 1 : 0);
+      bool masked = n < kKeyBlock;
+      if (jc0 >= 0) {
+        const int64_t last_row = std::min<int64_t>(r0 + rv * kLanes, rows_) - 1;
+        const int64_t off = t0_ + kv_end_ - P_.Tq;  // query t0 + i sees chunk key j iff j <= i + off
+        if (jc0 > last_row / P_.G + off) continue;
+        masked = masked || jc0 + n - 1 > r0 / P_.G + off;
+      }
+      switch (rv) {
+        case 3: group<3>(r0, n, masked, jc0, pf); break;
+        case 2: group<2>(r0, n, masked, jc0, pf); break;
+        default: group<1>(r0, n, masked, jc0, pf); break;
+      }
+    }
+    pf.finish();
+  }
+
+  // One row group against the packed tile: S = Q K^T, mask (tail keys; causal when causal_from >= 0), online
+  // softmax, O = alpha O + P V.
+  template <int RV>
+  void group(int64_t r0, int64_t n, bool masked, int64_t causal_from, Prefetcher& pf) {
+    qk_tile<RV>(K_, QT_ + r0, ld_, dp_, kKeyBlock, S_, pf);
+    if (masked) {
+      for (int j = 0; j < kKeyBlock; ++j) {
+        for (int c = 0; c < RV; ++c) {
+          float* s = S_ + j * RV * kLanes + c * kLanes;
+          vi hide = vi{} - (j >= n ? 1 : 0);
+          if (causal_from >= 0) hide |= splat(static_cast<float>(causal_from + j)) > load(thr_ + r0 + c * kLanes);
+          store(s, hide ? splat(kNegInf) : load(s));
+        }
+      }
+    }
+    vf alpha[RV];
+    softmax_tile<RV>(S_, kKeyBlock, m_ + r0, l_ + r0, alpha);
+    rescale_tile<RV>(alpha, OT_ + r0, ld_, dp_);
+    pv_tile<RV>(V_, S_, kKeyBlock, OT_ + r0, ld_, dp_, pf);
+  }
+
+  const Problem& P_;
+  // rp_: rows padded to whole vectors, ld_: their row stride in Q^T/O^T, dp_: head dim padded to the PV tile (8)
+  const int64_t b_, h_, t0_, nt_, rows_, rp_, ld_, dp_;
+  // kv_end_, jbegin_: the row's valid chunk keys; jend_: the end of those the block's last query sees
+  int64_t kv_end_, jbegin_, jend_, nmem_, nblocks_;
+  std::vector<const char*> lines_;
+  float *QT_, *OT_, *K_, *V_, *S_, *m_, *l_, *thr_, *tmp_;
+};
+
+template <typename T>
+void prefill(const Problem& P) {
+  // Queries per task: ~kTargetRows rows (fewer when that leaves threads idle), spread evenly over the blocks.
+  int64_t nq = std::max<int64_t>(1, kTargetRows / P.G);
+  const int64_t threads = at::get_num_threads();
+  while (nq > 1 && P.B * P.Hkv * ((P.Tq + nq - 1) / nq) < 2 * threads) nq = (nq + 1) / 2;
+  const int64_t nblk = (P.Tq + nq - 1) / nq;
+  nq = (P.Tq + nblk - 1) / nblk;
+  const int64_t tasks = P.B * P.Hkv * nblk;
+  std::atomic<int64_t> next{0};  // as parallel_tasks, with one scratch per thread
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch ws(PrefillTask<T>::scratch_size(P.G * nq, P.D));
+    for (int64_t task = next++; task < tasks; task = next++) {
+      // Last query blocks first: they see the most chunk keys (longest tasks first balances the threads).
+      const int64_t qb = nblk - 1 - task % nblk, h = task / nblk % P.Hkv, b = task / nblk / P.Hkv;
+      const int64_t t0 = qb * nq;
+      PrefillTask<T>(P, ws.p, b, h, t0, std::min(nq, P.Tq - t0)).run();
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// decode (split-KV)
+// ---------------------------------------------------------------------------------------------------------------------
+
+// Pointers to the rows j0 .. j0+n-1 of head h in [memory ; chunk from row c0] (nullptr up to kDecodeBlock): key
+// j >= M is chunk row c0 + j - M.
+template <typename T>
+void block_rows(const View& mem, const View& chunk, int64_t M, int64_t c0, int64_t b, int64_t h, int64_t j0, int n,
+                const T** out) {
+  int jj = 0;
+  const int nm = static_cast<int>(std::clamp<int64_t>(M - j0, 0, n));
+  if (nm > 0) {
+    const T* p = mem.row<T>(b, j0, h);
+    for (; jj < nm; ++jj, p += mem.st) out[jj] = p;
+  }
+  if (jj < n) {
+    const T* p = chunk.row<T>(b, c0 + j0 + jj - M, h);
+    for (; jj < n; ++jj, p += chunk.st) out[jj] = p;
+  }
+  for (; jj < kDecodeBlock; ++jj) out[jj] = nullptr;
+}
+
+// Keys [k0, k1) of the concatenation [memory ; valid chunk keys of row b] for every KV head of batch b. Results:
+// finished rows in P.out/P.lse when `part` is null, else normalised fp32 rows part[h][r][D] and their LSE
+// part_lse[h][r].
+template <typename T, int NV>
+void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* part, float* part_lse) {
+  constexpr int64_t D = NV * kLanes;
+  constexpr int kLines = D * sizeof(T) / 64;  // cache lines per K or V row
+  const int64_t G = P.G, H = P.Hkv;
+  const int R = static_cast<int>(G * P.Tq);
+  Scratch ws(2 * H * R * D + 2 * H * R + D);
+  float *q = ws.p, *o = q + H * R * D, *m = o + H * R * D, *l = m + H * R, *tmp = l + H * R;
+  for (int64_t h = 0; h < H; ++h) {
+    for (int r = 0; r < R; ++r) {
+      float* qr = q + (h * R + r) * D;
+      const T* src = P.q.row<T>(b, r / G, h * G + r % G);
+      for (int64_t i = 0; i < D; i += kLanes) store(qr + i, load_cvt(src + i) * P.scale2);  // D: whole vectors
+    }
+  }
+  std::fill(o, o + H * R * D, 0.f);
+  std::fill(m, m + H * R, kNegInf);
+  std::fill(l, l + H * R, 0.f);
+
+  const T *key[kDecodeBlock], *val[kDecodeBlock], *next_key[kDecodeBlock], *next_val[kDecodeBlock];
+  const float *cos[kDecodeBlock], *sin[kDecodeBlock];
+  alignas(64) float s[kMaxDecodeRows * kDecodeBlock];
+  float alpha[kMaxDecodeRows];
+  const int64_t c0 = P.chunk_begin(b), c_end = P.chunk_end(b);  // key j >= M is chunk row c0 + j - M
+  for (int64_t j0 = k0; j0 < k1; j0 += kDecodeBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kDecodeBlock, k1 - j0));
+    const int n_next = static_cast<int>(std::clamp<int64_t>(k1 - j0 - kDecodeBlock, 0, kDecodeBlock));
+    for (int jj = 0; jj < kDecodeBlock; ++jj) {  // rope rows, shared by all heads
+      const bool rope = jj < n && j0 + jj < P.M && P.pos != nullptr;
+      cos[jj] = rope ? P.cos + P.pos[j0 + jj] * P.rope_ld : nullptr;
+      sin[jj] = rope ? P.sin + P.pos[j0 + jj] * P.rope_ld : nullptr;
+    }
+    // Causal masking is needed only if some chunk key here is beyond the first query's horizon (thr of row 0).
+    const bool causal_mask = P.causal && c0 + j0 + n - 1 - P.M > c_end - P.Tq;
+    for (int64_t h = 0; h < H; ++h) {
+      block_rows(P.mk, P.k, P.M, c0, b, h, j0, n, key);
+      block_rows(P.mv, P.v, P.M, c0, b, h, j0, n, val);
+      block_rows(P.mk, P.k, P.M, c0, b, h, j0 + kDecodeBlock, n_next, next_key);
+      block_rows(P.mv, P.v, P.M, c0, b, h, j0 + kDecodeBlock, n_next, next_val);
+      // While this head's block is scored, its next block is prefetched, one K and one V row per key scored (and
+      // the rope rows with head 0): per head the rows are strided, which the hardware prefetchers do not follow.
+      auto prefetch = [&](int jj) {
+        if (jj >= n_next) return;
+        for (int i = 0; i < kLines; ++i) {
+          prefetch_line(reinterpret_cast<const char*>(next_key[jj]) + 64 * i);
+          prefetch_line(reinterpret_cast<const char*>(next_val[jj]) + 64 * i);
+        }
+        const int64_t j = j0 + kDecodeBlock + jj;
+        if (h == 0 && j < P.M && P.pos != nullptr) {
+          for (int64_t off = 0; off < D / 2; off += 16) {
+            prefetch_line(P.cos + P.pos[j] * P.rope_ld + off);
+            prefetch_line(P.sin + P.pos[j] * P.rope_ld + off);
+          }
+        }
+      };
+      const float* qh = q + h * R * D;
+      for (int g = 0; g < kDecodeBlock; g += kLanes) {
+        auto per_key = [&](int jj) { prefetch(g + jj); };
+        if (g < n) {
+          decode_scores<T, NV>(key + g, cos + g, sin + g, qh, R, s + g, kDecodeBlock, per_key);
+        } else {
+          for (int jj = 0; jj < kLanes; ++jj) prefetch(g + jj);
+        }
+      }
+      if (n < kDecodeBlock || causal_mask) {
+        for (int r = 0; r < R; ++r) {
+          const int64_t thr = r / G + c_end - P.Tq;  // last chunk row visible to the row's query
+          for (int jj = 0; jj < kDecodeBlock; ++jj) {
+            const int64_t j = j0 + jj;
+            if (jj >= n || (P.causal && j >= P.M && c0 + j - P.M > thr)) s[r * kDecodeBlock + jj] = kNegInf;
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {  // online softmax of the row over this block
+        float* sr = s + r * kDecodeBlock;
+        float* mr = m + h * R + r;
+        vf mx = splat(*mr);
+        for (int g = 0; g < kDecodeBlock; g += kLanes) mx = vmax(mx, load(sr + g));
+        const float m_new = hmax(mx);
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        vf sum = {};
+        for (int g = 0; g < kDecodeBlock; g += kLanes) {
+          const vf p = exp2v(load(sr + g) - m_use);
+          store(sr + g, p);
+          sum += p;
+        }
+        alpha[r] = *mr == kNegInf ? 0.f : std::exp2(*mr - m_use);
+        l[h * R + r] = l[h * R + r] * alpha[r] + hsum(sum);
+        *mr = m_new;
+      }
+      decode_pv<T, NV>(val, n, s, kDecodeBlock, alpha, R, o + h * R * D);
+    }
+  }
+
+  for (int64_t h = 0; h < H; ++h) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = h * R + r;
+      if (part == nullptr) {
+        finish_row<T>(P, b, r / G, h * G + r % G, o + i * D, m[i], l[i], tmp);
+      } else {
+        const bool empty = !(l[i] > 0.f);
+        for (int64_t d = 0; d < D; ++d) part[i * D + d] = empty ? 0.f : o[i * D + d] / l[i];
+        part_lse[i] = empty ? kNegInf : (m[i] + std::log2(l[i])) * kLn2;
+      }
+    }
+  }
+}
+
+template <typename T, int NV>
+void decode(const Problem& P) {
+  const int64_t R = P.G * P.Tq, H = P.Hkv, D = NV * kLanes;
+  // Keys of row b: the memory and its valid chunk keys (only those are split; causality hides none of them here,
+  // since the last query sees every chunk key below kv_len).
+  auto row_keys = [&](int64_t b) { return P.M + P.chunk_end(b) - P.chunk_begin(b); };
+  // Splits of ~kSplitKeys keys of the largest row (boundaries on decode blocks), handed out dynamically; each row
+  // spreads its own keys over them. The count depends on the shape only, never on the thread count, and the splits
+  // are merged in a fixed order: the result's bits do not depend on the machine's threads either.
+  int64_t n_max = 0;
+  for (int64_t b = 0; b < P.B; ++b) n_max = std::max(n_max, row_keys(b));
+  const int64_t splits = std::clamp<int64_t>(n_max / kSplitKeys, 1, kMaxSplits);
+  if (splits == 1) {
+    parallel_tasks(P.B, [&](int64_t b) { decode_split<T, NV>(P, b, 0, row_keys(b), nullptr, nullptr); });
+    return;
+  }
+  std::vector<float> part(P.B * splits * H * R * D), part_lse(P.B * splits * H * R);
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[P.B]());
+  // Exact merge of batch b's splits: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
+  auto merge_splits = [&](int64_t b) {
+    std::vector<float> acc(D);
+    for (int64_t hr = 0; hr < H * R; ++hr) {
+      const int64_t h = hr / R, r = hr % R;
+      float mx = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, part_lse[(b * splits + sp) * H * R + hr]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float l = 0.f;
+      for (int64_t sp = 0; sp < splits && mx != kNegInf; ++sp) {
+        const float w = std::exp(part_lse[(b * splits + sp) * H * R + hr] - mx);
+        const float* src = part.data() + ((b * splits + sp) * H * R + hr) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
+        l += w;
+      }
+      // finish_row wants (m, l) in log2 units with acc unnormalised: m = mx / ln 2.
+      finish_row<T>(P, b, r / P.G, h * P.G + r % P.G, acc.data(), mx / kLn2, l, acc.data());
+    }
+  };
+  parallel_tasks(P.B * splits, [&](int64_t task) {
+    const int64_t b = task / splits, sp = task % splits, n = row_keys(b);
+    const int64_t per = round_up((n + splits - 1) / splits, kDecodeBlock);
+    decode_split<T, NV>(P, b, std::min(n, sp * per), std::min(n, (sp + 1) * per), part.data() + task * H * R * D,
+                        part_lse.data() + task * H * R);
+    if (done[b].fetch_add(1) + 1 == splits) merge_splits(b);  // the last split of b to finish merges (no 2nd pass)
+  });
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------------
+// merge of two partial attentions
+// ---------------------------------------------------------------------------------------------------------------------
+
+template <typename A, typename B, typename O>
+void merge_typed(const MergeProblem& P) {
+  at::parallel_for(0, P.B * P.T * P.H, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(P.D), bb(P.D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (P.T * P.H), t = i / P.H % P.T, h = i % P.H;
+      const float x = P.la[b * P.sla[0] + h * P.sla[1] + t * P.sla[2]];
+      const float y = P.lb[b * P.slb[0] + h * P.slb[1] + t * P.slb[2]];
+      const float mx = std::max(x, y);
+      const float l = mx == kNegInf ? kNegInf : mx + std::log1p(std::exp(std::min(x, y) - mx));
+      const float wa = l == kNegInf ? 0.f : std::exp(x - l), wb = l == kNegInf ? 0.f : std::exp(y - l);
+      load_row(reinterpret_cast<const A*>(P.a) + b * P.sa[0] + t * P.sa[1] + h * P.sa[2], a.data(), P.D);
+      load_row(reinterpret_cast<const B*>(P.b) + b * P.sb[0] + t * P.sb[1] + h * P.sb[2], bb.data(), P.D);
+      for (int64_t d = 0; d < P.D; ++d) a[d] = wa * a[d] + wb * bb[d];
+      store_row(reinterpret_cast<O*>(P.out) + i * P.D, a.data(), P.D);
+      P.lse[(b * P.H + h) * P.T + t] = l;
+    }
+  });
+}
+
+// Calls f(tag) with a value of the C++ type of a float32 / bfloat16 / float16 dtype (the op checked it is one).
+template <typename F>
+void with_dtype(c10::ScalarType t, F&& f) {
+  if (t == c10::ScalarType::Float) f(float{});
+  else if (t == c10::ScalarType::BFloat16) f(c10::BFloat16{});
+  else f(c10::Half{});
+}
+
+}  // namespace
+
+void attention_kernel(const Problem& P, c10::ScalarType dtype) {
+  const bool decode_shape = P.G * P.Tq <= kMaxDecodeRows && (P.D == 64 || P.D == 128 || P.D == 256);
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (!decode_shape) return prefill<T>(P);
+    if (P.D == 64) return decode<T, 64 / kLanes>(P);
+    if (P.D == 128) return decode<T, 128 / kLanes>(P);
+    return decode<T, 256 / kLanes>(P);
+  });
+}
+
+void merge_kernel(const MergeProblem& P) {
+  with_dtype(P.ta, [&](auto a) {
+    with_dtype(P.tb, [&](auto b) { merge_typed<decltype(a), decltype(b), decltype(a)>(P); });
+  });
+}
+
+}  // namespace MPLUS_ISA
+}  // namespace mplus

@@ -1,0 +1,55 @@
+// Runtime ISA dispatch of the CPU kernels (the way ATen's DispatchStub does it, without its macros).
+//
+// Each kernel family is compiled once per ISA level from one ISA-generic source (`<family>_impl.h`): the small
+// files in csrc/cpu/isa/ include the family's headers (compiled for the portable baseline, like the rest of the
+// extension), then switch the code generator to the level's instruction set with `#pragma GCC target` (isa_begin.h)
+// and include the implementation inside the namespace `mplus::<level>`. Nothing the standard library or ATen defines
+// is compiled for a higher level (their headers come before the pragma), so no inline function the linker might
+// share between translation units can carry an instruction the CPU lacks; the extension is built without -march and
+// loads on any x86-64 CPU. At load the best level the CPU (and OS) supports is chosen; `set_active_isa` (from
+// Python: mplus_kernels.set_cpu_isa, or MPLUS_CPU_ISA) picks another one it supports, and refuses the others.
+//
+// | level    | instructions                       | vectors            | built on          |
+// |----------|------------------------------------|--------------------|-------------------|
+// | baseline | x86-64 (SSE2) or the host's default | 4 fp32 lanes (xmm) | every architecture |
+// | avx2     | AVX2 + FMA + F16C                  | 8 lanes (ymm, 16)  | x86-64            |
+// | avx512   | AVX-512 F/BW/DQ/VL + the above     | 16 lanes (zmm, 32) | x86-64            |
+#pragma once
+
+#include <array>
+#include <string>
+
+namespace mplus {
+
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr int kNumIsa = 3;
+
+const char* isa_name(Isa isa);
+// Built into this extension, and executable by this CPU and OS.
+bool isa_supported(Isa isa);
+// The best supported level (what the extension starts with).
+Isa best_isa();
+Isa active_isa();
+// Makes `isa` the level every kernel uses from now on; TORCH_CHECK-fails for a level that is not supported.
+void set_active_isa(Isa isa);
+// The level named `name` ("baseline", "avx2", "avx512"); TORCH_CHECK-fails for an unknown name.
+Isa isa_from_name(const std::string& name);
+
+// One entry point per level; entries of levels not built on this architecture are null (and never supported).
+template <typename Fn>
+struct IsaTable {
+  std::array<Fn, kNumIsa> fn;
+  Fn active() const { return fn[static_cast<int>(active_isa())]; }
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MPLUS_ISA_X86 1
+#define MPLUS_ISA_TABLE(name) \
+  { { &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name } }
+#else
+#define MPLUS_ISA_X86 0
+#define MPLUS_ISA_TABLE(name) \
+  { { &::mplus::baseline::name, nullptr, nullptr } }
+#endif
+
+}  // namespace mplus
