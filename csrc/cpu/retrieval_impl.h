@@ -1,0 +1,264 @@
+// Retriever scoring on the CPU, ISA-generic (csrc/cpu/retrieval.cpp checks the arguments, builds the Problem and
+// selects the top K; the files in isa/ compile this once per ISA level inside namespace mplus::<level>, see isa.h).
+//
+// score(s) = mean_t sigmoid(q_t . k_s); the [T, S] matrix is never built.
+// * Queries are converted to fp32 and packed once into blocks of NV vectors of kLanes query lanes,
+//   [n_blocks][ds][NV * kLanes]: lane l of block b is query b * NV * kLanes + l (zero beyond T, masked out of the sums).
+// * Threads take units of ~kUnitKeysTarget keys (whole tiles) from an atomic counter (dynamic scheduling: a busy
+//   neighbour on one core does not stall the others) and convert the unit's keys to fp32 into a small local buffer
+//   (any row stride), each tile of MR keys transposed to [ds][MR] so that the kernel addresses every key's element
+//   at a constant offset from one pointer (no integer register per key row, which spilled with 14 rows).
+// * The micro-kernel holds an MR keys x NV vectors tile of dot products in registers: per element d, NV query
+//   vectors are loaded and each key's element is broadcast into a multiply-add with them (with NV = 1 on AVX-512 the
+//   broadcast folds into the FMA's memory operand). Then a vectorised sigmoid, and the tile is added into one fp32
+//   vector of partial sums per key and query vector. The tile fills the register file: MR * NV accumulators + NV
+//   query vectors + 1 broadcast (+ 1 product on the baseline, which has no FMA) <= kVectorRegisters.
+// * Query blocks are visited in chunks of ~256 KiB (kept in L2 while every key tile of the unit passes over them;
+//   the key tile stays in L1). Each key's partial sums run over the query blocks in block order, and its lanes are
+//   then added left to right, whatever its position in the tile, its unit or its thread: the result does not depend
+//   on the thread count and identical keys get bit-identical scores (at a given ISA level).
+//
+// Library headers come from prelude.h (included before the ISA region); this file includes only kernel sources.
+
+namespace mplus {
+namespace MPLUS_ISA {
+namespace {
+
+using ::mplus::retr::KeyRange;
+using ::mplus::retr::Problem;
+#include "vec.h"
+
+constexpr int64_t kChunkBytes = 256 << 10;  // packed queries visited per pass over a unit (stays in L2)
+constexpr int64_t kUnitKeysTarget = 48;     // keys per work unit handed to a thread (rounded up to whole tiles)
+
+// The micro-tile shapes of the level, NV query vectors x MR keys: `kSmall` when the queries fit one vector (less
+// padding), `kLarge` otherwise. Measured at T 2048, ds 256 on an AVX-512 Xeon (2 cores; fp32 FMA peak 160 GFLOP/s
+// per core with zmm, 82 with ymm), the shapes that fit the register file all ran within a few per cent of each
+// other: AVX-512 2x14, 1x24, 3x9, 4x6 at ~235 GFLOP/s; AVX2 2x6, 1x12, 3x4 at ~130 (1x14, all 16 registers, ~10 %
+// slower); baseline 2x6 and 3x4 at ~37, 1x12 ~10 % slower. 2x6 is the classic AVX2 shape: 8 loads per 12 FMAs, so
+// it stays FMA-bound on CPUs with two loads per cycle (1x12 needs 13 loads per 12 FMAs).
+struct TileShape {
+  int nv, mr;
+};
+#if MPLUS_ISA_LEVEL >= 2
+constexpr TileShape kSmall{1, 24}, kLarge{2, 14};  // 24 + 1, 28 + 2 + 1 of 32 zmm
+#elif MPLUS_ISA_LEVEL == 1
+constexpr TileShape kSmall{1, 12}, kLarge{2, 6};  // 12 + 1 + 1, 12 + 2 + 1 of 16 ymm
+#else
+constexpr TileShape kSmall{1, 12}, kLarge{2, 6};  // 12 + 1 + 1 (+ 1 product), 12 + 2 + 1 (+ 1) of 16 xmm
+#endif
+static_assert(kSmall.nv * kSmall.mr + kSmall.nv + 1 + (MPLUS_ISA_LEVEL == 0) <= kVectorRegisters &&
+                  kLarge.nv * kLarge.mr + kLarge.nv + 1 + (MPLUS_ISA_LEVEL == 0) <= kVectorRegisters,
+              "a micro-tile must fit the register file");
+
+// 64-byte aligned fp32 scratch owned by its scope.
+struct Scratch {
+  explicit Scratch(int64_t n)
+      : p(static_cast<float*>(::operator new[](std::max<int64_t>(n, 1) * sizeof(float), std::align_val_t{64}))) {}
+  ~Scratch() { ::operator delete[](p, std::align_val_t{64}); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* p;
+};
+
+// x86's max(a, b) / min(a, b): b where either is NaN. One instruction; GCC compiles the a > b ? a : b of vec.h's
+// vmax to a compare and a blend (it keeps the signed-zero semantics of the ?:).
+inline vf max_x86(vf a, vf b) {
+#if MPLUS_ISA_LEVEL >= 2
+  return _mm512_max_ps(a, b);
+#elif MPLUS_ISA_LEVEL == 1
+  return _mm256_max_ps(a, b);
+#elif defined(__SSE2__)
+  return _mm_max_ps(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+inline vf min_x86(vf a, vf b) {
+#if MPLUS_ISA_LEVEL >= 2
+  return _mm512_min_ps(a, b);
+#elif MPLUS_ISA_LEVEL == 1
+  return _mm256_min_ps(a, b);
+#elif defined(__SSE2__)
+  return _mm_min_ps(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
+// sigmoid(x) = 1 / (1 + 2^z), z = -x * log2(e) clamped to [-100, 100] (beyond, sigmoid is 0 or 1 in fp32, and 2^z
+// stays a normal float). 2^z = 2^n * 2^f with n = round(z), f in [-1/2, 1/2], 2^f by Cephes' exp2f polynomial
+// (~2 ulp), 2^n added to the exponent bits; then a true division. Absolute error ~1e-7 for every x (vec.h's exp2v
+// is for arguments <= 0 only). NaN stays NaN.
+inline vf sigmoid(vf x) {
+  vf z = x * -1.44269504088896341f;
+  z = min_x86(splat(100.f), max_x86(splat(-100.f), z));  // NaN stays NaN
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+  const vf t = z + magic;
+  const vf f = z - (t - magic);
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vi e = (reinterpret_cast<vi>(t) - reinterpret_cast<vi>(magic)) << 23;
+  const vf two_z = reinterpret_cast<vf>(reinterpret_cast<vi>(p) + e);
+  return 1.f / (two_z + 1.f);
+}
+
+// sums[(r * NV + v) * kLanes + l] += sigmoid(K[r] . Q[v * kLanes + l]) over one query block, lanes >= real[v]
+// (padded queries) left out. q: [ds][NV * kLanes] packed block; kb: the keys of a tile transposed, [ds][KS] (key r
+// at kb[d * KS + r]: constant offsets from one pointer, so no integer register per key row).
+template <int NV, int MR, int KS>
+void micro_tile(const float* __restrict q, const float* __restrict kb, int64_t ds, float* __restrict sums,
+                const int* real) {
+  vf acc[MR][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  }
+  for (int64_t d = 0; d < ds; ++d) {
+    vf a[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[v] = load(q + (d * NV + v) * kLanes);
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      const float b = kb[d * KS + r];  // vector * scalar: a broadcast GCC can fold into the FMA
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += a[v] * b;
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* dst = sums + (r * NV + v) * kLanes;
+      store(dst, load(dst) + keep_first(sigmoid(acc[r][v]), real[v]));
+    }
+  }
+}
+
+// Micro-tiles for 1..MR keys (the last tile of a range may be short): entry m - 1 has m keys.
+using TileFn = void (*)(const float*, const float*, int64_t, float*, const int*);
+template <int NV, int MR, int... I>
+constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
+  return {&micro_tile<NV, I + 1, MR>...};
+}
+
+// n elements of `dtype` -> fp32 (exact for bf16 and fp16).
+void row_to_float(const void* src, c10::ScalarType dtype, int64_t n, float* dst) {
+  if (dtype == c10::ScalarType::Float) {
+    load_row(static_cast<const float*>(src), dst, n);
+  } else if (dtype == c10::ScalarType::BFloat16) {
+    load_row(static_cast<const c10::BFloat16*>(src), dst, n);
+  } else {
+    load_row(static_cast<const c10::Half*>(src), dst, n);
+  }
+}
+
+int64_t element_size(c10::ScalarType dtype) { return dtype == c10::ScalarType::Float ? 4 : 2; }
+
+// All scores, with micro-tiles of NV query vectors by MR keys.
+template <int NV, int MR>
+void score_all(const Problem& P) {
+  constexpr int64_t kBlock = NV * kLanes;  // queries per packed block
+  const int64_t T = P.T, ds = P.ds;
+  const int64_t esize = element_size(P.dtype);
+  const int64_t n_blocks = (T + kBlock - 1) / kBlock;
+
+  // Queries packed once, fp32 [n_blocks][ds][kBlock] (zero beyond T).
+  Scratch packed(n_blocks * ds * kBlock);
+  float* qp = packed.p;
+  const char* q_base = static_cast<const char*>(P.queries);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    Scratch row(ds);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* blk = qp + b * ds * kBlock;
+      for (int64_t l = 0; l < kBlock; ++l) {
+        const int64_t t = b * kBlock + l;
+        if (t < T) {
+          row_to_float(q_base + t * P.q_stride * esize, P.dtype, ds, row.p);
+        } else {
+          std::fill(row.p, row.p + ds, 0.f);
+        }
+        for (int64_t d = 0; d < ds; ++d) blk[d * kBlock + l] = row.p[d];
+      }
+    }
+  });
+  // Real queries per vector of a block: all of them but in the last block.
+  int full_real[NV], last_real[NV];
+  for (int v = 0; v < NV; ++v) {
+    full_real[v] = kLanes;
+    last_real[v] = static_cast<int>(std::clamp<int64_t>(T - (n_blocks - 1) * kBlock - v * kLanes, 0, kLanes));
+  }
+  // ds = 0 is allowed (every q . k = 0, score 0.5): guard the division.
+  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, ds * kBlock * 4));
+
+  constexpr int64_t kUnitKeys = (kUnitKeysTarget + MR - 1) / MR * MR;
+  std::array<int64_t, retr::kMaxRanges + 1> unit_start{};
+  for (int r = 0; r < P.num_ranges; ++r) {
+    unit_start[r + 1] = unit_start[r] + (P.ranges[r].rows + kUnitKeys - 1) / kUnitKeys;
+  }
+  const int64_t n_units = unit_start[P.num_ranges];
+  static constexpr auto tiles = tile_table<NV, MR>(std::make_integer_sequence<int, MR>{});
+  const float t_count = static_cast<float>(T);
+
+  std::atomic<int64_t> next_unit{0};
+  const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_units, 1));
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
+    Scratch keybuf(kUnitKeys * ds);  // [kUnitKeys / MR tiles][ds][MR]
+    Scratch row(ds);
+    Scratch sums(kUnitKeys * kBlock);
+    for (int64_t u = next_unit.fetch_add(1); u < n_units; u = next_unit.fetch_add(1)) {
+      int r = 0;
+      while (u >= unit_start[r + 1]) ++r;
+      const KeyRange& range = P.ranges[r];
+      const int64_t first = (u - unit_start[r]) * kUnitKeys;
+      const int64_t count = std::min(kUnitKeys, range.rows - first);
+      const char* k_base = static_cast<const char*>(range.data);
+      for (int64_t i = 0; i < count; ++i) {
+        row_to_float(k_base + (first + i) * range.stride * esize, P.dtype, ds, row.p);
+        float* dst = keybuf.p + (i / MR) * ds * MR + i % MR;
+        for (int64_t d = 0; d < ds; ++d) dst[d * MR] = row.p[d];
+      }
+      std::fill(sums.p, sums.p + count * kBlock, 0.f);
+      // Query chunks outermost so a chunk stays in L2 while every key tile of the unit visits it; each key still
+      // sees the blocks in ascending order.
+      for (int64_t c0 = 0; c0 < n_blocks; c0 += chunk_blocks) {
+        const int64_t c1 = std::min(n_blocks, c0 + chunk_blocks);
+        for (int64_t k0 = 0; k0 < count; k0 += MR) {
+          const TileFn tile = tiles[std::min<int64_t>(MR, count - k0) - 1];
+          for (int64_t b = c0; b < c1; ++b) {
+            tile(qp + b * ds * kBlock, keybuf.p + k0 * ds, ds, sums.p + k0 * kBlock,
+                 b == n_blocks - 1 ? last_real : full_real);
+          }
+        }
+      }
+      float* out = P.scores + range.offset + first;
+      for (int64_t i = 0; i < count; ++i) {
+        // The kBlock lane sums of a key, left to right: the same order for every key.
+        const float* lanes = sums.p + i * kBlock;
+        float total = 0.f;
+        for (int64_t l = 0; l < kBlock; ++l) total += lanes[l];
+        out[i] = total / t_count;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void retrieval_scores(const Problem& P) {
+  if (P.num_ranges == 0) return;
+  if (P.T <= kSmall.nv * kLanes) {
+    score_all<kSmall.nv, kSmall.mr>(P);
+  } else {
+    score_all<kLarge.nv, kLarge.mr>(P);
+  }
+}
+
+}  // namespace MPLUS_ISA
+}  // namespace mplus
