@@ -78,8 +78,17 @@ def load_checkpoint(
     if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
         raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch.dtype (e.g. torch.bfloat16) or 'auto'")
     target = _single_device(device, device_map)
-    with open(os.path.join(path, "config.json")) as f:
-        config = MPlusConfig(**json.load(f))
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            fields = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"from_pretrained: {config_path} does not exist (is {path!r} a checkpoint?)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"from_pretrained: {config_path} is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"from_pretrained: {config_path} must hold a JSON object, got {type(fields).__name__}")
+    config = MPlusConfig(**fields)
     tensors = read_tensors(path)
     if dtype is None or dtype == "auto":
         dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else torch.float32
@@ -185,14 +194,46 @@ def save_memory(model, path: str) -> None:
     save_file(memory_state(model), path)
 
 
+def _check_stm_file(stm, sd: dict[str, Tensor], path: str) -> None:
+    """Everything load_memory reads of the STM and the RNG, checked before anything is written: names, shapes,
+    dtypes, and that ``stm.order`` / ``stm.pos`` are inverse permutations of the slots of each layer (the kernels
+    index with them)."""
+    for name in ("hidden", "age", "pos", "order", "k", "v"):
+        key, have = f"stm.{name}", getattr(stm, name)
+        if key not in sd:
+            raise ValueError(f"load_memory: {path} has no {key!r} (a memory file from save_memory has it)")
+        got = sd[key]
+        if got.shape != have.shape or got.dtype != have.dtype:
+            raise ValueError(
+                f"load_memory: {key} in {path} is {got.dtype} {tuple(got.shape)}, this model's is "
+                f"{have.dtype} {tuple(have.shape)}"
+            )
+    order, pos = sd["stm.order"].long(), sd["stm.pos"].long()
+    n = order.shape[-1]
+    in_range = bool(((order >= 0) & (order < n)).all() and ((pos >= 0) & (pos < n)).all())
+    if not in_range or not torch.equal(pos.gather(-1, order), torch.arange(n).expand_as(order)):
+        raise ValueError(
+            f"load_memory: stm.order and stm.pos in {path} are not inverse permutations of the {n} slots of each "
+            "layer (a corrupt file); nothing was loaded"
+        )
+    rng = sd.get("rng.cpu")
+    expected = torch.get_rng_state()
+    if rng is None or rng.dtype != expected.dtype or rng.shape != expected.shape:
+        what = "missing" if rng is None else f"{rng.dtype} {tuple(rng.shape)}"
+        raise ValueError(
+            f"load_memory: rng.cpu in {path} is {what}, expected torch's CPU RNG state "
+            f"({expected.dtype} {tuple(expected.shape)}); nothing was loaded"
+        )
+
+
 def load_memory(model, path: str) -> None:
-    """Restore a state written by :func:`save_memory` (including torch's CPU RNG, so drops continue identically)."""
+    """Restore a state written by :func:`save_memory` (including torch's CPU RNG, so drops continue identically).
+
+    The STM tensors, their slot permutations and the RNG state are validated before anything is written, so a
+    file that fails those checks leaves the model as it was (ValueError naming the tensor)."""
     sd = load_file(path)
     stm = model.stm
-    for name in ("hidden", "age", "pos", "order", "k", "v"):
-        key = f"stm.{name}"
-        if key not in sd or sd[key].shape != getattr(stm, name).shape:
-            raise ValueError(f"load_memory: {key} missing or mis-shaped in {path}")
+    _check_stm_file(stm, sd, path)
     if model.ltm is not None:
         model.ltm.load_memory_state({k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")})
     for name in ("hidden", "age", "pos", "order", "k", "v"):

@@ -174,6 +174,81 @@ def test_save_load_mid_stream_resumes_bit_identically(tmp_path):
     assert_equal(b.stm.hidden, a.stm.hidden, name="STM slots")
 
 
+def _state_of(model) -> dict[str, torch.Tensor]:
+    from mplus.checkpoint import memory_state
+
+    return {k: v.clone() for k, v in memory_state(model).items()}
+
+
+def _corrupt(sd: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    sd = dict(sd)
+    if how == "no rng":
+        del sd["rng.cpu"]
+    elif how == "rng short":
+        sd["rng.cpu"] = sd["rng.cpu"][:10].clone()
+    elif how == "order out of range":
+        sd["stm.order"] = sd["stm.order"].clone()
+        sd["stm.order"][0, 0] = 10**6
+    elif how == "order not a permutation":
+        sd["stm.order"] = sd["stm.order"].clone()
+        sd["stm.order"][1, 0] = sd["stm.order"][1, 1]
+    elif how == "pos not the inverse":
+        sd["stm.pos"] = sd["stm.pos"].roll(1, dims=-1).contiguous()
+    elif how == "age dtype":
+        sd["stm.age"] = sd["stm.age"].float()
+    elif how == "no stm.k":
+        del sd["stm.k"]
+    return sd
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("no rng", "rng.cpu .* is missing"),
+        ("rng short", "rng.cpu .* expected torch's CPU RNG state"),
+        ("order out of range", "not inverse permutations"),
+        ("order not a permutation", "not inverse permutations"),
+        ("pos not the inverse", "not inverse permutations"),
+        ("age dtype", "stm.age .* is torch.float32"),
+        ("no stm.k", "has no 'stm.k'"),
+    ],
+)
+def test_load_memory_rejects_a_bad_file_and_changes_nothing(tmp_path, how, match):
+    """Issue 10: a file with a missing RNG state or corrupt slot permutations raised KeyError after the LTM was
+    replaced, or loaded order/pos that crash the next inject; now a ValueError before anything is written."""
+    from safetensors.torch import save_file
+
+    donor = _model()
+    torch.manual_seed(3)
+    donor.inject(load_state(1)["context_ids"])
+    path = str(tmp_path / "bad.safetensors")
+    save_file(_corrupt(_state_of(donor), how), path)
+    target = _model()
+    target.inject(load_state(2)["context_ids"])
+    before = _state_of(target)
+    with pytest.raises(ValueError, match=match):
+        load_memory(target, path)
+    after = _state_of(target)
+    assert after.keys() == before.keys()
+    for key in before:
+        if key != "rng.cpu":  # the RNG state is the process's, not the model's
+            assert_equal(after[key], before[key], name=key)
+
+
+def test_from_pretrained_names_a_broken_config(tmp_path):
+    import shutil
+
+    shutil.copy(GOLDEN / "model" / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="config.json does not exist"):
+        MPlusForCausalLM.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        MPlusForCausalLM.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        MPlusForCausalLM.from_pretrained(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("ids", "match"),
     [
