@@ -3,11 +3,12 @@
 //
 // score(s) = mean_t sigmoid(q_t . k_s); the [T, S] matrix is never built.
 // * Queries are converted to fp32 and packed once into blocks of NV vectors of kLanes query lanes,
-//   [n_blocks][ds][NV * kLanes]: lane l of block b is query b * NV * kLanes + l (zero beyond T, masked out of the sums).
+//   [n_blocks][ds][NV * kLanes]: lane l of block b is query b * NV * kLanes + l (zero beyond T, masked out of the
+//   sums).
 // * Threads take units of ~kUnitKeysTarget keys (whole tiles) from an atomic counter (dynamic scheduling: a busy
 //   neighbour on one core does not stall the others) and convert the unit's keys to fp32 into a small local buffer
-//   (any row stride), each tile of MR keys transposed to [ds][MR] so that the kernel addresses every key's element
-//   at a constant offset from one pointer (no integer register per key row, which spilled with 14 rows).
+//   (any row stride). (Tiles transposed to [ds][MR], which saves the kernel an integer register per key row, were
+//   measured: the scalar transposition costs more than the kernel at T <= 256, and gained nothing clear at T 2048.)
 // * The micro-kernel holds an MR keys x NV vectors tile of dot products in registers: per element d, NV query
 //   vectors are loaded and each key's element is broadcast into a multiply-add with them (with NV = 1 on AVX-512 the
 //   broadcast folds into the FMA's memory operand). Then a vectorised sigmoid, and the tile is added into one fp32
@@ -32,11 +33,12 @@ constexpr int64_t kChunkBytes = 256 << 10;  // packed queries visited per pass o
 constexpr int64_t kUnitKeysTarget = 48;     // keys per work unit handed to a thread (rounded up to whole tiles)
 
 // The micro-tile shapes of the level, NV query vectors x MR keys: `kSmall` when the queries fit one vector (less
-// padding), `kLarge` otherwise. Measured at T 2048, ds 256 on an AVX-512 Xeon (2 cores; fp32 FMA peak 160 GFLOP/s
-// per core with zmm, 82 with ymm), the shapes that fit the register file all ran within a few per cent of each
-// other: AVX-512 2x14, 1x24, 3x9, 4x6 at ~235 GFLOP/s; AVX2 2x6, 1x12, 3x4 at ~130 (1x14, all 16 registers, ~10 %
-// slower); baseline 2x6 and 3x4 at ~37, 1x12 ~10 % slower. 2x6 is the classic AVX2 shape: 8 loads per 12 FMAs, so
-// it stays FMA-bound on CPUs with two loads per cycle (1x12 needs 13 loads per 12 FMAs).
+// padding), `kLarge` otherwise. Measured at T 2048, ds 256 on a 2-core AVX-512 Xeon (fp32 FMA peak per core: 160
+// GFLOP/s with zmm, 82 with ymm; with keys in transposed tiles, see above), the shapes that fit the register file
+// ran within a few per cent of each other: AVX-512 2x14, 1x24, 3x9, 4x6 at ~235 GFLOP/s; AVX2 2x6, 1x12, 3x4 at
+// ~130 (1x14, all 16 registers, ~10 % slower); baseline 2x6 and 3x4 at ~37 (1x12 ~10 % slower). 2x6 is the classic
+// AVX2 shape: 8 loads per 12 FMAs, so it stays FMA-bound on CPUs with two loads per cycle (1x12 needs 13 per 12),
+// and it needs only 6 key-row offsets in integer registers (2x14 reloads 2 of its 14 from the stack).
 struct TileShape {
   int nv, mr;
 };
@@ -109,9 +111,8 @@ inline vf sigmoid(vf x) {
 }
 
 // sums[(r * NV + v) * kLanes + l] += sigmoid(K[r] . Q[v * kLanes + l]) over one query block, lanes >= real[v]
-// (padded queries) left out. q: [ds][NV * kLanes] packed block; kb: the keys of a tile transposed, [ds][KS] (key r
-// at kb[d * KS + r]: constant offsets from one pointer, so no integer register per key row).
-template <int NV, int MR, int KS>
+// (padded queries) left out. q: [ds][NV * kLanes] packed block; kb: MR key rows of ds fp32, ds apart.
+template <int NV, int MR>
 void micro_tile(const float* __restrict q, const float* __restrict kb, int64_t ds, float* __restrict sums,
                 const int* real) {
   vf acc[MR][NV];
@@ -126,7 +127,7 @@ void micro_tile(const float* __restrict q, const float* __restrict kb, int64_t d
     for (int v = 0; v < NV; ++v) a[v] = load(q + (d * NV + v) * kLanes);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
-      const float b = kb[d * KS + r];  // vector * scalar: a broadcast GCC can fold into the FMA
+      const float b = kb[r * ds + d];  // vector * scalar: a broadcast GCC can fold into the FMA
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += a[v] * b;
     }
@@ -143,9 +144,9 @@ void micro_tile(const float* __restrict q, const float* __restrict kb, int64_t d
 
 // Micro-tiles for 1..MR keys (the last tile of a range may be short): entry m - 1 has m keys.
 using TileFn = void (*)(const float*, const float*, int64_t, float*, const int*);
-template <int NV, int MR, int... I>
+template <int NV, int... I>
 constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
-  return {&micro_tile<NV, I + 1, MR>...};
+  return {&micro_tile<NV, I + 1>...};
 }
 
 // n elements of `dtype` -> fp32 (exact for bf16 and fp16).
@@ -203,14 +204,13 @@ void score_all(const Problem& P) {
     unit_start[r + 1] = unit_start[r] + (P.ranges[r].rows + kUnitKeys - 1) / kUnitKeys;
   }
   const int64_t n_units = unit_start[P.num_ranges];
-  static constexpr auto tiles = tile_table<NV, MR>(std::make_integer_sequence<int, MR>{});
+  static constexpr auto tiles = tile_table<NV>(std::make_integer_sequence<int, MR>{});
   const float t_count = static_cast<float>(T);
 
   std::atomic<int64_t> next_unit{0};
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_units, 1));
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
-    Scratch keybuf(kUnitKeys * ds);  // [kUnitKeys / MR tiles][ds][MR]
-    Scratch row(ds);
+    Scratch keybuf(kUnitKeys * ds);  // [kUnitKeys][ds]
     Scratch sums(kUnitKeys * kBlock);
     for (int64_t u = next_unit.fetch_add(1); u < n_units; u = next_unit.fetch_add(1)) {
       int r = 0;
@@ -220,9 +220,7 @@ void score_all(const Problem& P) {
       const int64_t count = std::min(kUnitKeys, range.rows - first);
       const char* k_base = static_cast<const char*>(range.data);
       for (int64_t i = 0; i < count; ++i) {
-        row_to_float(k_base + (first + i) * range.stride * esize, P.dtype, ds, row.p);
-        float* dst = keybuf.p + (i / MR) * ds * MR + i % MR;
-        for (int64_t d = 0; d < ds; ++d) dst[d * MR] = row.p[d];
+        row_to_float(k_base + (first + i) * range.stride * esize, P.dtype, ds, keybuf.p + i * ds);
       }
       std::fill(sums.p, sums.p + count * kBlock, 0.f);
       // Query chunks outermost so a chunk stays in L2 while every key tile of the unit visits it; each key still
