@@ -103,36 +103,27 @@ def test_cpp_large_k_and_odd_widths():
             _check_against_reference(*_run("cpp", q, k1, k), q, k1, None, k)
 
 
-_CPU_ISA_LEVELS = [lvl for lvl, ok in mk._C.cpu_isa_levels() if ok]
-
-
-@pytest.mark.parametrize("level", _CPU_ISA_LEVELS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpp_parity_at_every_isa_level(level, dtype):
+def test_cpp_parity_at_every_isa_level(cpu_isa, dtype):
     """Each ISA variant of the C++ scoring kernel (4 / 8 / 16 fp32 lanes, one or two vectors of queries per block),
     forced at run time: T not a multiple of the lane count (padded lanes, a wholly padded vector at T 33), ds not a
     multiple of it (1, 7, 33), ds 0, two key ranges with partial tiles and work units."""
-    previous = mk._C.cpu_isa()
-    try:
-        mk._C.set_cpu_isa(level)
-        assert mk._C.cpu_isa() == level
-        for t, s1, s2, ds, k in [
-            (1, 50, 0, 1, 7),
-            (3, 200, 45, 7, 60),
-            (5, 61, 130, 33, 90),
-            (9, 97, 1, 16, 40),
-            (17, 301, 77, 33, 100),
-            (33, 150, 149, 256, 120),
-            (300, 1_000, 333, 64, 400),
-        ]:
-            q, k1, k2 = _inputs(t, s1, s2 or None, ds, dtype, seed=t * 13 + s1 + ds)
-            _check_against_reference(*_run("cpp", q, k1, k, k2), q, k1, k2, k)
-        q, k1, k2 = torch.empty(7, 0, dtype=dtype), torch.empty(11, 0, dtype=dtype), torch.empty(5, 0, dtype=dtype)
-        idx, sc = _run("cpp", q, k1, 6, k2)  # ds = 0: every score 0.5, the lowest indices
-        assert_equal(idx, torch.arange(6), name="ds = 0 indices")
-        assert_equal(sc, torch.full((6,), 0.5), name="ds = 0 scores")
-    finally:
-        mk._C.set_cpu_isa(previous)
+    assert mk.cpu_isa() == cpu_isa  # the conftest fixture switched the level for this test
+    for t, s1, s2, ds, k in [
+        (1, 50, 0, 1, 7),
+        (3, 200, 45, 7, 60),
+        (5, 61, 130, 33, 90),
+        (9, 97, 1, 16, 40),
+        (17, 301, 77, 33, 100),
+        (33, 150, 149, 256, 120),
+        (300, 1_000, 333, 64, 400),
+    ]:
+        q, k1, k2 = _inputs(t, s1, s2 or None, ds, dtype, seed=t * 13 + s1 + ds)
+        _check_against_reference(*_run("cpp", q, k1, k, k2), q, k1, k2, k)
+    q, k1, k2 = torch.empty(7, 0, dtype=dtype), torch.empty(11, 0, dtype=dtype), torch.empty(5, 0, dtype=dtype)
+    idx, sc = _run("cpp", q, k1, 6, k2)  # ds = 0: every score 0.5, the lowest indices
+    assert_equal(idx, torch.arange(6), name="ds = 0 indices")
+    assert_equal(sc, torch.full((6,), 0.5), name="ds = 0 scores")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

@@ -39,15 +39,6 @@ static_assert(kKeyBlock % kQkKeys == 0 && kDecodeBlock % kLanes == 0, "tile size
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// 64-byte aligned fp32 scratch owned by one task (freed when the task ends).
-struct Scratch {
-  explicit Scratch(int64_t n) : p(static_cast<float*>(::operator new[](n * sizeof(float), std::align_val_t{64}))) {}
-  ~Scratch() { ::operator delete[](p, std::align_val_t{64}); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  float* p;
-};
-
 // Runs body(task) for every task in [0, n) on the intra-op threads, handing tasks out one at a time: the machines
 // this runs on are shared, and a static split of the range would wait for its most preempted thread.
 template <typename F>

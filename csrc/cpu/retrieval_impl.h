@@ -53,16 +53,6 @@ static_assert(kSmall.nv * kSmall.mr + kSmall.nv + 1 + (MPLUS_ISA_LEVEL == 0) <= 
                   kLarge.nv * kLarge.mr + kLarge.nv + 1 + (MPLUS_ISA_LEVEL == 0) <= kVectorRegisters,
               "a micro-tile must fit the register file");
 
-// 64-byte aligned fp32 scratch owned by its scope.
-struct Scratch {
-  explicit Scratch(int64_t n)
-      : p(static_cast<float*>(::operator new[](std::max<int64_t>(n, 1) * sizeof(float), std::align_val_t{64}))) {}
-  ~Scratch() { ::operator delete[](p, std::align_val_t{64}); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  float* p;
-};
-
 // x86's max(a, b) / min(a, b): b where either is NaN. One instruction; GCC compiles the a > b ? a : b of vec.h's
 // vmax to a compare and a blend (it keeps the signed-zero semantics of the ?:).
 inline vf max_x86(vf a, vf b) {
@@ -89,25 +79,12 @@ inline vf min_x86(vf a, vf b) {
 }
 
 // sigmoid(x) = 1 / (1 + 2^z), z = -x * log2(e) clamped to [-100, 100] (beyond, sigmoid is 0 or 1 in fp32, and 2^z
-// stays a normal float). 2^z = 2^n * 2^f with n = round(z), f in [-1/2, 1/2], 2^f by Cephes' exp2f polynomial
-// (~2 ulp), 2^n added to the exponent bits; then a true division. Absolute error ~1e-7 for every x (vec.h's exp2v
-// is for arguments <= 0 only). NaN stays NaN.
+// stays a normal float); 2^z by vec.h's exp2_in_range (~2 ulp), then a true division. Absolute error ~1e-7 for every
+// x (vec.h's exp2v is for arguments <= 0 only). NaN stays NaN.
 inline vf sigmoid(vf x) {
   vf z = x * -1.44269504088896341f;
   z = min_x86(splat(100.f), max_x86(splat(-100.f), z));  // NaN stays NaN
-  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
-  const vf t = z + magic;
-  const vf f = z - (t - magic);
-  vf p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const vi e = (reinterpret_cast<vi>(t) - reinterpret_cast<vi>(magic)) << 23;
-  const vf two_z = reinterpret_cast<vf>(reinterpret_cast<vi>(p) + e);
-  return 1.f / (two_z + 1.f);
+  return 1.f / (exp2_in_range(z) + 1.f);
 }
 
 // sums[(r * NV + v) * kLanes + l] += sigmoid(K[r] . Q[v * kLanes + l]) over one query block, lanes >= real[v]

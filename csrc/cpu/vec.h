@@ -24,6 +24,16 @@ typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
 typedef uint16_t vu16 __attribute__((vector_size(2 * kLanes)));
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// 64-byte aligned fp32 scratch owned by its scope (at least one element, so n = 0 is fine).
+struct Scratch {
+  explicit Scratch(int64_t n)
+      : p(static_cast<float*>(::operator new[](std::max<int64_t>(n, 1) * sizeof(float), std::align_val_t{64}))) {}
+  ~Scratch() { ::operator delete[](p, std::align_val_t{64}); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* p;
+};
+
 // Prefetch into L2 (prefetcht1): the lines are consumed a block later, after the compute in between has cycled L1,
 // and measured faster than prefetcht0 (fewer stalls on the line-fill buffers). Written as asm because GCC 12 drops
 // __builtin_prefetch from loops it proves otherwise free of side effects (the decode loop lost all of them).
@@ -118,11 +128,9 @@ inline void store_row(T* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// 2^x for x <= 0 (softmax arguments), relative error ~1e-7: x = n + f with f in [-1/2, 1/2], 2^f by Cephes' exp2f
-// polynomial, 2^n added to the exponent bits. x < -125 (including -inf, masked keys) gives exactly 0.
-inline vf exp2v(vf x) {
-  const vi tiny = x < splat(-125.f);
-  x = tiny ? splat(-125.f) : x;
+// 2^x for x in [-125, 126]: x = n + f with f in [-1/2, 1/2], 2^f by Cephes' exp2f polynomial (relative error ~1e-7),
+// 2^n added to the exponent bits. The callers clamp x to that range first.
+inline vf exp2_in_range(vf x) {
   const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
   const vf t = x + magic;
   const vf f = x - (t - magic);
@@ -134,7 +142,14 @@ inline vf exp2v(vf x) {
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
   const vi e = (reinterpret_cast<vi>(t) - reinterpret_cast<vi>(magic)) << 23;
-  return tiny ? vf{} : reinterpret_cast<vf>(reinterpret_cast<vi>(p) + e);
+  return reinterpret_cast<vf>(reinterpret_cast<vi>(p) + e);
+}
+
+// 2^x for x <= 0 (softmax arguments). x < -125 (including -inf, masked keys) gives exactly 0.
+inline vf exp2v(vf x) {
+  const vi tiny = x < splat(-125.f);
+  const vf r = exp2_in_range(tiny ? splat(-125.f) : x);
+  return tiny ? vf{} : r;
 }
 
 // Lane i of the result is lane i ^ S of v (S a power of two below kLanes): one in-register permute.
@@ -173,8 +188,10 @@ inline vf transpose_reduce(vf* cur) {  // cur[0 .. kLanes / S) is overwritten
   } else {
     constexpr vi same = index_vector([](int l) { return (l & S) ? kLanes + l : l; });
     constexpr vi cross = index_vector([](int l) { return (l & S) ? kLanes + (l ^ S) : (l ^ S); });
-    for (int i = 0; i < kLanes / S / 2; ++i)
-      cur[i] = __builtin_shuffle(cur[2 * i], cur[2 * i + 1], same) + __builtin_shuffle(cur[2 * i], cur[2 * i + 1], cross);
+    for (int i = 0; i < kLanes / S / 2; ++i) {
+      const vf u = cur[2 * i], w = cur[2 * i + 1];
+      cur[i] = __builtin_shuffle(u, w, same) + __builtin_shuffle(u, w, cross);
+    }
     return transpose_reduce<2 * S>(cur);
   }
 }
