@@ -3,19 +3,21 @@
 from .attention import FusedMemoryAttention, KVCache, MemoryKV
 from .config import MPlusConfig
 from .memory import DroppedRows, ShortTermMemory
-from .memory.ltm import LongTermMemory
+from .memory.ltm import LongTermMemory, LTMBudgetError
 from .memory.transfer import TransferEngine
-from .model import MPlusCache, MPlusForCausalLM
+from .model import MPlusCache, MPlusForCausalLM, StaleCacheError
 
 __all__ = [
     "DroppedRows",
     "FusedMemoryAttention",
     "KVCache",
+    "LTMBudgetError",
     "LongTermMemory",
     "MPlusCache",
     "MPlusConfig",
     "MPlusForCausalLM",
     "MemoryKV",
     "ShortTermMemory",
+    "StaleCacheError",
     "TransferEngine",
 ]

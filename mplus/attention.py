@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mplus_kernels._utils import check_tensor
 from mplus_kernels.attention import memory_attention, merge_attention_states, rotate_half
 
 __all__ = [
@@ -91,6 +92,8 @@ class KVCache:
         device: torch.device | str | None = None,
     ) -> KVCache:
         shape = (batch, max_len, num_kv_heads, head_dim)
+        if not all(isinstance(x, int) and x >= 0 for x in shape):
+            raise ValueError(f"KVCache.empty: batch, max_len, num_kv_heads, head_dim must be ints >= 0, got {shape}")
         return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -231,6 +234,18 @@ class FusedMemoryAttention(nn.Module):
         Returns:
             ``[B, T, d]`` (after ``o_proj``), and ``lse [B, Hq, T]`` when ``return_lse``.
         """
+        hidden_states = check_tensor("FusedMemoryAttention", "hidden_states", hidden_states)
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.q_proj.in_features:
+            raise ValueError(
+                f"FusedMemoryAttention: hidden_states must be [B, T, d={self.q_proj.in_features}], got "
+                f"{list(hidden_states.shape)}"
+            )
+        if not isinstance(position_embeddings, (tuple, list)) or len(position_embeddings) != 2:
+            raise TypeError(
+                "FusedMemoryAttention: position_embeddings must be the pair (cos, sin) of [B, T, D] tensors"
+            )
+        if cache_position is not None:
+            check_tensor("FusedMemoryAttention", "cache_position", cache_position)
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)

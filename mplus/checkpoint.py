@@ -78,6 +78,8 @@ def load_checkpoint(
     if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
         raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch.dtype (e.g. torch.bfloat16) or 'auto'")
     target = _single_device(device, device_map)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"from_pretrained: path must be a checkpoint directory (str or os.PathLike), got {path!r}")
     config_path = os.path.join(path, "config.json")
     try:
         with open(config_path) as f:
@@ -174,54 +176,77 @@ def refresh_memory_kv(model) -> None:
 
 
 def memory_state(model) -> dict[str, Tensor]:
-    """The whole memory state (STM in logical order + slot layout, ages, LTM, cache, counters, RNG)."""
+    """The whole memory state (STM slots + slot layout, ages, LTM, cache, counters, RNG): views of the live buffers
+    where they are contiguous, so clone them (or hold ``model.memory_lock.read()``) to keep them across an inject."""
     stm = model.stm
-    sd = {
-        "stm.hidden": stm.hidden,
-        "stm.age": stm.age,
-        "stm.pos": stm.pos,
-        "stm.order": stm.order,
-        "stm.k": stm.k,
-        "stm.v": stm.v,
-        "rng.cpu": torch.get_rng_state(),
-    }
-    if model.ltm is not None:
-        sd.update({f"ltm_store.{k}": v for k, v in model.ltm.memory_state().items()})
-    return {k: v.contiguous() for k, v in sd.items()}
+    with model.memory_lock.read():
+        sd = {
+            "stm.hidden": stm.hidden,
+            "stm.age": stm.age,
+            "stm.pos": stm.pos,
+            "stm.order": stm.order,
+            "stm.k": stm.k,
+            "stm.v": stm.v,
+            "rng.cpu": torch.get_rng_state(),
+        }
+        if model.ltm is not None:
+            sd.update({f"ltm_store.{k}": v for k, v in model.ltm.memory_state().items()})
+        return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _check_path(fn: str, path: object) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path must be a file path (str or os.PathLike), got {type(path).__name__}")
 
 
 def save_memory(model, path: str) -> None:
-    save_file(memory_state(model), path)
+    """Write the whole memory state (:func:`memory_state`) to ``path`` (safetensors). The file is written whole or
+    not at all (safetensors writes a temporary file and renames it): a failed save never damages an older file."""
+    _check_path("save_memory", path)
+    if model.compute_device.type == "meta":
+        raise ValueError(f"save_memory: the model is on the meta device, which holds no memory to save ({path})")
+    with model.memory_lock.read():  # memory_state's tensors are views of the live buffers: no inject until written
+        try:
+            save_file(memory_state(model), path)
+        except Exception as exc:  # safetensors' own error type for I/O failures
+            raise OSError(f"save_memory: cannot write {path}: {exc}") from None
 
 
-def _check_stm_file(stm, sd: dict[str, Tensor], path: str) -> None:
-    """Everything load_memory reads of the STM and the RNG, checked before anything is written: names, shapes,
-    dtypes, and that ``stm.order`` / ``stm.pos`` are inverse permutations of the slots of each layer (the kernels
-    index with them)."""
-    for name in ("hidden", "age", "pos", "order", "k", "v"):
+STM_NAMES = ("hidden", "age", "pos", "order", "k", "v")
+
+
+def _check_stm_state(stm, sd: dict[str, Tensor], where: str) -> None:
+    """Everything a load reads of the STM, checked before anything is written: names, shapes, dtypes, and that
+    ``stm.order`` / ``stm.pos`` are inverse permutations of the slots of each layer (the kernels index with them)."""
+    for name in STM_NAMES:
         key, have = f"stm.{name}", getattr(stm, name)
         if key not in sd:
-            raise ValueError(f"load_memory: {path} has no {key!r} (a memory file from save_memory has it)")
+            raise ValueError(f"{where} has no {key!r} (a memory file from save_memory has it); nothing was loaded")
         got = sd[key]
-        if got.shape != have.shape or got.dtype != have.dtype:
+        if not isinstance(got, Tensor) or got.shape != have.shape or got.dtype != have.dtype:
+            what = f"{got.dtype} {tuple(got.shape)}" if isinstance(got, Tensor) else type(got).__name__
             raise ValueError(
-                f"load_memory: {key} in {path} is {got.dtype} {tuple(got.shape)}, this model's is "
-                f"{have.dtype} {tuple(have.shape)}"
+                f"{where}: {key} is {what}, this model's is {have.dtype} {tuple(have.shape)}; nothing was loaded"
             )
     order, pos = sd["stm.order"].long(), sd["stm.pos"].long()
     n = order.shape[-1]
     in_range = bool(((order >= 0) & (order < n)).all() and ((pos >= 0) & (pos < n)).all())
     if not in_range or not torch.equal(pos.gather(-1, order), torch.arange(n).expand_as(order)):
         raise ValueError(
-            f"load_memory: stm.order and stm.pos in {path} are not inverse permutations of the {n} slots of each "
+            f"{where}: stm.order and stm.pos are not inverse permutations of the {n} slots of each "
             "layer (a corrupt file); nothing was loaded"
         )
+    if not bool(torch.isfinite(sd["stm.age"]).all()):
+        raise ValueError(f"{where}: stm.age holds non-finite values (a corrupt file); nothing was loaded")
+
+
+def _check_rng(sd: dict[str, Tensor], where: str) -> None:
     rng = sd.get("rng.cpu")
     expected = torch.get_rng_state()
-    if rng is None or rng.dtype != expected.dtype or rng.shape != expected.shape:
-        what = "missing" if rng is None else f"{rng.dtype} {tuple(rng.shape)}"
+    if not isinstance(rng, Tensor) or rng.dtype != expected.dtype or rng.shape != expected.shape:
+        what = "missing" if rng is None else f"{getattr(rng, 'dtype', type(rng))} {tuple(getattr(rng, 'shape', ()))}"
         raise ValueError(
-            f"load_memory: rng.cpu in {path} is {what}, expected torch's CPU RNG state "
+            f"{where}: rng.cpu is {what}, expected torch's CPU RNG state "
             f"({expected.dtype} {tuple(expected.shape)}); nothing was loaded"
         )
 
@@ -229,48 +254,103 @@ def _check_stm_file(stm, sd: dict[str, Tensor], path: str) -> None:
 def load_memory(model, path: str) -> None:
     """Restore a state written by :func:`save_memory` (including torch's CPU RNG, so drops continue identically).
 
-    The STM tensors, their slot permutations and the RNG state are validated before anything is written, so a
-    file that fails those checks leaves the model as it was (ValueError naming the tensor)."""
-    sd = load_file(path)
-    stm = model.stm
-    _check_stm_file(stm, sd, path)
-    if model.ltm is not None:
-        model.ltm.load_memory_state({k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")})
-    for name in ("hidden", "age", "pos", "order", "k", "v"):
-        getattr(stm, name).copy_(sd[f"stm.{name}"])
-    torch.set_rng_state(sd["rng.cpu"])
+    All or nothing: the whole file is checked first (every name, shape and dtype; the slot permutations; finite
+    ages; the long-term store's counters; its budget) and a bad one is a ``ValueError`` naming the tensor and the
+    file (``LTMBudgetError`` for the budget) with the model's memory exactly as it was."""
+    _check_path("load_memory", path)
+    try:
+        sd = load_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"load_memory: {path} does not exist") from None
+    except Exception as exc:  # safetensors raises its own error types on a truncated or foreign file
+        raise ValueError(f"load_memory: {path} is not a safetensors file ({type(exc).__name__}: {exc})") from None
+    where = f"load_memory({path})"
+    stm, ltm = model.stm, model.ltm
+    with model.memory_lock.write():
+        _check_stm_state(stm, sd, where)
+        _check_rng(sd, where)
+        ltm_sd = {k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")}
+        unknown = [k for k in sd if not (k.startswith(("stm.", "ltm_store.")) or k == "rng.cpu")]
+        unknown += [k for k in sd if k.startswith("stm.") and k[4:] not in STM_NAMES]
+        if unknown:
+            raise ValueError(f"{where}: unexpected tensors {unknown}; nothing was loaded")
+        if ltm is None and ltm_sd:
+            raise ValueError(f"{where}: the file holds a long-term memory but this model (MemoryLLM) has none")
+        if ltm is not None:
+            ltm.check_memory_state(ltm_sd, where)
+            ltm.load_memory_state(ltm_sd)  # checks again (cheap), then makes room before its first write
+        for name in STM_NAMES:
+            getattr(stm, name).copy_(sd[f"stm.{name}"])
+        torch.set_rng_state(sd["rng.cpu"])
+        model.memory_version += 1
 
 
 @torch.no_grad()
 def load_official_memory(model, state: dict[str, Tensor]) -> None:
     """Set the memory from an official *inference-form* state (``memory``, ``memory_ages``, ``ltm.*``,
     ``cached_dropped_*``, ``update_step``), as the official model holds it after ``put_ltm_to_numpy`` and
-    injections; K/V caches are recomputed with the generation adapter."""
+    injections; K/V caches are recomputed with the generation adapter. All or nothing: everything is computed and
+    checked before the model's memory is written (``ValueError`` naming the tensor)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"load_official_memory: state must be a dict of tensors, got {type(state).__name__}")
     cfg, dtype = model.config, model.lm_head.weight.dtype
-    L, N = cfg.num_hidden_layers, cfg.stm_size  # noqa: N806
-    model.stm.hidden.copy_(state["memory"].to(dtype))
-    model.stm.age.copy_(state.get("memory_ages", torch.zeros(L, N, dtype=torch.float64)))
-    model.stm.pos.copy_(torch.arange(N, dtype=torch.int32).expand(L, N))
-    model.stm.order.copy_(model.stm.pos)
-    refresh_memory_kv(model)
-    if model.ltm is None:
-        return
+    L, N, d = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size  # noqa: N806
+    where = "load_official_memory"
+    for key, shape in [("memory", (L, N, d)), ("memory_ages", (L, N))]:
+        t = state.get(key)
+        if key == "memory_ages" and t is None:
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            what = "missing" if t is None else f"{getattr(t, 'dtype', type(t))} {list(getattr(t, 'shape', []))}"
+            raise ValueError(f"{where}: {key} is {what}, expected a floating tensor {list(shape)}")
+    hidden = state["memory"].to(dtype)
+    ages = state.get("memory_ages", torch.zeros(L, N, dtype=torch.float64))
+    kv = [model_kv(model, layer, hidden[layer].to(model.compute_device)) for layer in range(L)]
+    sd: dict[str, Tensor] = {}
+    if model.ltm is not None:
+        sd = _official_ltm_state(model, state)
+        model.ltm.check_memory_state(sd, where)
+    with model.memory_lock.write():
+        if model.ltm is not None:
+            model.ltm.load_memory_state(sd)
+        model.stm.hidden.copy_(hidden)
+        model.stm.age.copy_(ages)
+        model.stm.pos.copy_(torch.arange(N, dtype=torch.int32).expand(L, N))
+        model.stm.order.copy_(model.stm.pos)
+        for layer, (k, v) in enumerate(kv):
+            model.stm.k[layer].copy_(k)
+            model.stm.v[layer].copy_(v)
+        model.memory_version += 1
+
+
+def _official_ltm_state(model, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The long-term store's state (``LongTermMemory.memory_state`` names) of an official inference-form state."""
+    cfg, dtype = model.config, model.lm_head.weight.dtype
+    L = cfg.num_hidden_layers  # noqa: N806
+    missing = [f"{p}{layer}" for layer in range(L) for p in MEMORY_KEYS if f"{p}{layer}" not in state]
+    missing += [] if "update_step" in state else ["update_step"]
+    if missing:
+        raise ValueError(f"load_official_memory: missing {missing}")
     sd: dict[str, Tensor] = {}
     for layer in range(L):
         rows = state[f"ltm.{layer}"].to(dtype)
         sd[f"ltm.{layer}"], sd[f"ltm_keys.{layer}"] = rows, state[f"ltm_keys.{layer}"].to(dtype)
         sd[f"ltm_ages.{layer}"] = state[f"ltm_ages.{layer}"].double().trunc()
         sd[f"ltm_recall_frequencies.{layer}"] = state[f"ltm_recall_frequencies.{layer}"].double()
-        sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = model_kv(model, layer, rows)
+        if rows.dim() == 2 and rows.shape[1] == cfg.hidden_size:  # else check_memory_state names the shape
+            sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = (
+                t.cpu() for t in model_kv(model, layer, rows.to(model.compute_device))
+            )
     if "cached_dropped_memories" in state:  # after a merge the official cache is None (stale keys ignored)
         rows = state["cached_dropped_memories"].to(dtype)
         sd["cached_dropped_memories"], sd["cached_dropped_keys"] = rows, state["cached_dropped_keys"].to(dtype)
         sd["cached_dropped_memory_ages"] = state["cached_dropped_memory_ages"].double()
-        kv = [model_kv(model, layer, rows[layer]) for layer in range(L)]
-        sd["cached_dropped_k"], sd["cached_dropped_v"] = (
-            torch.stack([a for a, _ in kv]),
-            torch.stack([b for _, b in kv]),
-        )
+        if rows.dim() == 3 and rows.shape[0] == L and rows.shape[2] == cfg.hidden_size:
+            kv = [model_kv(model, layer, rows[layer].to(model.compute_device)) for layer in range(L)]
+            sd["cached_dropped_k"], sd["cached_dropped_v"] = (
+                torch.stack([a for a, _ in kv]),
+                torch.stack([b for _, b in kv]),
+            )
     else:
         ds, hkv, dh = cfg.selector_hidden_dim, cfg.num_key_value_heads, cfg.head_dim
         sd["cached_dropped_memories"] = torch.empty(L, 0, cfg.hidden_size, dtype=dtype)
@@ -278,4 +358,4 @@ def load_official_memory(model, state: dict[str, Tensor]) -> None:
         sd["cached_dropped_memory_ages"] = torch.empty(L, 0, dtype=torch.float64)
         sd["cached_dropped_k"] = sd["cached_dropped_v"] = torch.empty(L, 0, hkv, dh, dtype=dtype)
     sd["update_step"] = state["update_step"]
-    model.ltm.load_memory_state(sd)
+    return sd

@@ -658,14 +658,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="TRITON_INTERPRET for the suite beyond tests/test_cuda.py (default: %(default)s, as the "
                         "suite drives Triton on CPU tensors)")  # fmt: skip
     p.add_argument("--cuda-tests-only", action="store_true", help="tests: only tests/test_cuda.py")
-    p.add_argument("--pytest-args", help="extra pytest arguments, e.g. \"-k attention -x\"")
+    p.add_argument("--pytest-args", help='extra pytest arguments, e.g. "-k attention -x"')
     p.add_argument("--tests-timeout", type=float, help="seconds per test run (default 150 each)")
     p.add_argument("--compile-timeout", type=float, help="seconds (default 240)")
     p.add_argument("--bench-timeout", type=float, help="seconds for all benchmark families (default 190)")
     p.add_argument("--bench-family", action="append", choices=BENCH_FAMILIES, help="only these benchmark families")
     p.add_argument("--quick", action="store_true", help="benchmarks: fewer repetitions")
-    p.add_argument("--wheelhouse", default=str(ROOT / "gpu-check-wheels"),
-                   help="pure-Python wheels (pytest and its deps) to use when pytest is missing (default: %(default)s)")
+    p.add_argument(
+        "--wheelhouse",
+        default=str(ROOT / "gpu-check-wheels"),
+        help="pure-Python wheels (pytest and its deps) to use when pytest is missing (default: %(default)s)",
+    )
     p.add_argument("--probe-env", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     chosen = args.only or list(PHASES)

@@ -2,23 +2,37 @@
 
 The official model wraps q/k/v/gate/up/down with PEFT LoRA layers holding two adapters, ``default`` (update) and
 ``decoder_adapter`` (generation), and switches by walking every module on every forward. Here each
-:class:`LoRALinear` reads the active adapter from one shared :class:`AdapterState`, so switching is one assignment.
-Parameter names follow PEFT's (``base_layer.weight``, ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``).
+:class:`LoRALinear` reads the active adapter from one shared :class:`AdapterState`, so switching is one assignment
+(a thread-local one: threads never see each other's switches). Parameter names follow PEFT's
+(``base_layer.weight``, ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
 
 class AdapterState:
-    """The adapter every :class:`LoRALinear` of a model applies (``None``: base weights only)."""
+    """The adapter every :class:`LoRALinear` of a model applies (``None``: base weights only), per thread.
+
+    The choice is thread-local: ``use()`` in one thread (an ``inject`` switching to the update adapter) never changes
+    what a forward running in another thread applies. A new thread starts with ``default``."""
 
     def __init__(self, active: str | None = None) -> None:
-        self.active = active
+        self.default = active
+        self._local = threading.local()
+
+    @property
+    def active(self) -> str | None:
+        return getattr(self._local, "active", self.default)
+
+    @active.setter
+    def active(self, adapter: str | None) -> None:
+        self._local.active = adapter
 
     @contextlib.contextmanager
     def use(self, adapter: str | None) -> Iterator[None]:
@@ -27,6 +41,12 @@ class AdapterState:
             yield
         finally:
             self.active = previous
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the default travels, per-thread choices do not
+        return {"default": self.default}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["default"])
 
 
 class LoRALinear(nn.Module):

@@ -20,6 +20,7 @@ runs every op on its pure-PyTorch reference.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Literal
 
 import torch
@@ -27,10 +28,11 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mplus_kernels import _backend
+from mplus_kernels import _backend, draw_victims
 from mplus_kernels._utils import host_values
 
 from ._placement import FixedDtypeBuffers
+from ._sync import MemoryLock
 from .attention import FusedMemoryAttention, KVCache, MemoryKV, rope_tables
 from .config import MPlusConfig
 from .lora import AdapterState, LoRALinear
@@ -41,6 +43,7 @@ from .retriever import Projector, rms_norm
 
 ENCODER, DECODER = "default", "decoder_adapter"
 Semantics = Literal["fast", "reference"]
+_TRANSFER_LOCK = threading.Lock()
 
 
 class RMSNorm(nn.Module):
@@ -112,6 +115,11 @@ class MPlusModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
 
+class StaleCacheError(RuntimeError):
+    """A generation cache was used after the memory it was built on changed (an ``inject`` or a load since its
+    prefill): its memory segments no longer match the memory. Start a new generation (a new cache)."""
+
+
 @dataclasses.dataclass
 class MPlusCache:
     """Per-generate state: each layer's chunk KV cache and its fixed memory segments (built at prefill)."""
@@ -119,6 +127,7 @@ class MPlusCache:
     layers: list[KVCache]
     memories: list[list[MemoryKV]]
     retrieved: list[Tensor | None]  # per layer: indices of the long-term rows used (age order), for inspection
+    memory_version: int | None = None  # the model's memory_version at the prefill (None: not prefilled yet)
     is_compileable = False  # read by transformers' generate (no automatic torch.compile of the decode step)
 
     @property
@@ -156,11 +165,15 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         ltm_capacity: int = 0,
     ) -> None:
         super().__init__(config)
+        if not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"MPlusForCausalLM: max_length={max_length!r} must be an int > 0 (prompt + new tokens)")
         if semantics not in ("fast", "reference") or kernels not in ("fused", "reference"):
             raise ValueError(f"semantics={semantics!r} (fast|reference), kernels={kernels!r} (fused|reference)")
         if not config.add_bos_embedding:
             raise ValueError("MPlusForCausalLM: configs without add_bos_embedding are not supported")
         self.semantics, self.kernels, self.max_length = semantics, kernels, max_length
+        self.memory_lock = MemoryLock()  # readers: forward, generate, save; writers: inject, load (mplus._sync)
+        self.memory_version = 0  # advanced by every change of the memory; caches record it (StaleCacheError)
         self.backend = "reference" if kernels == "reference" else None
         self.adapters = AdapterState(DECODER)
         names = [ENCODER, DECODER] if config.add_decoder_lora else [ENCODER]
@@ -263,48 +276,70 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"inject: a context of {t} tokens exceeds the {self.rope_cos.shape[0] - k - 1}-token limit"
             )
-        deltas, hiddens = [], []
-        with self.adapters.use(ENCODER):
-            h = self.model.embed_tokens(context_ids.to(self.compute_device))
-            p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
-            pos = self._chunk_rope(p, k + t + 1 - p)
-            memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
-            for layer_idx, layer in enumerate(self.layers):
-                hiddens.append(h)
-                tail = self.stm.hidden[layer_idx].index_select(0, self.stm.order[layer_idx, n - k :].long())
-                x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
-                x[-k:] += self.new_memory_positional_emb[0, 0]
-                mk, mv = layer.memory_kv(x[:p])
-                out = layer(x[None, p:], pos, [self._mem(mk, mv, memory_pos)], None)
-                deltas.append(out[0, -k:])
-                h = out[:, -t:]
-            hiddens.append(self.model.norm(h))
-        delta = torch.stack(deltas)
-        if update_memory:
-            self._update_memory(delta, victims)
+        if victims is not None:  # checked where they are: on the host (a device tensor is read once, here)
+            if not isinstance(victims, Tensor):
+                raise TypeError(f"inject: victims must be an integer tensor [L, K], got {type(victims).__name__}")
+            victims = victims.cpu() if victims.device.type != "meta" else victims
+        with self.memory_lock.write() if update_memory else self.memory_lock.read():
+            deltas, hiddens = [], []
+            with self.adapters.use(ENCODER):
+                h = self.model.embed_tokens(context_ids.to(self.compute_device))
+                p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
+                pos = self._chunk_rope(p, k + t + 1 - p)
+                memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
+                for layer_idx, layer in enumerate(self.layers):
+                    hiddens.append(h)
+                    tail = self.stm.hidden[layer_idx].index_select(0, self.stm.order[layer_idx, n - k :].long())
+                    x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
+                    x[-k:] += self.new_memory_positional_emb[0, 0]
+                    mk, mv = layer.memory_kv(x[:p])
+                    out = layer(x[None, p:], pos, [self._mem(mk, mv, memory_pos)], None)
+                    deltas.append(out[0, -k:])
+                    h = out[:, -t:]
+                hiddens.append(self.model.norm(h))
+            delta = torch.stack(deltas)
+            if update_memory:
+                self._update_memory(delta, victims)
         return (delta, hiddens) if output_hidden_states else delta
 
     def _update_memory(self, delta: Tensor, victims: Tensor | None) -> None:
+        """All or nothing: every check (the victims, room in the long-term cache, the budget of a merge) and every
+        computation (the new rows' K/V, the dropped rows' retriever keys) comes before the first write, and the
+        RNG the victims are drawn from is restored when any of it fails."""
         with self.adapters.use(DECODER):  # the short-term K/V cache holds generation-adapter keys and values
             kv = [layer.memory_kv(delta[i]) for i, layer in enumerate(self.layers)]
         new_k, new_v = torch.stack([a for a, _ in kv]), torch.stack([b for _, b in kv])
         # On the host the dropped rows land straight in the long-term cache (zero copy); from a device they come out
         # in device memory and push_dropped copies them to the (pinned) host cache asynchronously.
-        in_place = self.ltm is not None and self.compute_device.type == "cpu"
-        views = self.ltm.cache_views(delta.shape[1]) if in_place else None
-        dropped = self.stm.update(delta, new_k=new_k, new_v=new_v, victims=victims, dropped=views, backend=self.backend)
-        if self.ltm is not None:
-            keys = torch.stack(
-                [
-                    layer.self_attn.key_proj(layer.input_layernorm(dropped.hidden[i]))
-                    for i, layer in enumerate(self.layers)
-                ]
+        ltm, rows = self.ltm, delta.shape[1]
+        in_place = ltm is not None and self.compute_device.type == "cpu"
+        keys: list[Tensor] = []
+
+        def prepare(dropped_hidden: Tensor) -> None:  # after the STM's checks, before its first write
+            if ltm is not None:
+                for i, layer in enumerate(self.layers):
+                    keys.append(layer.self_attn.key_proj(layer.input_layernorm(dropped_hidden[i])))
+                ltm.prepare_push(rows)
+
+        rng = torch.get_rng_state()
+        try:
+            if victims is None:
+                victims = draw_victims(self.stm.num_layers, self.stm.size, rows)
+            views = ltm.cache_views(rows) if in_place else None
+            dropped = self.stm.update(
+                delta, new_k=new_k, new_v=new_v, victims=victims, dropped=views, backend=self.backend, prepare=prepare
             )
+        except BaseException:
+            torch.set_rng_state(rng)
+            raise
+        # checked by prepare_push: from here on nothing can fail part-way
+        if ltm is not None:
             if in_place:
-                self.ltm.push_dropped(keys, written=True)
+                ltm.push_dropped(torch.stack(keys), written=True)
             else:
-                kv = (dropped.k, dropped.v) if self.ltm.kv is not None else None
-                self.ltm.push_dropped(keys, hidden=dropped.hidden, age=dropped.age, kv=kv)
+                kv = (dropped.k, dropped.v) if ltm.kv is not None else None
+                ltm.push_dropped(torch.stack(keys), hidden=dropped.hidden, age=dropped.age, kv=kv)
+        self.memory_version += 1
 
     # ------------------------------------------------------------------------------------------ generation
     def _layer_memories(self, layer_idx: int, layer: DecoderLayer, h: Tensor, cache: MPlusCache) -> list:
@@ -338,16 +373,19 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         device = self.compute_device
         # Triton on CPU tensors is the interpreter, which cannot run kernels on two threads at once: jobs run inline
         threaded = device.type != "cpu" or _backend.resolve("retrieve_topk", device, self.backend) != "triton"
-        engine = getattr(self, "_transfer", None)
-        if engine is None or engine.device != device or engine.threaded != threaded:  # (re)made after a move
-            if engine is not None:
-                engine.close()
-            self._transfer = TransferEngine(device, threaded=threaded)
-        return self._transfer
+        with _TRANSFER_LOCK:  # forwards from several threads share one engine
+            engine = getattr(self, "_transfer", None)
+            if engine is None or engine.device != device or engine.threaded != threaded:  # (re)made after a move
+                if engine is not None:
+                    engine.close()
+                engine = self._transfer = TransferEngine(device, threaded=threaded)
+        return engine
 
     def new_cache(self, max_tokens: int | None = None) -> MPlusCache:
         """An empty generation cache for up to ``max_tokens`` prompt + generated tokens (default ``max_length``)."""
-        cap = max_tokens or self.max_length
+        cap = self.max_length if max_tokens is None else max_tokens
+        if not isinstance(cap, int) or cap <= 0:
+            raise ValueError(f"new_cache: max_tokens={max_tokens!r} must be an int > 0 (or None: max_length)")
         if cap > self.max_length:
             raise ValueError(f"new_cache: {cap} tokens exceed max_length={self.max_length} (set it at load time)")
         cfg = self.config
@@ -372,19 +410,29 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         prefill: each layer retrieves its long-term rows. ``logits_to_keep``: only the last n positions (0 = all).
         ``attention_mask``/``position_ids`` are not used (batch 1, no padding; positions follow the memory)."""
         self._check_ids(input_ids, "forward")
-        cache = past_key_values if past_key_values is not None else self.new_cache()
-        prefill = cache.length == 0
-        t = input_ids.shape[1]
-        pos = self._chunk_rope(self.config.memory_prefix_len + cache.length, t)
-        hiddens = []
-        with self.adapters.use(DECODER):
-            h = self.model.embed_tokens(input_ids.to(self.compute_device))
-            for layer_idx, layer in enumerate(self.layers):
-                hiddens.append(h)
-                if prefill:
-                    cache.memories[layer_idx] = self._layer_memories(layer_idx, layer, h, cache)
-                h = layer(h, pos, cache.memories[layer_idx], cache.layers[layer_idx])
-            h = self.model.norm(h)
+        if past_key_values is not None and not isinstance(past_key_values, MPlusCache):
+            raise TypeError(
+                f"forward: past_key_values must be an MPlusCache (model.new_cache(), or the one a prefill returned), "
+                f"got {type(past_key_values).__name__}"
+            )
+        with self.memory_lock.read():
+            cache = past_key_values if past_key_values is not None else self.new_cache()
+            prefill = cache.length == 0
+            if prefill:
+                cache.memory_version = self.memory_version
+            else:
+                self._check_cache(cache, "forward")
+            t = input_ids.shape[1]
+            pos = self._chunk_rope(self.config.memory_prefix_len + cache.length, t)
+            hiddens = []
+            with self.adapters.use(DECODER):
+                h = self.model.embed_tokens(input_ids.to(self.compute_device))
+                for layer_idx, layer in enumerate(self.layers):
+                    hiddens.append(h)
+                    if prefill:
+                        cache.memories[layer_idx] = self._layer_memories(layer_idx, layer, h, cache)
+                    h = layer(h, pos, cache.memories[layer_idx], cache.layers[layer_idx])
+                h = self.model.norm(h)
         hiddens.append(h)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
         return CausalLMOutputWithPast(
@@ -392,6 +440,20 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             past_key_values=cache if use_cache else None,
             hidden_states=tuple(hiddens) if output_hidden_states else None,
         )
+
+    def _check_cache(self, cache: MPlusCache, what: str) -> None:
+        if not isinstance(cache, MPlusCache):
+            raise TypeError(f"{what}: past_key_values must be an MPlusCache (model.new_cache()), got {type(cache)}")
+        if cache.memory_version is None:
+            raise ValueError(
+                f"{what}: past_key_values was never prefilled: run model(prompt_ids, past_key_values=cache)"
+            )
+        if cache.memory_version != self.memory_version:
+            raise StaleCacheError(
+                f"{what}: this generation cache was built on memory version {cache.memory_version}, but the memory "
+                f"has changed since (now version {self.memory_version}: inject or load_memory); its memory segments "
+                "are stale. Start a new generation (a new cache) to read the current memory."
+            )
 
     @torch.no_grad()
     def decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
@@ -417,6 +479,13 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         """
         if self.adapters.active != DECODER:
             raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
+        if not torch.compiler.is_compiling():  # compiled: unchecked (a guard on the version recompiles per inject)
+            self._check_cache(past_key_values, "decode_step")
+            for name, t in [("input_ids", input_ids), ("cache_position", cache_position)]:
+                if not isinstance(t, Tensor) or t.dtype.is_floating_point:
+                    raise TypeError(
+                        f"decode_step: {name} must be an integer tensor, got {getattr(t, 'dtype', type(t))}"
+                    )
         positions = self.config.memory_prefix_len + cache_position
         cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
         pos = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
@@ -426,8 +495,28 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             h = layer(h, pos, memories, past_key_values.layers[layer_idx], cache_position)
         return self.lm_head(self.model.norm(h[:, -1])).float()
 
+    @torch.no_grad()
+    def generate(self, inputs: Tensor | None = None, *args, **kwargs):
+        """Transformers' ``generate``, holding the memory lock for reading for the whole call: an ``inject`` from
+        another thread waits until this generation is done (and never changes the memory under it)."""
+        if self.compute_device.type == "meta":
+            raise ValueError(
+                "generate: the model is on the meta device, which holds no values (generate reads the tokens it picks);"
+                " use forward / decode_step on meta, generate on a real device"
+            )
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        self._check_ids(ids, "generate")  # the prompt [1, T] (the memory is the context: there is no empty prompt)
+        with self.memory_lock.read():
+            return super().generate(inputs, *args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """``generate`` gets a preallocated :class:`MPlusCache` (the memory prefix is never copied per step)."""
+        """``generate`` gets a preallocated :class:`MPlusCache` (the memory prefix is never copied per step), and a
+        request that cannot fit is refused before the prefill (not at the step that would overflow)."""
+        if generation_config.max_length is not None and generation_config.max_length > self.max_length:
+            raise ValueError(
+                f"generate: up to {generation_config.max_length} tokens (prompt + max_new_tokens) exceed the "
+                f"model's max_length={self.max_length}: lower max_new_tokens, or load with a larger max_length"
+            )
         if model_kwargs.get("past_key_values") is None:
             model_kwargs["past_key_values"] = self.new_cache()
 

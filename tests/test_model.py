@@ -204,12 +204,12 @@ def _corrupt(sd: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("how", "match"),
     [
-        ("no rng", "rng.cpu .* is missing"),
-        ("rng short", "rng.cpu .* expected torch's CPU RNG state"),
+        ("no rng", "rng.cpu is missing"),
+        ("rng short", "rng.cpu is .* expected torch's CPU RNG state"),
         ("order out of range", "not inverse permutations"),
         ("order not a permutation", "not inverse permutations"),
         ("pos not the inverse", "not inverse permutations"),
-        ("age dtype", "stm.age .* is torch.float32"),
+        ("age dtype", "stm.age is torch.float32"),
         ("no stm.k", "has no 'stm.k'"),
     ],
 )

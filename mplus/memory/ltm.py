@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mplus_kernels import gather_rows_
+from mplus_kernels._utils import check_tensor
 
 RetrievalMode = Literal["fast", "reference"]
 _ALIVE_THRESHOLD = 0.01  # the official `rf > 0.01`
@@ -230,14 +231,25 @@ class LongTermMemory(nn.Module):
                 f"{self.budget_bytes / 2**20:.1f} MiB (budget_bytes={self.budget_bytes})"
             )
 
-    def _reserve(self, layer: int, rows: int) -> None:
-        """Make room for ``rows`` rows in ``layer`` (amortised: 1.5× growth), checking the budget first."""
+    def _target_capacity(self, layer: int, rows: int) -> int:
+        """The capacity ``layer`` grows to for ``rows`` rows (amortised: 1.5× growth); its capacity if they fit."""
         cap = self.capacity(layer)
-        if rows <= cap:
+        return cap if rows <= cap else max(rows, int(cap * 1.5) + 1)
+
+    def _reserve(self, layer: int, rows: int) -> None:
+        """Make room for ``rows`` rows in ``layer``, checking the budget first."""
+        self._grow(layer, self._target_capacity(layer, rows))
+
+    def _growth_bytes(self, layer: int, new_cap: int) -> int:
+        return max(0, new_cap - self.capacity(layer)) * (self._row_bytes() + 8)  # + recall frequency
+
+    def _grow(self, layer: int, new_cap: int) -> None:
+        """Reallocate ``layer``'s buffers to ``new_cap`` rows (budget checked first), keeping its rows."""
+        if new_cap <= self.capacity(layer):
             return
-        new_cap = max(rows, int(cap * 1.5) + 1)
-        extra = (new_cap - cap) * (self._row_bytes() + 8)  # + recall frequency
-        self._check_budget(self.nbytes() + extra, f"growing layer {layer} to {new_cap} rows")
+        self._check_budget(
+            self.nbytes() + self._growth_bytes(layer, new_cap), f"growing layer {layer} to {new_cap} rows"
+        )
         n = self.size[layer]
 
         def grown(t: Tensor) -> Tensor:
@@ -245,12 +257,12 @@ class LongTermMemory(nn.Module):
             out[:n].copy_(t[:n])
             return out
 
-        self.hidden[layer] = grown(self.hidden[layer])
-        self.keys[layer] = grown(self.keys[layer])
-        self.age[layer] = grown(self.age[layer])
-        self.rf[layer] = grown(self.rf[layer])
-        if self.kv is not None:
-            self.kv[layer] = [grown(t) for t in self.kv[layer]]
+        # every buffer is made before any is replaced: a failed allocation leaves the layer as it was
+        bufs = [grown(t) for t in [self.hidden[layer], self.keys[layer], self.age[layer], self.rf[layer]]]
+        kv = [grown(t) for t in self.kv[layer]] if self.kv is not None else None
+        self.hidden[layer], self.keys[layer], self.age[layer], self.rf[layer] = bufs
+        if kv is not None:
+            self.kv[layer] = kv
 
     def clear(self) -> None:
         """Forget every row and counter; capacity buffers are kept for reuse."""
@@ -263,6 +275,10 @@ class LongTermMemory(nn.Module):
         self, layer: int, hidden: Tensor, keys: Tensor, age: Tensor, rf: Tensor, kv: tuple[Tensor, Tensor] | None = None
     ) -> None:
         """Append rows to one layer's LTM (e.g. from a checkpoint). O(rows) copies."""
+        for name, t in [("hidden", hidden), ("keys", keys), ("age", age), ("rf", rf)]:
+            check_tensor("append_rows_", name, t)
+        if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
+            raise ValueError(f"append_rows_: layer={layer!r} out of range [0, {self.num_layers})")
         r = hidden.shape[0]
         if hidden.shape != (r, self.hidden_size) or keys.shape != (r, self.key_dim):
             raise ValueError(
@@ -298,6 +314,25 @@ class LongTermMemory(nn.Module):
             views["k"], views["v"] = self.cache_kv[0][:, window], self.cache_kv[1][:, window]
         return views
 
+    def prepare_push(self, rows: int) -> None:
+        """Check that an update dropping ``rows`` rows per layer can be recorded (room in the cache; the budget of
+        the merge it triggers) and make that room now, so :meth:`push_dropped` cannot fail part-way. Raises
+        ``ValueError`` / ``LTMBudgetError`` with nothing changed (growth keeps every row). The model calls it
+        before it changes the short-term memory, so that an over-budget update changes nothing at all."""
+        if rows < 0 or self.cache_len + rows > self.cache_hidden.shape[1]:
+            raise ValueError(
+                f"push_dropped: {rows} rows overflow the cache ({self.cache_len} of {self.cache_hidden.shape[1]} "
+                f"used); each update must drop num_tokens={self.num_tokens} rows"
+            )
+        if self.update_step + self.num_tokens < self.update_ltm_frequency * self.num_tokens:
+            return  # no merge: nothing grows
+        m = self.cache_len + rows
+        caps = [self._target_capacity(layer, self.size[layer] + m) for layer in range(self.num_layers)]
+        extra = sum(self._growth_bytes(layer, cap) for layer, cap in enumerate(caps))
+        self._check_budget(self.nbytes() + extra, f"merging {m} cached rows into the long-term memory")
+        for layer, cap in enumerate(caps):
+            self._grow(layer, cap)
+
     def push_dropped(
         self,
         keys: Tensor,
@@ -313,15 +348,11 @@ class LongTermMemory(nn.Module):
         into :meth:`cache_views` (zero-copy); otherwise ``hidden``/``age`` (and ``kv``) are copied in.
         Returns True when this update triggered a merge into the LTM. Invalid input changes nothing.
         """
+        keys = check_tensor("push_dropped", "keys", keys)
         num_layers, k = keys.shape[0], keys.shape[1] if keys.dim() == 3 else -1
         if keys.dim() != 3 or num_layers != self.num_layers or keys.shape[2] != self.key_dim:
             raise ValueError(
                 f"push_dropped: keys must be [L={self.num_layers}, k, ds={self.key_dim}], got {list(keys.shape)}"
-            )
-        if self.cache_len + k > self.cache_hidden.shape[1]:
-            raise ValueError(
-                f"push_dropped: {k} rows overflow the cache ({self.cache_len} of {self.cache_hidden.shape[1]} used); "
-                f"each update must drop num_tokens={self.num_tokens} rows"
             )
         if not written:
             if hidden is None or age is None:
@@ -333,6 +364,7 @@ class LongTermMemory(nn.Module):
                 )
             if (kv is None) != (self.cache_kv is None):
                 raise ValueError("push_dropped: kv must be given exactly when the store keeps K/V")
+        self.prepare_push(k)
         views = self.cache_views(k)
         if not written:  # rows from the device land in (pinned) host memory asynchronously; ages stay on the device
             _copy_(views["hidden"], hidden)
@@ -476,45 +508,97 @@ class LongTermMemory(nn.Module):
         sd["update_step"] = torch.tensor([self.update_step], dtype=torch.int64)
         return {k: v.contiguous() for k, v in sd.items()}
 
-    def load_memory_state(self, sd: dict[str, Tensor]) -> None:
-        """Replace the whole state by ``sd`` (as written by :meth:`memory_state`); validated before anything changes."""
-        missing = [
-            f"{name}.{layer}"
-            for layer in range(self.num_layers)
-            for name in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")
-            if f"{name}.{layer}" not in sd
-        ]
-        missing += [
-            k
-            for k in ("cached_dropped_memories", "cached_dropped_keys", "cached_dropped_memory_ages", "update_step")
-            if k not in sd
-        ]
-        if missing:
-            raise KeyError(f"load_memory_state: missing {missing}")
-        m = sd["cached_dropped_memories"].shape[1]
-        if m > self.cache_hidden.shape[1]:
-            raise ValueError(
-                f"load_memory_state: {m} cached rows exceed the cache capacity {self.cache_hidden.shape[1]}"
-            )
-        self.size = [0] * self.num_layers
+    def _expected_state(self, sd: dict[str, Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every name of a memory state with its expected shape (row counts read from ``sd``) and kind."""
+        d, ds, kv = self.hidden_size, self.key_dim, self.kv_shape
+        want: dict[str, tuple[tuple[int, ...], str]] = {}
         for layer in range(self.num_layers):
-            kv = (sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"]) if self.kv is not None else None
-            self.append_rows_(
-                layer,
-                sd[f"ltm.{layer}"],
-                sd[f"ltm_keys.{layer}"],
-                sd[f"ltm_ages.{layer}"].double(),
-                sd[f"ltm_recall_frequencies.{layer}"].double(),
-                kv,
+            rows = sd.get(f"ltm.{layer}")
+            s = rows.shape[0] if isinstance(rows, Tensor) and rows.dim() >= 1 else 0
+            want[f"ltm.{layer}"] = ((s, d), "float")
+            want[f"ltm_keys.{layer}"] = ((s, ds), "float")
+            want[f"ltm_ages.{layer}"] = ((s,), "float")
+            want[f"ltm_recall_frequencies.{layer}"] = ((s,), "float")
+            if kv is not None:
+                want[f"ltm_k.{layer}"] = want[f"ltm_v.{layer}"] = ((s, *kv), "float")
+        cached = sd.get("cached_dropped_memories")
+        m = cached.shape[1] if isinstance(cached, Tensor) and cached.dim() >= 2 else 0
+        L = self.num_layers  # noqa: N806
+        want["cached_dropped_memories"] = ((L, m, d), "float")
+        want["cached_dropped_keys"] = ((L, m, ds), "float")
+        want["cached_dropped_memory_ages"] = ((L, m), "float")
+        if kv is not None:
+            want["cached_dropped_k"] = want["cached_dropped_v"] = ((L, m, *kv), "float")
+        want["update_step"] = ((1,), "int")
+        return want
+
+    def check_memory_state(self, sd: dict[str, Tensor], where: str = "load_memory_state") -> list[int]:
+        """Check that ``sd`` is a whole state this store can take (:meth:`memory_state`'s names, shapes and dtypes,
+        finite ages and frequencies, counters in range, the budget) without changing anything; returns the rows
+        per layer. ``where`` starts each error message (e.g. the file being loaded)."""
+        if not isinstance(sd, dict):
+            raise TypeError(f"{where}: the state must be a dict of tensors, got {type(sd).__name__}")
+        want = self._expected_state(sd)
+        counted = {f"{p}.{layer}" for p in ("ltm_ages", "ltm_recall_frequencies") for layer in range(self.num_layers)}
+        counted.add("cached_dropped_memory_ages")  # ages and frequencies order and evict rows: they must be finite
+        problems = []
+        for name, (shape, kind) in want.items():
+            t = sd.get(name)
+            if t is None:
+                problems.append(f"missing {name} {list(shape)}")
+            elif not isinstance(t, Tensor):
+                problems.append(f"{name} is a {type(t).__name__}, not a tensor")
+            elif tuple(t.shape) != shape:
+                problems.append(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+            elif kind == "float" and not t.is_floating_point():
+                problems.append(f"{name} has dtype {t.dtype}, expected a floating dtype")
+            elif kind == "int" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+                problems.append(f"{name} has dtype {t.dtype}, expected an integer dtype")
+            elif name in counted and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                problems.append(f"{name} holds non-finite values")  # (a meta tensor, a device stand-in, has none)
+        problems += [f"unexpected tensor {name} (not part of this store's state)" for name in sd if name not in want]
+        if not problems:
+            m, step = sd["cached_dropped_memories"].shape[1], int(sd["update_step"][0])
+            period = self.update_ltm_frequency * self.num_tokens
+            if m > self.cache_hidden.shape[1]:
+                problems.append(f"{m} cached rows exceed the cache capacity {self.cache_hidden.shape[1]}")
+            if not 0 <= step < period:
+                problems.append(f"update_step={step} is outside [0, {period}) (update_ltm_frequency x num_tokens)")
+        if problems:
+            raise ValueError(
+                f"{where}: not a memory state of this store; nothing was loaded:\n  " + "\n  ".join(problems)
             )
+        sizes = [sd[f"ltm.{layer}"].shape[0] for layer in range(self.num_layers)]
+        extra = sum(self._growth_bytes(layer, s) for layer, s in enumerate(sizes))
+        self._check_budget(self.nbytes() + extra, f"{where}: loading {sum(sizes)} rows")
+        return sizes
+
+    def load_memory_state(self, sd: dict[str, Tensor]) -> None:
+        """Replace the whole state by ``sd`` (as written by :meth:`memory_state`), all or nothing: everything is
+        checked (:meth:`check_memory_state`, the budget included) and room is made (growth keeps the current rows)
+        before the first row is replaced, so a rejected state (``ValueError``, ``LTMBudgetError``) or a failed
+        allocation leaves the store exactly as it was."""
+        sizes = self.check_memory_state(sd)
+        for layer, s in enumerate(sizes):
+            self._grow(layer, max(s, self.capacity(layer)))
+        m = sd["cached_dropped_memories"].shape[1]
+        self._host_sync()  # device work may still read the rows about to be replaced
+        for layer, s in enumerate(sizes):
+            _copy_(self.hidden[layer][:s], sd[f"ltm.{layer}"])
+            self.keys[layer][:s].copy_(sd[f"ltm_keys.{layer}"])
+            self.age[layer][:s].copy_(sd[f"ltm_ages.{layer}"])
+            self.rf[layer][:s].copy_(sd[f"ltm_recall_frequencies.{layer}"])
+            if self.kv is not None:
+                _copy_(self.kv[layer][0][:s], sd[f"ltm_k.{layer}"])
+                _copy_(self.kv[layer][1][:s], sd[f"ltm_v.{layer}"])
         _copy_(self.cache_hidden[:, :m], sd["cached_dropped_memories"])
         self.cache_keys[:, :m].copy_(sd["cached_dropped_keys"])
         self.cache_age[:, :m].copy_(sd["cached_dropped_memory_ages"])
         if self.cache_kv is not None:
             _copy_(self.cache_kv[0][:, :m], sd["cached_dropped_k"])
             _copy_(self.cache_kv[1][:, :m], sd["cached_dropped_v"])
-        self.cache_len = m
-        self.update_step = int(sd["update_step"].reshape(-1)[0])
+        self.size, self.cache_len = sizes, m
+        self.update_step = int(sd["update_step"][0])
 
     def save(self, path: str) -> None:
         save_file(self.memory_state(), path)

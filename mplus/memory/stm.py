@@ -13,12 +13,14 @@ leaves the ages float64 and the positions int32.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from mplus_kernels import draw_victims, memory_update_
+from mplus_kernels._utils import check_tensor
 from mplus_kernels.memory_update import logical_view, validate_memory_update
 
 from .._placement import FixedDtypeBuffers
@@ -58,7 +60,7 @@ class ShortTermMemory(FixedDtypeBuffers):
         kv_dtype: torch.dtype | None = None,
         age_mode: AgeMode = "reference",
     ) -> None:
-        if hidden.dim() != 3:
+        if check_tensor("ShortTermMemory", "hidden", hidden).dim() != 3:
             raise ValueError(f"ShortTermMemory: hidden must be [L, N, d], got {list(hidden.shape)}")
         if age_mode not in ("reference", "training"):
             raise ValueError(f"ShortTermMemory: age_mode={age_mode!r}, expected 'reference' or 'training'")
@@ -83,7 +85,6 @@ class ShortTermMemory(FixedDtypeBuffers):
     # moves and casts apply to every buffer, but ages stay float64 (a cast would round them); positions stay int32
     fixed_dtype_buffers = ("age",)
 
-
     @property
     def num_layers(self) -> int:
         return self.hidden.shape[0]
@@ -94,13 +95,14 @@ class ShortTermMemory(FixedDtypeBuffers):
 
     def logical(self, name: str = "hidden") -> Tensor:
         """A copy of ``hidden``/``age``/``k``/``v`` in logical order (row i = logical position i)."""
-        t = getattr(self, name)
+        t = getattr(self, name) if name in ("hidden", "age", "k", "v") else None
         if t is None:
             raise ValueError(f"ShortTermMemory has no {name!r} cache")
         return logical_view(t, self.order)
 
     def slots_of(self, logical_positions: Tensor) -> Tensor:
         """Slots ``[L, len]`` holding the given logical positions (e.g. the last K rows: ``arange(N-K, N)``)."""
+        check_tensor("slots_of", "logical_positions", logical_positions)
         return self.order[:, logical_positions.to(self.order.device).long()]
 
     def update(
@@ -114,6 +116,7 @@ class ShortTermMemory(FixedDtypeBuffers):
         generator: torch.Generator | None = None,
         dropped: dict[str, Tensor] | None = None,
         backend: str | None = None,
+        prepare: Callable[[Tensor], None] | None = None,
     ) -> DroppedRows:
         """Drop K rows per layer and append ``new_hidden [L, K, d]`` as the K newest logical rows.
 
@@ -122,11 +125,18 @@ class ShortTermMemory(FixedDtypeBuffers):
         ``new_age`` defaults to ``K-1, …, 0`` (the official ages of a new chunk). ``dropped`` may hold caller-owned
         output buffers ``{"hidden", "age"[, "k", "v"]}`` of shape ``[L, K, ...]`` (e.g.
         ``LongTermMemory.cache_views(K)``), so the dropped rows land where they are kept, with no extra copy.
-        The state is unchanged when an argument is invalid.
+        The state is unchanged when an argument is invalid. ``prepare``, when given, is called with the rows about
+        to be dropped (``[L, K, d]``, ascending logical order) after every check and before the first write: the
+        caller's own checks and compute on them (the model: retriever keys, room in the long-term memory) can fail
+        with the STM still unchanged.
         """
         num_layers, n = self.num_layers, self.size
         d = self.hidden.shape[2]
-        if new_hidden.dim() != 3 or new_hidden.shape[0] != num_layers or new_hidden.shape[2] != d:
+        if (
+            check_tensor("update", "new_hidden", new_hidden).dim() != 3
+            or new_hidden.shape[0] != num_layers
+            or new_hidden.shape[2] != d
+        ):
             raise ValueError(f"update: new_hidden must be [L={num_layers}, K, d={d}], got {list(new_hidden.shape)}")
         k = new_hidden.shape[1]
         if k > n:
@@ -148,8 +158,11 @@ class ShortTermMemory(FixedDtypeBuffers):
         outs = None
         if dropped is not None:
             outs = [dropped["hidden"], dropped["age"]] + ([dropped["k"], dropped["v"]] if self.k is not None else [])
+        if prepare is not None or (self.age_mode == "training" and k > 0):
+            v, _ = validate_memory_update(self.pos, self.order, victims, slots, fresh, outs)  # before any write
+            if prepare is not None:
+                prepare(self.hidden.gather(1, self.order.gather(1, v).long()[..., None].expand(-1, -1, d)))
         if self.age_mode == "training" and k > 0:
-            validate_memory_update(self.pos, self.order, victims, slots, fresh, outs)  # before touching ages
             self.age += 1 + new_age.max()
         out = memory_update_(self.pos, self.order, victims, slots, fresh, dropped=outs, backend=backend)
         v_sorted = victims.to(torch.int64).sort(dim=1).values

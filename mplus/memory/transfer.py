@@ -109,6 +109,8 @@ class TransferEngine:
         """A reusable host buffer (pinned when the engine targets CUDA), one per ``(key, shape, dtype)``.
 
         Reuse is safe for one job in flight per key: ``wait()`` the previous job that used the key first."""
+        if self._closed:
+            raise RuntimeError("TransferEngine: staging after close()")
         k = (key, tuple(shape), dtype)
         with self._lock:
             buf = self._staging.get(k)
@@ -154,6 +156,8 @@ class TransferEngine:
         """Run ``fn`` on the worker thread (CPU), or queue it on the side stream (CUDA) / run it inline (meta)."""
         if self._closed:
             raise RuntimeError("TransferEngine: submit after close()")
+        if not callable(fn):
+            raise TypeError(f"TransferEngine.submit: fn must be a callable returning the job's result, got {fn!r}")
         if self._pool is not None:
             return Handle(self._pool.submit(self._run, name, fn), self)
         future: Future = Future()
@@ -162,6 +166,12 @@ class TransferEngine:
         except BaseException as exc:  # delivered by wait(), as from the worker thread
             future.set_exception(exc)
         return Handle(future, self)
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: a new engine with the same settings, no jobs
+        return {"device": self.device, "record_timeline": self.record_timeline, "threaded": self.threaded}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["device"], record_timeline=state["record_timeline"], threaded=state["threaded"])
 
     def close(self) -> None:
         self._closed = True
