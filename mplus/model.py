@@ -467,25 +467,47 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         valid length as a tensor), so one compiled graph serves every step. The caller advances
         ``cache_position``; ``past_key_values.length`` is not advanced (use :meth:`forward` or this, not both).
 
-        Recipe (README "Compiled decoding")::
+        Recipe (README "Compiled decoding"): :meth:`compile_decode_step` compiles it behind the cache's version
+        check; ``torch.compile(model.decode_step, fullgraph=True)`` works too but skips that check inside the graph.
+        """
+        if self.adapters.active != DECODER:
+            raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
+        if not torch.compiler.is_compiling():  # compiled: unchecked (a guard on the version recompiles per inject)
+            self._check_step(input_ids, cache_position, past_key_values)
+        return self._decode_step(input_ids, cache_position, past_key_values)
+
+    def _check_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> None:
+        self._check_cache(past_key_values, "decode_step")
+        for name, t in [("input_ids", input_ids), ("cache_position", cache_position)]:
+            if not isinstance(t, Tensor) or t.dtype.is_floating_point:
+                raise TypeError(f"decode_step: {name} must be an integer tensor, got {getattr(t, 'dtype', type(t))}")
+
+    def compile_decode_step(self, **compile_kwargs):
+        """``torch.compile(decode_step, fullgraph=True, **compile_kwargs)`` with the eager checks kept outside the
+        graph: every call first checks (in Python, no host sync) that the cache still matches the memory version
+        (``StaleCacheError`` after an inject or a load), then runs the one compiled graph. On a GPU pass
+        ``mode="reduce-overhead"`` for CUDA graphs::
 
             out = model(prompt_ids)                                # eager prefill: retrieval, memory segments
             cache, pos = out.past_key_values, torch.tensor([prompt_ids.shape[1]], device=device)
-            step = torch.compile(model.decode_step, fullgraph=True)   # GPU: mode="reduce-overhead" (CUDA graphs)
+            step = model.compile_decode_step(mode="reduce-overhead")
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(n):
                 token = step(token, pos, cache).argmax(-1, keepdim=True)
                 pos += 1
         """
-        if self.adapters.active != DECODER:
-            raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
-        if not torch.compiler.is_compiling():  # compiled: unchecked (a guard on the version recompiles per inject)
-            self._check_cache(past_key_values, "decode_step")
-            for name, t in [("input_ids", input_ids), ("cache_position", cache_position)]:
-                if not isinstance(t, Tensor) or t.dtype.is_floating_point:
-                    raise TypeError(
-                        f"decode_step: {name} must be an integer tensor, got {getattr(t, 'dtype', type(t))}"
-                    )
+        compiled = torch.compile(self._decode_step, fullgraph=True, **compile_kwargs)
+
+        def step(input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
+            if self.adapters.active != DECODER:
+                raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
+            self._check_step(input_ids, cache_position, past_key_values)
+            return compiled(input_ids, cache_position, past_key_values)
+
+        return step
+
+    @torch.no_grad()
+    def _decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
         positions = self.config.memory_prefix_len + cache_position
         cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
         pos = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]

@@ -127,3 +127,30 @@ def test_decode_step_compiles_fullgraph_and_matches_golden(kernels):
     for token in tokens[:-1]:
         eager.append(model(token, past_key_values=eager_cache).logits[:, -1])
     assert_close(torch.cat(logits[1:]), torch.cat(eager), atol=1e-5, rtol=0, name="compiled vs eager decode")
+
+
+def test_compile_decode_step_checks_the_memory_version_outside_the_graph():
+    """``model.compile_decode_step()``: the compiled graph behind the eager version check. A cache prefilled before
+    an inject raises ``StaleCacheError`` (a check inside the graph would be a guard: one recompilation per inject);
+    a new prefill after the inject runs the same graph."""
+    from _golden import GOLDEN, load_state
+
+    from mplus.model import MPlusForCausalLM, StaleCacheError
+
+    model = MPlusForCausalLM.from_pretrained(str(GOLDEN / "model"), max_length=64)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = model.compile_decode_step(backend=counter)
+    prompt = torch.tensor([[5, 6, 7]])
+    for round_ in range(2):
+        out = model(prompt)
+        cache, pos = out.past_key_values, torch.tensor([prompt.shape[1]])
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(3):
+            logits = step(token, pos, cache)
+            assert_equal(logits, model.decode_step(token, pos, cache), name=f"compiled step, round {round_}")
+            token = logits.argmax(-1, keepdim=True)
+            pos += 1
+        model.inject(load_state(1 + round_)["context_ids"])
+        with pytest.raises(StaleCacheError, match="memory has changed since"):
+            step(token, pos, cache)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs"

@@ -223,25 +223,33 @@ def test_the_adapter_choice_is_per_thread():
     assert state.active == DECODER
 
 
-def test_forwards_during_an_inject_see_the_memory_before_or_after_it():
-    """Forwards from 3 threads while a 4th injects 3 contexts: every forward's logits are exactly those of one of the
-    4 memories of the serial run (no mixed adapter, no half-updated memory)."""
+def _generate(model):
+    return model.generate(PROMPT, max_new_tokens=3, do_sample=False)
+
+
+def test_forwards_and_generations_during_injects_see_one_memory_of_the_serial_run():
+    """Forwards and generations from 3 threads while a 4th injects 3 contexts: every forward's logits and every
+    generation's tokens and scores are exactly those of one of the 4 memories of the serial run (no mixed adapter,
+    no half-updated memory, no generation whose memory changed under it)."""
     contexts = _contexts()[:3]
     serial = _model()
     torch.manual_seed(21)
-    expected = [serial(PROMPT).logits]
+    expected = [(serial(PROMPT).logits, _generate(serial))]
     for ids in contexts:
         serial.inject(ids)
-        expected.append(serial(PROMPT).logits)
+        expected.append((serial(PROMPT).logits, _generate(serial)))
     model = _model()
     torch.manual_seed(21)
-    results, errors = [], []
+    forwards, generations, errors = [], [], []
     start = threading.Barrier(4)
 
     def reader():
         start.wait()
-        for _ in range(12):
-            results.append(model(PROMPT).logits)
+        for i in range(10):
+            if i % 3 == 2:
+                generations.append(_generate(model))
+            else:
+                forwards.append(model(PROMPT).logits)
 
     def writer():
         start.wait()
@@ -257,10 +265,12 @@ def test_forwards_during_an_inject_see_the_memory_before_or_after_it():
     for t in threads:
         t.join()
     assert not errors
-    assert len(results) == 36
-    for logits in results:
-        assert any(torch.equal(logits, e) for e in expected), "a forward saw no memory of the serial run"
-    assert torch.equal(model(PROMPT).logits, expected[-1])
+    assert len(forwards) + len(generations) == 30
+    for logits in forwards:
+        assert any(torch.equal(logits, e) for e, _ in expected), "a forward saw no memory of the serial run"
+    for tokens in generations:
+        assert any(torch.equal(tokens, g) for _, g in expected), "a generation saw no memory of the serial run"
+    assert torch.equal(model(PROMPT).logits, expected[-1][0])
 
 
 def test_concurrent_injects_equal_a_serial_order():
