@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -44,6 +46,16 @@ from .retriever import Projector, rms_norm
 ENCODER, DECODER = "default", "decoder_adapter"
 Semantics = Literal["fast", "reference"]
 _TRANSFER_LOCK = threading.Lock()
+CHUNK_SIZE = 512  # tokens per injected chunk: the official training cap and LongBench evaluation chunk
+MIN_CHUNK = 16  # the training minimum (the official README: shorter contexts disturb the memory)
+
+
+def split_chunks(length: int, chunk_size: int = CHUNK_SIZE) -> list[tuple[int, int]]:
+    """``[start, end)`` of the chunks of a ``length``-token document, as the official LongBench evaluation cuts
+    it: full ``chunk_size`` chunks aligned to the end, the remainder (if any) first."""
+    head = length % chunk_size
+    bounds = ([0] if head else []) + list(range(head, length + 1, chunk_size))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 class RMSNorm(nn.Module):
@@ -262,45 +274,91 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         update_memory: bool = True,
         victims: Tensor | None = None,
         output_hidden_states: bool = False,
+        chunk_size: int = CHUNK_SIZE,
+        progress: bool = True,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Write a context into memory (SPEC.md §4). ``context_ids [1, T]``; returns the delta memory ``[L, K, d]``
         (and the per-layer input hidden states with ``output_hidden_states``).
 
         ``victims [L, K]`` overrides the drop choices (logical positions); by default they are drawn as the official
         code does, from torch's default CPU generator. With ``update_memory=False`` nothing changes.
+
+        **Long documents.** A context of more than ``chunk_size`` tokens (default 512, the official training and
+        evaluation cap) is split as the official LongBench evaluation splits it: full ``chunk_size`` chunks aligned
+        to the *end* of the document, the remainder (``T mod chunk_size`` tokens, when not 0) as the first chunk;
+        the chunks are injected in order, exactly as ``inject`` called on each one, with a ``tqdm`` progress bar
+        (``progress=False``: none). A chunk under 16 tokens (the training minimum) warns: the official README says
+        such chunks disturb the memory. Returns the last chunk's delta. Each chunk is all-or-nothing; when chunk i
+        fails (e.g. ``LTMBudgetError``), the chunks before it stay injected and the error's note says how many.
+        ``victims``, ``output_hidden_states`` and ``update_memory=False`` apply to a single chunk only.
         """
         self._check_ids(context_ids, "inject")
-        k, n = self.config.num_tokens, self.config.stm_size
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"inject: chunk_size={chunk_size!r} must be an int > 0")
         t = context_ids.shape[1]
-        if k + t + 1 > self.rope_cos.shape[0]:
+        chunks = split_chunks(t, chunk_size)
+        if len(chunks) > 1 and (victims is not None or output_hidden_states or not update_memory):
             raise ValueError(
-                f"inject: a context of {t} tokens exceeds the {self.rope_cos.shape[0] - k - 1}-token limit"
+                f"inject: a context of {t} tokens is {len(chunks)} chunks of <= {chunk_size}; victims, "
+                "output_hidden_states and update_memory=False apply to one chunk: inject the chunks one by one"
+            )
+        limit = self.rope_cos.shape[0] - self.config.num_tokens - 1
+        if max(b - a for a, b in chunks) > limit:
+            raise ValueError(
+                f"inject: a context of {min(t, chunk_size)} tokens exceeds the {limit}-token limit of "
+                f"max_length={self.max_length} (lower chunk_size or load with a larger max_length)"
+            )
+        short = [b - a for a, b in chunks if b - a < MIN_CHUNK]
+        if short:
+            warnings.warn(
+                f"inject: {len(short)} chunk(s) of {short[0]} tokens, under the {MIN_CHUNK}-token training minimum "
+                "(the official README: shorter contexts disturb the memory)",
+                stacklevel=2,
             )
         if victims is not None:  # checked where they are: on the host (a device tensor is read once, here)
             if not isinstance(victims, Tensor):
                 raise TypeError(f"inject: victims must be an integer tensor [L, K], got {type(victims).__name__}")
             victims = victims.cpu() if victims.device.type != "meta" else victims
-        with self.memory_lock.write() if update_memory else self.memory_lock.read():
-            deltas, hiddens = [], []
-            with self.adapters.use(ENCODER):
-                h = self.model.embed_tokens(context_ids.to(self.compute_device))
-                p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
-                pos = self._chunk_rope(p, k + t + 1 - p)
-                memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
-                for layer_idx, layer in enumerate(self.layers):
-                    hiddens.append(h)
-                    tail = self.stm.hidden[layer_idx].index_select(0, self.stm.order[layer_idx, n - k :].long())
-                    x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
-                    x[-k:] += self.new_memory_positional_emb[0, 0]
-                    mk, mv = layer.memory_kv(x[:p])
-                    out = layer(x[None, p:], pos, [self._mem(mk, mv, memory_pos)], None)
-                    deltas.append(out[0, -k:])
-                    h = out[:, -t:]
-                hiddens.append(self.model.norm(h))
-            delta = torch.stack(deltas)
-            if update_memory:
-                self._update_memory(delta, victims)
-        return (delta, hiddens) if output_hidden_states else delta
+        if len(chunks) == 1:
+            with self.memory_lock.write() if update_memory else self.memory_lock.read():
+                delta, hiddens = self._inject_chunk(context_ids, update_memory, victims)
+            return (delta, hiddens) if output_hidden_states else delta
+        with self.memory_lock.write():  # readers never see half a document
+            bar = tqdm(chunks, desc="inject", unit="chunk", disable=not progress, leave=False)
+            for i, (a, b) in enumerate(bar):
+                try:
+                    delta, _ = self._inject_chunk(context_ids[:, a:b], True, None)
+                except BaseException as exc:
+                    exc.add_note(
+                        f"inject: chunk {i} of {len(chunks)} (tokens {a}:{b}) failed with the memory as it was before "
+                        f"it; the {i} chunk(s) before it are injected"
+                    )
+                    raise
+        return delta
+
+    def _inject_chunk(self, context_ids: Tensor, update_memory: bool, victims: Tensor | None):
+        k, n = self.config.num_tokens, self.config.stm_size
+        t = context_ids.shape[1]
+        deltas, hiddens = [], []
+        with self.adapters.use(ENCODER):
+            h = self.model.embed_tokens(context_ids.to(self.compute_device))
+            p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
+            pos = self._chunk_rope(p, k + t + 1 - p)
+            memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
+            for layer_idx, layer in enumerate(self.layers):
+                hiddens.append(h)
+                tail = self.stm.hidden[layer_idx].index_select(0, self.stm.order[layer_idx, n - k :].long())
+                x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
+                x[-k:] += self.new_memory_positional_emb[0, 0]
+                mk, mv = layer.memory_kv(x[:p])
+                out = layer(x[None, p:], pos, [self._mem(mk, mv, memory_pos)], None)
+                deltas.append(out[0, -k:])
+                h = out[:, -t:]
+            hiddens.append(self.model.norm(h))
+        delta = torch.stack(deltas)
+        if update_memory:
+            self._update_memory(delta, victims)
+        return delta, hiddens
 
     def _update_memory(self, delta: Tensor, victims: Tensor | None) -> None:
         """All or nothing: every check (the victims, room in the long-term cache, the budget of a merge) and every
