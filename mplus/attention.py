@@ -210,6 +210,7 @@ class FusedMemoryAttention(nn.Module):
         kv_cache: KVCache | None = None,
         return_lse: bool = False,
         cache_position: Tensor | None = None,
+        kv_start: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attention output of a chunk.
 
@@ -230,6 +231,8 @@ class FusedMemoryAttention(nn.Module):
                 CUDA-graph decode step): the rows are written there and the queries attend to the cache's first
                 ``cache_position[-1] + 1`` rows, passed to the kernel as a device tensor (``kv_len``), so no Python
                 int changes from one step to the next. ``kv_cache.length`` is not read or advanced.
+            kv_start: ``[B]`` int32 tensor, each row's first valid chunk key (left padding, like flash-attn's
+                ``cache_leftpad``): the keys before it are invisible to every query. The memory is seen by all.
 
         Returns:
             ``[B, T, d]`` (after ``o_proj``), and ``lse [B, Hq, T]`` when ``return_lse``.
@@ -268,15 +271,15 @@ class FusedMemoryAttention(nn.Module):
         segments = [] if memory is None else [memory] if isinstance(memory, MemoryKV) else memory
         if not segments:
             out, lse = memory_attention(
-                q, k, v, softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=kv_len
+                q, k, v, softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=kv_len, kv_start=kv_start
             )
         for i, segment in enumerate(segments):
             if callable(segment):
                 segment = segments[i] = segment()
-            chunk_k, chunk_v, lens = (k, v, kv_len) if i == 0 else (k[:, :0], v[:, :0], None)
+            chunk_k, chunk_v, lens, start = (k, v, kv_len, kv_start) if i == 0 else (k[:, :0], v[:, :0], None, None)
             o, s = memory_attention(
                 q, chunk_k, chunk_v, segment.k, segment.v, segment.positions, segment.rope_cos, segment.rope_sin,
-                softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=lens,
+                softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=lens, kv_start=start,
             )  # fmt: skip
             out, lse = (o, s) if i == 0 else merge_attention_states(out, lse, o, s, backend=self.backend)
         y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

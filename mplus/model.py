@@ -111,11 +111,15 @@ class DecoderLayer(nn.Module):
         memories: list,
         cache: KVCache | None,
         cache_position: Tensor | None = None,
+        kv_start: Tensor | None = None,
     ) -> Tensor:
-        """``h [1, T, d]`` → ``[1, T, d]``; ``pos`` = the chunk's (cos, sin) ``[1, T, D]``; ``memories``: the
+        """``h [B, T, d]`` → ``[B, T, d]``; ``pos`` = the chunk's (cos, sin) ``[B or 1, T, D]``; ``memories``: the
         segments :meth:`FusedMemoryAttention.forward` takes (entries still being fetched are resolved in place);
-        ``cache_position``: static-cache mode (see :meth:`MPlusForCausalLM.decode_step`)."""
-        h = h + self.self_attn(self.input_layernorm(h), pos, memories, cache, cache_position=cache_position)
+        ``cache_position``: static-cache mode (see :meth:`MPlusForCausalLM.decode_step`); ``kv_start [B]``: each
+        row's first valid cache row (left padding)."""
+        h = h + self.self_attn(
+            self.input_layernorm(h), pos, memories, cache, cache_position=cache_position, kv_start=kv_start
+        )
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -140,11 +144,17 @@ class MPlusCache:
     memories: list[list[MemoryKV]]
     retrieved: list[Tensor | None]  # per layer: indices of the long-term rows used (age order), for inspection
     memory_version: int | None = None  # the model's memory_version at the prefill (None: not prefilled yet)
+    kv_start: Tensor | None = None  # [B] int32: each row's left padding (its first valid cache row); None: none
+    pads: list[int] | None = None  # the same on the host
     is_compileable = False  # read by transformers' generate (no automatic torch.compile of the decode step)
 
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].k.shape[0]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # the name transformers' generation utilities call
         return self.layers[layer_idx].length
@@ -250,13 +260,60 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         return torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
 
-    def _mem(self, k: Tensor, v: Tensor, positions: Tensor) -> MemoryKV:
-        return MemoryKV(k[None], v[None], positions, self.rope_cos, self.rope_sin)
+    def _mem(self, k: Tensor, v: Tensor, positions: Tensor, batch: int = 1) -> MemoryKV:
+        """A memory segment of rows ``k/v [M, Hkv, D]`` shared by ``batch`` sequences (an expand, never a copy)."""
+        k, v = k[None].expand(batch, *k.shape), v[None].expand(batch, *v.shape)
+        return MemoryKV(k, v, positions, self.rope_cos, self.rope_sin)
 
-    def _check_ids(self, ids: Tensor, what: str) -> None:
+    def _rope_rows(self, start: int, t: int, kv_start: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of cache rows ``start .. start+t-1``: ``[1, T, D]``, or ``[B, T, D]`` with left padding, where
+        row b's tokens sit at positions counted from its first valid row ``kv_start[b]`` (padding: position 0)."""
+        prefix = self.config.memory_prefix_len
+        if kv_start is None:
+            return self._chunk_rope(prefix + start, t)
+        self._chunk_rope(prefix + start, t)  # the range check (padding only lowers positions)
+        rows = torch.arange(start, start + t, device=kv_start.device)
+        positions = (prefix + rows[None] - kv_start[:, None].long()).clamp_min(prefix)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+    def _left_padding(self, attention_mask: Tensor | None, b: int, t: int) -> list[int] | None:
+        """Each row's number of left-padding tokens from a prefill's ``attention_mask [B, T]`` (1 = token, 0 =
+        padding, Hugging Face's convention); None when nothing is padded. The mask is read on the host, once per
+        prefill (a sync when it is on a device): a mask that is not left padding is refused, not guessed."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (b, t):
+            got = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"forward: attention_mask must be [B={b}, T={t}] like input_ids at the prefill, got {got}")
+        if attention_mask.device.type == "meta":
+            raise ValueError("forward: an attention_mask on the meta device has no values to read the padding from")
+        mask = attention_mask.detach().to("cpu")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("forward: attention_mask must hold 0 (padding) and 1 (token) only")
+        mask = mask.bool()
+        pads = (~mask).sum(1)
+        left = torch.arange(t)[None] >= pads[:, None]
+        if not torch.equal(mask, left) or bool((pads == t).any()):
+            bad = (
+                int((mask != left).any(1).nonzero()[0])
+                if not torch.equal(mask, left)
+                else int((pads == t).nonzero()[0])
+            )
+            raise ValueError(
+                f"forward: attention_mask row {bad} is {mask[bad].int().tolist()}: mplus needs left padding (zeros, "
+                "then ones, at least one token per row), as Hugging Face pads for generation (tokenizer.padding_side "
+                '= "left")'
+            )
+        return pads.tolist() if bool(pads.any()) else None
+
+    def _check_ids(self, ids: Tensor, what: str, batch: bool = False) -> None:
+        shape = "[B, T]" if batch else "[1, T]"
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point:
-            raise ValueError(f"{what}: expected integer token ids [1, T], got {getattr(ids, 'shape', type(ids))}")
-        if ids.shape[0] != 1:
+            raise ValueError(f"{what}: expected integer token ids {shape}, got {getattr(ids, 'shape', type(ids))}")
+        if ids.shape[0] == 0:
+            raise ValueError(f"{what}: empty batch (B = 0)")
+        if ids.shape[0] != 1 and not batch:
             raise ValueError(f"{what}: batch size {ids.shape[0]} is not supported (M+ memory is per sequence: use 1)")
         if ids.shape[1] == 0:
             raise ValueError(f"{what}: empty input (T = 0)")
@@ -313,7 +370,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             warnings.warn(
                 f"inject: {len(short)} chunk(s) of {short[0]} tokens, under the {MIN_CHUNK}-token training minimum "
                 "(the official README: shorter contexts disturb the memory)",
-                stacklevel=2,
+                stacklevel=3,  # the caller of inject (past torch.no_grad's wrapper)
             )
         if victims is not None:  # checked where they are: on the host (a device tensor is read once, here)
             if not isinstance(victims, Tensor):
@@ -403,25 +460,36 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
     def _layer_memories(self, layer_idx: int, layer: DecoderLayer, h: Tensor, cache: MPlusCache) -> list:
         """[short-term slots (cached K/V, slot order)] and [BOS ; retrieved long-term rows], with their positions.
 
-        The long-term part is retrieved and gathered on the transfer engine's worker thread while this thread
-        attends to the short-term memory and the chunk; the layer resolves it last and merges through the LSE."""
-        k0 = self.config.num_ltm_tokens
-        stm = self._mem(self.stm.k[layer_idx], self.stm.v[layer_idx], self.stm.pos[layer_idx] + (1 + k0))
+        The short-term memory is shared by the batch (an expand of the slots' K/V); each sequence retrieves its own
+        long-term rows with its own queries (its padding excluded from the score's mean) and attends its own gathered
+        segment. The long-term part is retrieved and gathered on the transfer engine's worker thread while this
+        thread attends to the short-term memory and the chunk; the layer resolves it last and merges through the LSE.
+        """
+        k0, b = self.config.num_ltm_tokens, h.shape[0]
+        stm = self._mem(self.stm.k[layer_idx], self.stm.v[layer_idx], self.stm.pos[layer_idx] + (1 + k0), b)
         bos_k, bos_v = layer.memory_kv(self.bos_embedding[layer_idx])
         device = self.compute_device
         if self.ltm is None:
-            return [stm, self._mem(bos_k, bos_v, torch.zeros(1, dtype=torch.int32, device=device))]
-        queries = layer.self_attn.query_proj(layer.input_layernorm(h[0]))
-        handle = self.transfer.submit(  # the store keeps each row's K/V: generation gathers those, not hidden rows
-            f"ltm-layer{layer_idx}",
-            lambda: self.ltm.retrieve(layer_idx, queries, mode=self.semantics, backend=self.backend, with_hidden=False),
-        )
+            return [stm, self._mem(bos_k, bos_v, torch.zeros(1, dtype=torch.int32, device=device), b)]
+        queries = layer.self_attn.query_proj(layer.input_layernorm(h))
+        pads = cache.pads or [0] * b
+
+        def job() -> list:
+            return [
+                self.ltm.retrieve(layer_idx, queries[i, pads[i] :], mode=self.semantics, backend=self.backend,
+                                  with_hidden=False)  # the store keeps each row's K/V: generation gathers those
+                for i in range(b)
+            ]  # fmt: skip
+
+        handle = self.transfer.submit(f"ltm-layer{layer_idx}", job)
 
         def resolve() -> MemoryKV:
-            got = handle.wait()
-            cache.retrieved[layer_idx] = got.index
-            seg_k, seg_v = torch.cat([bos_k, got.k]), torch.cat([bos_v, got.v])
-            return self._mem(seg_k, seg_v, torch.arange(1 + got.index.numel(), dtype=torch.int32, device=device))
+            got = handle.wait()  # every sequence gets the same number of rows (it depends on the store's sizes only)
+            cache.retrieved[layer_idx] = got[0].index if b == 1 else torch.stack([g.index for g in got])
+            seg_k = torch.stack([torch.cat([bos_k, g.k]) for g in got])
+            seg_v = torch.stack([torch.cat([bos_v, g.v]) for g in got])
+            positions = torch.arange(seg_k.shape[1], dtype=torch.int32, device=device)
+            return MemoryKV(seg_k, seg_v, positions, self.rope_cos, self.rope_sin)
 
         return [stm, resolve]
 
@@ -439,8 +507,9 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                 engine = self._transfer = TransferEngine(device, threaded=threaded)
         return engine
 
-    def new_cache(self, max_tokens: int | None = None) -> MPlusCache:
-        """An empty generation cache for up to ``max_tokens`` prompt + generated tokens (default ``max_length``)."""
+    def new_cache(self, max_tokens: int | None = None, batch_size: int = 1) -> MPlusCache:
+        """An empty generation cache of ``batch_size`` sequences of up to ``max_tokens`` prompt (padding included) +
+        generated tokens each (default ``max_length``)."""
         cap = self.max_length if max_tokens is None else max_tokens
         if not isinstance(cap, int) or cap <= 0:
             raise ValueError(f"new_cache: max_tokens={max_tokens!r} must be an int > 0 (or None: max_length)")
@@ -448,8 +517,10 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             raise ValueError(f"new_cache: {cap} tokens exceed max_length={self.max_length} (set it at load time)")
         cfg = self.config
         dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"new_cache: batch_size={batch_size!r} must be an int > 0")
         layers = [
-            KVCache.empty(1, cap, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
+            KVCache.empty(batch_size, cap, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
             for _ in range(cfg.num_hidden_layers)
         ]
         return MPlusCache(layers, [[] for _ in layers], [None] * len(layers))
@@ -459,29 +530,41 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         self,
         input_ids: Tensor,
         past_key_values: MPlusCache | None = None,
+        attention_mask: Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         use_cache: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Generation-mode forward (SPEC.md §5). ``input_ids [1, T]``; with an empty (or no) cache this is the
-        prefill: each layer retrieves its long-term rows. ``logits_to_keep``: only the last n positions (0 = all).
-        ``attention_mask``/``position_ids`` are not used (batch 1, no padding; positions follow the memory)."""
-        self._check_ids(input_ids, "forward")
+        """Generation-mode forward (SPEC.md §5). ``input_ids [B, T]``; with an empty (or no) cache this is the
+        prefill: each sequence retrieves its long-term rows. ``logits_to_keep``: only the last n positions (0 = all).
+
+        Batches share the model's memory. ``attention_mask [B, T]`` at the prefill gives each row's left padding
+        (Hugging Face's convention for generation): a row's positions start after its padding, its padding is
+        invisible to every query and excluded from its retrieval queries, so each row computes what it would alone.
+        Later calls (decoding) ignore the mask: the cache keeps the padding. ``position_ids`` are not used
+        (positions follow the memory)."""
+        self._check_ids(input_ids, "forward", batch=True)
         if past_key_values is not None and not isinstance(past_key_values, MPlusCache):
             raise TypeError(
                 f"forward: past_key_values must be an MPlusCache (model.new_cache(), or the one a prefill returned), "
                 f"got {type(past_key_values).__name__}"
             )
+        b, t = input_ids.shape
         with self.memory_lock.read():
-            cache = past_key_values if past_key_values is not None else self.new_cache()
+            cache = past_key_values if past_key_values is not None else self.new_cache(batch_size=b)
+            if cache.batch_size != b:
+                raise ValueError(f"forward: input_ids has B={b} rows, past_key_values holds {cache.batch_size}")
             prefill = cache.length == 0
             if prefill:
                 cache.memory_version = self.memory_version
+                cache.pads = self._left_padding(attention_mask, b, t)
+                cache.kv_start = None
+                if cache.pads is not None:
+                    cache.kv_start = torch.tensor(cache.pads, dtype=torch.int32, device=self.compute_device)
             else:
                 self._check_cache(cache, "forward")
-            t = input_ids.shape[1]
-            pos = self._chunk_rope(self.config.memory_prefix_len + cache.length, t)
+            pos = self._rope_rows(cache.length, t, cache.kv_start)
             hiddens = []
             with self.adapters.use(DECODER):
                 h = self.model.embed_tokens(input_ids.to(self.compute_device))
@@ -489,7 +572,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                     hiddens.append(h)
                     if prefill:
                         cache.memories[layer_idx] = self._layer_memories(layer_idx, layer, h, cache)
-                    h = layer(h, pos, cache.memories[layer_idx], cache.layers[layer_idx])
+                    h = layer(h, pos, cache.memories[layer_idx], cache.layers[layer_idx], kv_start=cache.kv_start)
                 h = self.model.norm(h)
         hiddens.append(h)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
@@ -567,12 +650,17 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
         positions = self.config.memory_prefix_len + cache_position
-        cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
-        pos = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
+        kv_start = past_key_values.kv_start
+        if kv_start is None:
+            positions = positions[None]  # [1, T]
+        else:  # left padding: each row's positions count from its first valid row
+            positions = (positions[None] - kv_start[:, None].long()).clamp_min(self.config.memory_prefix_len)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        pos = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         h = self.model.embed_tokens(input_ids)
         for layer_idx, layer in enumerate(self.layers):
             memories = past_key_values.memories[layer_idx]
-            h = layer(h, pos, memories, past_key_values.layers[layer_idx], cache_position)
+            h = layer(h, pos, memories, past_key_values.layers[layer_idx], cache_position, kv_start=kv_start)
         return self.lm_head(self.model.norm(h[:, -1])).float()
 
     @torch.no_grad()
@@ -585,25 +673,26 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                 " use forward / decode_step on meta, generate on a real device"
             )
         ids = inputs if inputs is not None else kwargs.get("input_ids")
-        self._check_ids(ids, "generate")  # the prompt [1, T] (the memory is the context: there is no empty prompt)
+        self._check_ids(ids, "generate", batch=True)  # the prompts [B, T] (the memory is the context: no empty one)
         with self.memory_lock.read():
             return super().generate(inputs, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """``generate`` gets a preallocated :class:`MPlusCache` (the memory prefix is never copied per step), and a
-        request that cannot fit is refused before the prefill (not at the step that would overflow)."""
+        """A request that cannot fit is refused before the prefill (not at the step that would overflow). The cache
+        is the :class:`MPlusCache` the prefill allocates for the batch (the memory prefix is never copied per step).
+        """
         if generation_config.max_length is not None and generation_config.max_length > self.max_length:
             raise ValueError(
                 f"generate: up to {generation_config.max_length} tokens (prompt + max_new_tokens) exceed the "
                 f"model's max_length={self.max_length}: lower max_new_tokens, or load with a larger max_length"
             )
-        if model_kwargs.get("past_key_values") is None:
-            model_kwargs["past_key_values"] = self.new_cache()
+        model_kwargs.setdefault("past_key_values", None)
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: MPlusCache | None = None, **kwargs):
         if past_key_values is not None and past_key_values.length:
             input_ids = input_ids[:, past_key_values.length :]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "logits_to_keep": 1}
+        inputs = {"input_ids": input_ids, "past_key_values": past_key_values, "logits_to_keep": 1}
+        return inputs | {"attention_mask": kwargs.get("attention_mask")}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod
