@@ -4,6 +4,7 @@ from .attention import FusedMemoryAttention, KVCache, MemoryKV
 from .config import MPlusConfig
 from .memory import DroppedRows, ShortTermMemory
 from .memory.ltm import LongTermMemory, LTMBudgetError
+from .memory.state import MemoryState
 from .memory.transfer import TransferEngine
 from .model import MPlusCache, MPlusForCausalLM, StaleCacheError
 
@@ -14,6 +15,7 @@ __all__ = [
     "LTMBudgetError",
     "LongTermMemory",
     "MPlusCache",
+    "MemoryState",
     "MPlusConfig",
     "MPlusForCausalLM",
     "MemoryKV",

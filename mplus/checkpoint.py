@@ -13,6 +13,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -175,22 +176,31 @@ def refresh_memory_kv(model) -> None:
         model.stm.v[layer].copy_(v)
 
 
-def memory_state(model) -> dict[str, Tensor]:
-    """The whole memory state (STM slots + slot layout, ages, LTM, cache, counters, RNG): views of the live buffers
-    where they are contiguous, so clone them (or hold ``model.memory_lock.read()``) to keep them across an inject."""
-    stm = model.stm
-    with model.memory_lock.read():
-        sd = {
-            "stm.hidden": stm.hidden,
-            "stm.age": stm.age,
-            "stm.pos": stm.pos,
-            "stm.order": stm.order,
-            "stm.k": stm.k,
-            "stm.v": stm.v,
-            "rng.cpu": torch.get_rng_state(),
-        }
-        if model.ltm is not None:
-            sd.update({f"ltm_store.{k}": v for k, v in model.ltm.memory_state().items()})
+def _state_of(obj, fn: str):
+    """The :class:`MemoryState` of a model (its default ``model.memory``) or the state itself."""
+    from .memory.state import MemoryState
+
+    state = obj if isinstance(obj, MemoryState) else getattr(obj, "memory", None)
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"{fn}: expected an MPlusForCausalLM or a MemoryState, got {type(obj).__name__}")
+    return state
+
+
+def _stm_names(stm) -> list[str]:
+    return [name for name in STM_NAMES if getattr(stm, name) is not None]
+
+
+def memory_state(model_or_state) -> dict[str, Tensor]:
+    """The whole memory state (STM slots + slot layout, ages, LTM, cache, counters, the drop generator's state) of
+    a model's default memory or of a :class:`MemoryState`: views of the live buffers where they are contiguous, so
+    clone them (or hold the state's ``lock.read()``) to keep them across an inject."""
+    state = _state_of(model_or_state, "memory_state")
+    stm = state.stm
+    with state.lock.read():
+        sd = {f"stm.{name}": getattr(stm, name) for name in _stm_names(stm)}
+        sd["rng.cpu"] = state.rng_state()
+        if state.ltm is not None:
+            sd.update({f"ltm_store.{k}": v for k, v in state.ltm.memory_state().items()})
         return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -199,17 +209,24 @@ def _check_path(fn: str, path: object) -> None:
         raise TypeError(f"{fn}: path must be a file path (str or os.PathLike), got {type(path).__name__}")
 
 
-def save_memory(model, path: str) -> None:
-    """Write the whole memory state (:func:`memory_state`) to ``path`` (safetensors). The file is written whole or
-    not at all (safetensors writes a temporary file and renames it): a failed save never damages an older file."""
-    _check_path("save_memory", path)
-    if model.compute_device.type == "meta":
-        raise ValueError(f"save_memory: the model is on the meta device, which holds no memory to save ({path})")
-    with model.memory_lock.read():  # memory_state's tensors are views of the live buffers: no inject until written
+def save_state(state, path: str, metadata: dict[str, str] | None = None, fn: str = "MemoryState.save") -> None:
+    """Write a state's :func:`memory_state` to ``path`` (safetensors), whole or not at all (safetensors writes a
+    temporary file and renames it: a failed save never damages an older file)."""
+    _check_path(fn, path)
+    if state.device.type == "meta":
+        raise ValueError(f"{fn}: the memory is on the meta device, which holds no memory to save ({path})")
+    with state.lock.read():  # memory_state's tensors are views of the live buffers: no inject until written
         try:
-            save_file(memory_state(model), path)
+            save_file(memory_state(state), path, metadata=metadata)
         except Exception as exc:  # safetensors' own error type for I/O failures
-            raise OSError(f"save_memory: cannot write {path}: {exc}") from None
+            raise OSError(f"{fn}: cannot write {path}: {exc}") from None
+
+
+def save_memory(model, path: str) -> None:
+    """Write the model's whole default memory state (:func:`memory_state`) to ``path`` (safetensors), whole or not
+    at all. ``MemoryState.load(path)`` reads it back as a new state, ``load_memory`` into a model."""
+    state = _state_of(model, "save_memory")
+    save_state(state, path, metadata={"mplus.memory": json.dumps(state.describe())}, fn="save_memory")
 
 
 STM_NAMES = ("hidden", "age", "pos", "order", "k", "v")
@@ -218,7 +235,7 @@ STM_NAMES = ("hidden", "age", "pos", "order", "k", "v")
 def _check_stm_state(stm, sd: dict[str, Tensor], where: str) -> None:
     """Everything a load reads of the STM, checked before anything is written: names, shapes, dtypes, and that
     ``stm.order`` / ``stm.pos`` are inverse permutations of the slots of each layer (the kernels index with them)."""
-    for name in STM_NAMES:
+    for name in _stm_names(stm):
         key, have = f"stm.{name}", getattr(stm, name)
         if key not in sd:
             raise ValueError(f"{where} has no {key!r} (a memory file from save_memory has it); nothing was loaded")
@@ -226,7 +243,7 @@ def _check_stm_state(stm, sd: dict[str, Tensor], where: str) -> None:
         if not isinstance(got, Tensor) or got.shape != have.shape or got.dtype != have.dtype:
             what = f"{got.dtype} {tuple(got.shape)}" if isinstance(got, Tensor) else type(got).__name__
             raise ValueError(
-                f"{where}: {key} is {what}, this model's is {have.dtype} {tuple(have.shape)}; nothing was loaded"
+                f"{where}: {key} is {what}, this memory's is {have.dtype} {tuple(have.shape)}; nothing was loaded"
             )
     order, pos = sd["stm.order"].long(), sd["stm.pos"].long()
     n = order.shape[-1]
@@ -240,9 +257,9 @@ def _check_stm_state(stm, sd: dict[str, Tensor], where: str) -> None:
         raise ValueError(f"{where}: stm.age holds non-finite values (a corrupt file); nothing was loaded")
 
 
-def _check_rng(sd: dict[str, Tensor], where: str) -> None:
+def _check_rng(state, sd: dict[str, Tensor], where: str) -> None:
     rng = sd.get("rng.cpu")
-    expected = torch.get_rng_state()
+    expected = state.rng_state()
     if not isinstance(rng, Tensor) or rng.dtype != expected.dtype or rng.shape != expected.shape:
         what = "missing" if rng is None else f"{getattr(rng, 'dtype', type(rng))} {tuple(getattr(rng, 'shape', ()))}"
         raise ValueError(
@@ -251,38 +268,50 @@ def _check_rng(sd: dict[str, Tensor], where: str) -> None:
         )
 
 
+def read_memory_file(path: str, fn: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the metadata of a memory file; a missing or foreign file is a ``ValueError``."""
+    _check_path(fn, path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})  # noqa: SIM118 (not iterable)
+    except FileNotFoundError:
+        raise ValueError(f"{fn}: {path} does not exist") from None
+    except Exception as exc:  # safetensors raises its own error types on a truncated or foreign file
+        raise ValueError(f"{fn}: {path} is not a safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def load_state(state, sd: dict[str, Tensor], where: str) -> None:
+    """Replace a :class:`MemoryState` by the tensors of a memory file, all or nothing (see :func:`load_memory`)."""
+    stm, ltm = state.stm, state.ltm
+    with state.lock.write():
+        _check_stm_state(stm, sd, where)
+        _check_rng(state, sd, where)
+        ltm_sd = {k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")}
+        unknown = [k for k in sd if not (k.startswith(("stm.", "ltm_store.")) or k == "rng.cpu")]
+        unknown += [k for k in sd if k.startswith("stm.") and k[4:] not in _stm_names(stm)]
+        if unknown:
+            raise ValueError(f"{where}: unexpected tensors {unknown}; nothing was loaded")
+        if ltm is None and ltm_sd:
+            raise ValueError(f"{where}: the file holds a long-term memory but this memory (MemoryLLM) has none")
+        if ltm is not None:
+            ltm.check_memory_state(ltm_sd, where)
+            ltm.load_memory_state(ltm_sd)  # checks again (cheap), then makes room before its first write
+        for name in _stm_names(stm):
+            getattr(stm, name).copy_(sd[f"stm.{name}"])
+        state.set_rng_state(sd["rng.cpu"])
+        state.version += 1
+
+
 def load_memory(model, path: str) -> None:
-    """Restore a state written by :func:`save_memory` (including torch's CPU RNG, so drops continue identically).
+    """Restore a state written by :func:`save_memory` or ``MemoryState.save`` into the model's default memory
+    (including the drop generator's state, so drops continue identically).
 
     All or nothing: the whole file is checked first (every name, shape and dtype; the slot permutations; finite
     ages; the long-term store's counters; its budget) and a bad one is a ``ValueError`` naming the tensor and the
     file (``LTMBudgetError`` for the budget) with the model's memory exactly as it was."""
-    _check_path("load_memory", path)
-    try:
-        sd = load_file(path)
-    except FileNotFoundError:
-        raise ValueError(f"load_memory: {path} does not exist") from None
-    except Exception as exc:  # safetensors raises its own error types on a truncated or foreign file
-        raise ValueError(f"load_memory: {path} is not a safetensors file ({type(exc).__name__}: {exc})") from None
-    where = f"load_memory({path})"
-    stm, ltm = model.stm, model.ltm
-    with model.memory_lock.write():
-        _check_stm_state(stm, sd, where)
-        _check_rng(sd, where)
-        ltm_sd = {k[len("ltm_store.") :]: v for k, v in sd.items() if k.startswith("ltm_store.")}
-        unknown = [k for k in sd if not (k.startswith(("stm.", "ltm_store.")) or k == "rng.cpu")]
-        unknown += [k for k in sd if k.startswith("stm.") and k[4:] not in STM_NAMES]
-        if unknown:
-            raise ValueError(f"{where}: unexpected tensors {unknown}; nothing was loaded")
-        if ltm is None and ltm_sd:
-            raise ValueError(f"{where}: the file holds a long-term memory but this model (MemoryLLM) has none")
-        if ltm is not None:
-            ltm.check_memory_state(ltm_sd, where)
-            ltm.load_memory_state(ltm_sd)  # checks again (cheap), then makes room before its first write
-        for name in STM_NAMES:
-            getattr(stm, name).copy_(sd[f"stm.{name}"])
-        torch.set_rng_state(sd["rng.cpu"])
-        model.memory_version += 1
+    state = _state_of(model, "load_memory")
+    sd, _ = read_memory_file(path, "load_memory")
+    load_state(state, sd, f"load_memory({path})")
 
 
 @torch.no_grad()
@@ -310,7 +339,7 @@ def load_official_memory(model, state: dict[str, Tensor]) -> None:
     if model.ltm is not None:
         sd = _official_ltm_state(model, state)
         model.ltm.check_memory_state(sd, where)
-    with model.memory_lock.write():
+    with model.memory.lock.write():
         if model.ltm is not None:
             model.ltm.load_memory_state(sd)
         model.stm.hidden.copy_(hidden)
@@ -320,7 +349,7 @@ def load_official_memory(model, state: dict[str, Tensor]) -> None:
         for layer, (k, v) in enumerate(kv):
             model.stm.k[layer].copy_(k)
             model.stm.v[layer].copy_(v)
-        model.memory_version += 1
+        model.memory.version += 1
 
 
 def _official_ltm_state(model, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -40,6 +40,7 @@ from .config import MPlusConfig
 from .lora import AdapterState, LoRALinear
 from .memory import ShortTermMemory
 from .memory.ltm import LongTermMemory
+from .memory.state import MemoryState
 from .memory.transfer import TransferEngine
 from .retriever import Projector, rms_norm
 
@@ -143,7 +144,8 @@ class MPlusCache:
     layers: list[KVCache]
     memories: list[list[MemoryKV]]
     retrieved: list[Tensor | None]  # per layer: indices of the long-term rows used (age order), for inspection
-    memory_version: int | None = None  # the model's memory_version at the prefill (None: not prefilled yet)
+    memory: MemoryState | None = None  # the memory state the prefill read (its segments are views of it)
+    memory_version: int | None = None  # that state's version at the prefill (None: not prefilled yet)
     kv_start: Tensor | None = None  # [B] int32: each row's left padding (its first valid cache row); None: none
     pads: list[int] | None = None  # the same on the host
     is_compileable = False  # read by transformers' generate (no automatic torch.compile of the decode step)
@@ -194,8 +196,6 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         if not config.add_bos_embedding:
             raise ValueError("MPlusForCausalLM: configs without add_bos_embedding are not supported")
         self.semantics, self.kernels, self.max_length = semantics, kernels, max_length
-        self.memory_lock = MemoryLock()  # readers: forward, generate, save; writers: inject, load (mplus._sync)
-        self.memory_version = 0  # advanced by every change of the memory; caches record it (StaleCacheError)
         self.backend = "reference" if kernels == "reference" else None
         self.adapters = AdapterState(DECODER)
         names = [ENCODER, DECODER] if config.add_decoder_lora else [ENCODER]
@@ -207,10 +207,10 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         self.bos_embedding = nn.Parameter(torch.zeros(L, 1, d, dtype=dtype), requires_grad=False)
         self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d, dtype=dtype), requires_grad=False)
         kv_shape = (config.num_key_value_heads, config.head_dim)
-        self.stm = ShortTermMemory(torch.zeros(L, N, d, dtype=dtype), kv_shape=kv_shape, kv_dtype=dtype)
-        self.ltm: LongTermMemory | None = None
+        stm = ShortTermMemory(torch.zeros(L, N, d, dtype=dtype), kv_shape=kv_shape, kv_dtype=dtype)
+        ltm = None
         if config.has_ltm:
-            self.ltm = LongTermMemory(
+            ltm = LongTermMemory(
                 L,
                 d,
                 config.selector_hidden_dim,
@@ -224,6 +224,8 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                 kv_shape=kv_shape,
                 kv_dtype=dtype,
             )
+        # the default memory state: the checkpoint's memory loads here; it follows model.to(...)
+        self.memory = MemoryState(stm, ltm)
         inv_freq = config.rope_inv_freq()
         if semantics == "reference" and dtype == torch.bfloat16 and config.has_ltm:
             # M+'s README has model.to(bf16) round inv_freq (SPEC §3.2); MemoryLLM keeps it fp32 (SPEC §10)
@@ -242,6 +244,65 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             layer.self_attn.backend = self.backend
 
     # ------------------------------------------------------------------------------------------ properties
+    @property
+    def stm(self) -> ShortTermMemory:
+        """The default memory state's short-term memory (``model.memory.stm``)."""
+        return self.memory.stm
+
+    @property
+    def ltm(self) -> LongTermMemory | None:
+        """The default memory state's long-term store (``model.memory.ltm``; None for MemoryLLM)."""
+        return self.memory.ltm
+
+    @property
+    def memory_lock(self) -> MemoryLock:
+        return self.memory.lock
+
+    @property
+    def memory_version(self) -> int:
+        return self.memory.version
+
+    def new_memory(self, like: MemoryState | None = None, *, seed: int | None = None) -> MemoryState:
+        """A new memory state: a copy of ``like`` (default: the model's default state as it is now — right after
+        ``from_pretrained``, the checkpoint's memory), on its device. ``seed``: the state draws its drops from its
+        own ``torch.Generator`` seeded so (default: the copied state's generator; the default state's is torch's
+        global CPU generator, as the official code draws)."""
+        source = self.memory if like is None else self._memory_of(like, "new_memory")
+        with source.lock.read():
+            state = source.clone()
+        if seed is not None:
+            state.generator = torch.Generator().manual_seed(seed)
+        return state
+
+    def _memory_of(self, memory: MemoryState | None, what: str, *, inject: bool = False) -> MemoryState:
+        """The state a call works on (the default when None), checked to be one of this model's shape and place."""
+        if memory is None:
+            return self.memory
+        if not isinstance(memory, MemoryState):
+            raise TypeError(f"{what}: memory must be a MemoryState (model.new_memory()), got {type(memory).__name__}")
+        if memory is self.memory:
+            return memory
+        own, other = self.memory.describe(), memory.describe()
+        for part in ("stm", "ltm"):
+            mine, theirs = own[part], other[part]
+            if (mine is None) != (theirs is None) or (
+                mine is not None
+                and {k: v for k, v in mine.items() if k != "budget_bytes"}
+                != {k: v for k, v in theirs.items() if k != "budget_bytes"}
+            ):
+                raise ValueError(f"{what}: memory is a state of another config ({part}: {theirs}, this model: {mine})")
+        if memory.device != self.compute_device:
+            raise ValueError(
+                f"{what}: memory's short-term K/V is on {memory.device}, the model on {self.compute_device}: "
+                "memory.to(device) first"
+            )
+        if inject and memory.placed_for_generation_only():
+            raise ValueError(
+                f"{what}: memory was placed for generation only (to(..., what='generation')): inject also reads and "
+                "writes the short-term rows, ages and slot order; memory.to(device) first"
+            )
+        return memory
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
@@ -333,6 +394,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         output_hidden_states: bool = False,
         chunk_size: int = CHUNK_SIZE,
         progress: bool = True,
+        memory: MemoryState | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Write a context into memory (SPEC.md §4). ``context_ids [1, T]``; returns the delta memory ``[L, K, d]``
         (and the per-layer input hidden states with ``output_hidden_states``).
@@ -348,8 +410,11 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         such chunks disturb the memory. Returns the last chunk's delta. Each chunk is all-or-nothing; when chunk i
         fails (e.g. ``LTMBudgetError``), the chunks before it stay injected and the error's note says how many.
         ``victims``, ``output_hidden_states`` and ``update_memory=False`` apply to a single chunk only.
+
+        ``memory``: the :class:`MemoryState` to write (default: the model's own, ``model.memory``).
         """
         self._check_ids(context_ids, "inject")
+        mem = self._memory_of(memory, "inject", inject=True)
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"inject: chunk_size={chunk_size!r} must be an int > 0")
         t = context_ids.shape[1]
@@ -377,14 +442,14 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                 raise TypeError(f"inject: victims must be an integer tensor [L, K], got {type(victims).__name__}")
             victims = victims.cpu() if victims.device.type != "meta" else victims
         if len(chunks) == 1:
-            with self.memory_lock.write() if update_memory else self.memory_lock.read():
-                delta, hiddens = self._inject_chunk(context_ids, update_memory, victims)
+            with mem.lock.write() if update_memory else mem.lock.read():
+                delta, hiddens = self._inject_chunk(mem, context_ids, update_memory, victims)
             return (delta, hiddens) if output_hidden_states else delta
-        with self.memory_lock.write():  # readers never see half a document
+        with mem.lock.write():  # readers never see half a document
             bar = tqdm(chunks, desc="inject", unit="chunk", disable=not progress, leave=False)
             for i, (a, b) in enumerate(bar):
                 try:
-                    delta, _ = self._inject_chunk(context_ids[:, a:b], True, None)
+                    delta, _ = self._inject_chunk(mem, context_ids[:, a:b], True, None)
                 except BaseException as exc:
                     exc.add_note(
                         f"inject: chunk {i} of {len(chunks)} (tokens {a}:{b}) failed with the memory as it was before "
@@ -393,7 +458,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                     raise
         return delta
 
-    def _inject_chunk(self, context_ids: Tensor, update_memory: bool, victims: Tensor | None):
+    def _inject_chunk(self, mem: MemoryState, context_ids: Tensor, update_memory: bool, victims: Tensor | None):
         k, n = self.config.num_tokens, self.config.stm_size
         t = context_ids.shape[1]
         deltas, hiddens = [], []
@@ -404,7 +469,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
             for layer_idx, layer in enumerate(self.layers):
                 hiddens.append(h)
-                tail = self.stm.hidden[layer_idx].index_select(0, self.stm.order[layer_idx, n - k :].long())
+                tail = mem.stm.hidden[layer_idx].index_select(0, mem.stm.order[layer_idx, n - k :].long())
                 x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
                 x[-k:] += self.new_memory_positional_emb[0, 0]
                 mk, mv = layer.memory_kv(x[:p])
@@ -414,10 +479,10 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             hiddens.append(self.model.norm(h))
         delta = torch.stack(deltas)
         if update_memory:
-            self._update_memory(delta, victims)
+            self._update_memory(mem, delta, victims)
         return delta, hiddens
 
-    def _update_memory(self, delta: Tensor, victims: Tensor | None) -> None:
+    def _update_memory(self, mem: MemoryState, delta: Tensor, victims: Tensor | None) -> None:
         """All or nothing: every check (the victims, room in the long-term cache, the budget of a merge) and every
         computation (the new rows' K/V, the dropped rows' retriever keys) comes before the first write, and the
         RNG the victims are drawn from is restored when any of it fails."""
@@ -426,7 +491,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         new_k, new_v = torch.stack([a for a, _ in kv]), torch.stack([b for _, b in kv])
         # On the host the dropped rows land straight in the long-term cache (zero copy); from a device they come out
         # in device memory and push_dropped copies them to the (pinned) host cache asynchronously.
-        ltm, rows = self.ltm, delta.shape[1]
+        stm, ltm, rows = mem.stm, mem.ltm, delta.shape[1]
         in_place = ltm is not None and self.compute_device.type == "cpu"
         keys: list[Tensor] = []
 
@@ -436,16 +501,16 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                     keys.append(layer.self_attn.key_proj(layer.input_layernorm(dropped_hidden[i])))
                 ltm.prepare_push(rows)
 
-        rng = torch.get_rng_state()
+        rng = mem.rng_state()
         try:
             if victims is None:
-                victims = draw_victims(self.stm.num_layers, self.stm.size, rows)
+                victims = draw_victims(stm.num_layers, stm.size, rows, mem.generator)
             views = ltm.cache_views(rows) if in_place else None
-            dropped = self.stm.update(
+            dropped = stm.update(
                 delta, new_k=new_k, new_v=new_v, victims=victims, dropped=views, backend=self.backend, prepare=prepare
             )
         except BaseException:
-            torch.set_rng_state(rng)
+            mem.set_rng_state(rng)
             raise
         # checked by prepare_push: from here on nothing can fail part-way
         if ltm is not None:
@@ -454,7 +519,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             else:
                 kv = (dropped.k, dropped.v) if ltm.kv is not None else None
                 ltm.push_dropped(torch.stack(keys), hidden=dropped.hidden, age=dropped.age, kv=kv)
-        self.memory_version += 1
+        mem.version += 1
 
     # ------------------------------------------------------------------------------------------ generation
     def _layer_memories(self, layer_idx: int, layer: DecoderLayer, h: Tensor, cache: MPlusCache) -> list:
@@ -465,18 +530,18 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         segment. The long-term part is retrieved and gathered on the transfer engine's worker thread while this
         thread attends to the short-term memory and the chunk; the layer resolves it last and merges through the LSE.
         """
-        k0, b = self.config.num_ltm_tokens, h.shape[0]
-        stm = self._mem(self.stm.k[layer_idx], self.stm.v[layer_idx], self.stm.pos[layer_idx] + (1 + k0), b)
+        k0, b, mem = self.config.num_ltm_tokens, h.shape[0], cache.memory
+        stm = self._mem(mem.stm.k[layer_idx], mem.stm.v[layer_idx], mem.stm.pos[layer_idx] + (1 + k0), b)
         bos_k, bos_v = layer.memory_kv(self.bos_embedding[layer_idx])
         device = self.compute_device
-        if self.ltm is None:
+        if mem.ltm is None:
             return [stm, self._mem(bos_k, bos_v, torch.zeros(1, dtype=torch.int32, device=device), b)]
         queries = layer.self_attn.query_proj(layer.input_layernorm(h))
         pads = cache.pads or [0] * b
 
         def job() -> list:
             return [
-                self.ltm.retrieve(layer_idx, queries[i, pads[i] :], mode=self.semantics, backend=self.backend,
+                mem.ltm.retrieve(layer_idx, queries[i, pads[i] :], mode=self.semantics, backend=self.backend,
                                   with_hidden=False)  # the store keeps each row's K/V: generation gathers those
                 for i in range(b)
             ]  # fmt: skip
@@ -534,6 +599,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         use_cache: bool = True,
+        memory: MemoryState | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Generation-mode forward (SPEC.md §5). ``input_ids [B, T]``; with an empty (or no) cache this is the
@@ -543,7 +609,8 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         (Hugging Face's convention for generation): a row's positions start after its padding, its padding is
         invisible to every query and excluded from its retrieval queries, so each row computes what it would alone.
         Later calls (decoding) ignore the mask: the cache keeps the padding. ``position_ids`` are not used
-        (positions follow the memory)."""
+        (positions follow the memory). ``memory``: the :class:`MemoryState` the prefill reads (default: the model's
+        own); the cache then belongs to it (later calls may repeat it or leave it out)."""
         self._check_ids(input_ids, "forward", batch=True)
         if past_key_values is not None and not isinstance(past_key_values, MPlusCache):
             raise TypeError(
@@ -551,13 +618,21 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
                 f"got {type(past_key_values).__name__}"
             )
         b, t = input_ids.shape
-        with self.memory_lock.read():
+        if past_key_values is not None and past_key_values.length:
+            mem = past_key_values.memory
+            if memory is not None and memory is not mem:
+                raise ValueError(
+                    "forward: memory is not the state this cache was prefilled on (past_key_values.memory)"
+                )
+        else:
+            mem = self._memory_of(memory, "forward")
+        with mem.lock.read():
             cache = past_key_values if past_key_values is not None else self.new_cache(batch_size=b)
             if cache.batch_size != b:
                 raise ValueError(f"forward: input_ids has B={b} rows, past_key_values holds {cache.batch_size}")
             prefill = cache.length == 0
             if prefill:
-                cache.memory_version = self.memory_version
+                cache.memory, cache.memory_version = mem, mem.version
                 cache.pads = self._left_padding(attention_mask, b, t)
                 cache.kv_start = None
                 if cache.pads is not None:
@@ -589,10 +664,10 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"{what}: past_key_values was never prefilled: run model(prompt_ids, past_key_values=cache)"
             )
-        if cache.memory_version != self.memory_version:
+        if cache.memory_version != cache.memory.version:
             raise StaleCacheError(
                 f"{what}: this generation cache was built on memory version {cache.memory_version}, but the memory "
-                f"has changed since (now version {self.memory_version}: inject or load_memory); its memory segments "
+                f"has changed since (now version {cache.memory.version}: inject or load_memory); its memory segments "
                 "are stale. Start a new generation (a new cache) to read the current memory."
             )
 
@@ -664,9 +739,10 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         return self.lm_head(self.model.norm(h[:, -1])).float()
 
     @torch.no_grad()
-    def generate(self, inputs: Tensor | None = None, *args, **kwargs):
-        """Transformers' ``generate``, holding the memory lock for reading for the whole call: an ``inject`` from
-        another thread waits until this generation is done (and never changes the memory under it)."""
+    def generate(self, inputs: Tensor | None = None, *args, memory: MemoryState | None = None, **kwargs):
+        """Transformers' ``generate`` over ``memory`` (a :class:`MemoryState`; default the model's own), holding its
+        lock for reading for the whole call: an ``inject`` from another thread waits until this generation is done
+        (and never changes the memory under it)."""
         if self.compute_device.type == "meta":
             raise ValueError(
                 "generate: the model is on the meta device, which holds no values (generate reads the tokens it picks);"
@@ -674,8 +750,9 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             )
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         self._check_ids(ids, "generate", batch=True)  # the prompts [B, T] (the memory is the context: no empty one)
-        with self.memory_lock.read():
-            return super().generate(inputs, *args, **kwargs)
+        mem = self._memory_of(memory, "generate")
+        with mem.lock.read():
+            return super().generate(inputs, *args, memory=mem, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """A request that cannot fit is refused before the prefill (not at the step that would overflow). The cache
@@ -692,7 +769,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         if past_key_values is not None and past_key_values.length:
             input_ids = input_ids[:, past_key_values.length :]
         inputs = {"input_ids": input_ids, "past_key_values": past_key_values, "logits_to_keep": 1}
-        return inputs | {"attention_mask": kwargs.get("attention_mask")}
+        return inputs | {"attention_mask": kwargs.get("attention_mask"), "memory": kwargs.get("memory")}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod

@@ -24,7 +24,8 @@ def _model(**kw) -> MPlusForCausalLM:
 
 def _placement(model: MPlusForCausalLM) -> dict[str, tuple[torch.device, torch.dtype]]:
     """Every tensor of the model and its memory, by name, with its device and dtype."""
-    out = {n: (t.device, t.dtype) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    out = {n.removeprefix("memory."): (t.device, t.dtype) for n, t in tensors}  # the default state: model.memory
     ltm = model.ltm
     for name in ("hidden", "keys", "age", "rf"):
         for layer, t in enumerate(getattr(ltm, name)):
