@@ -1,18 +1,34 @@
-"""Official checkpoint layout (SPEC.md §2) → :class:`MPlusForCausalLM`, and the full memory state in safetensors.
+"""Official checkpoint layout (SPEC.md §2) ↔ :class:`MPlusForCausalLM`, and the full memory state in safetensors.
 
 The official state dict has the module parameters under Llama/PEFT names (which ``MPlusForCausalLM`` reproduces,
 so they load by name) plus the memory: ``memory`` [L, N, d], ``ltm.{l}``, ``ltm_keys.{l}``, ``ltm_ages.{l}``,
 ``ltm_recall_frequencies.{l}``. Everything is validated before anything is assigned: a missing or mis-shaped tensor
 is a ``ValueError`` naming it, and the model's memory is left as it was.
+
+A checkpoint is a directory or a Hugging Face Hub model id (``owner/name``), resolved through the Hub cache by
+``huggingface_hub.snapshot_download`` (offline with ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
+:func:`save_checkpoint` writes the layout back (``save_pretrained``); :func:`save_memory` keeps the whole memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import uuid
+import warnings
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -21,16 +37,97 @@ from .config import MPlusConfig
 
 MEMORY_KEYS = ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
 IGNORED = ("rotary_emb.inv_freq",)
+CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
+HUB_PATTERNS = ("*.json", "*.safetensors")  # all a checkpoint needs from a Hub repo (no tokenizer, no *.bin)
 
 
 def read_tensors(path: str) -> dict[str, Tensor]:
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    """Every tensor of the checkpoint directory ``path``, in the files the Hugging Face loaders read:
+    ``model.safetensors`` when present, else the shards ``model.safetensors.index.json`` lists, else every
+    ``*.safetensors`` file (other names, e.g. a ``save_memory`` file, are not weights when one of the first two is)."""
+    single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            what = f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"from_pretrained: {index} is not a safetensors index ({what})") from None
+        files = [os.path.join(path, shard) for shard in shards]
+        absent = [shard for shard, f in zip(shards, files) if not os.path.isfile(f)]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are not in {path}: {absent}")
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     tensors: dict[str, Tensor] = {}
     for f in files:
-        tensors.update(load_file(f))
+        try:
+            tensors.update(load_file(f))
+        except Exception as exc:  # safetensors raises its own error types on a truncated or foreign file
+            raise ValueError(f"from_pretrained: {f} is not a safetensors file ({type(exc).__name__}: {exc})") from None
     return tensors
+
+
+def resolve_checkpoint(
+    path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: bool | str | None = None,
+) -> str:
+    """The local directory of checkpoint ``path``: ``path`` itself when it is a directory, else the snapshot of the
+    Hub model id ``path`` (``owner/name`` at ``revision``, default ``main``) in the Hub cache (``cache_dir``, default
+    ``HF_HUB_CACHE``), downloaded (``config.json`` and ``*.safetensors`` only) unless it is there or the Hub is off
+    (``HF_HUB_OFFLINE=1``, ``local_files_only=True``). ``revision``, ``cache_dir`` and ``token`` are not used for a
+    directory. A string that is neither, or an id that resolves to nothing, is a ``ValueError`` naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"from_pretrained: path must be a checkpoint directory or a Hub model id (str or os.PathLike), got {path!r}"
+        )
+    if os.path.isdir(path):
+        return os.fspath(path)
+    if os.path.exists(path):
+        raise ValueError(f"from_pretrained: {os.fspath(path)!r} is a file, not a checkpoint directory nor a Hub id")
+    if not isinstance(path, str):  # a Path names a local directory, never a Hub id
+        raise ValueError(f"from_pretrained: {os.fspath(path)!r} is not an existing directory")
+    cache = os.fspath(cache_dir) if cache_dir is not None else hub_constants.HF_HUB_CACHE
+    at = f"{path!r} (revision {revision or hub_constants.DEFAULT_REVISION!r})"
+    try:
+        return snapshot_download(
+            path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            allow_patterns=list(HUB_PATTERNS),
+        )
+    except HFValidationError as exc:
+        raise ValueError(
+            f"from_pretrained: {path!r} is neither a local directory nor a valid Hub model id ('owner/name'): {exc}"
+        ) from None
+    except LocalEntryNotFoundError as exc:  # not (completely) in the cache, and the Hub is off or unreachable
+        why = "the Hub is off (HF_HUB_OFFLINE=1 or local_files_only=True)"
+        if not (local_files_only or hub_constants.is_offline_mode()):
+            why = "the Hub could not be reached"
+        raise ValueError(
+            f"from_pretrained: {path!r} is neither a local directory nor in the Hub cache {cache} (revision "
+            f"{revision or hub_constants.DEFAULT_REVISION!r}), and {why} ({type(exc).__name__}: {exc})"
+        ) from None
+    except RevisionNotFoundError as exc:
+        raise ValueError(f"from_pretrained: the Hub has no {at}: {exc}") from None
+    except RepositoryNotFoundError as exc:  # also gated / private without a token
+        raise ValueError(
+            f"from_pretrained: {path!r} is neither a local directory nor a Hub model this token can read "
+            f"(not found, private or gated: pass token=): {exc}"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise ValueError(f"from_pretrained: cannot fetch {at} from the Hub: {exc}") from None
 
 
 def _single_device(device, device_map) -> torch.device | None:
@@ -62,15 +159,20 @@ def _single_device(device, device_map) -> torch.device | None:
 
 def load_checkpoint(
     cls,
-    path: str,
+    path: str | os.PathLike,
     *,
     dtype: torch.dtype | None = None,
     torch_dtype: torch.dtype | None = None,
     device: torch.device | str | int | None = None,
     device_map: str | dict | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: bool | str | None = None,
     **kwargs,
 ):
-    """Build ``cls`` from a checkpoint directory on the host, then move it to its device (state included)."""
+    """Build ``cls`` from a checkpoint directory or Hub model id (:func:`resolve_checkpoint`) on the host, then move
+    it to its device (state included)."""
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
     dtype = dtype if dtype is not None else torch_dtype
@@ -79,9 +181,10 @@ def load_checkpoint(
     if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
         raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch.dtype (e.g. torch.bfloat16) or 'auto'")
     target = _single_device(device, device_map)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"from_pretrained: path must be a checkpoint directory (str or os.PathLike), got {path!r}")
-    config_path = os.path.join(path, "config.json")
+    directory = resolve_checkpoint(
+        path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+    )
+    config_path = os.path.join(directory, CONFIG_NAME)
     try:
         with open(config_path) as f:
             fields = json.load(f)
@@ -92,7 +195,7 @@ def load_checkpoint(
     if not isinstance(fields, dict):
         raise ValueError(f"from_pretrained: {config_path} must hold a JSON object, got {type(fields).__name__}")
     config = MPlusConfig(**fields)
-    tensors = read_tensors(path)
+    tensors = read_tensors(directory)
     if dtype is None or dtype == "auto":
         dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else torch.float32
     model = cls(config, dtype=dtype, **kwargs)
@@ -174,6 +277,99 @@ def refresh_memory_kv(model) -> None:
         k, v = model_kv(model, layer, model.stm.hidden[layer])
         model.stm.k[layer].copy_(k)
         model.stm.v[layer].copy_(v)
+
+
+def official_state(model) -> dict[str, Tensor]:
+    """The model in the official checkpoint layout (SPEC.md §2), on the host: the weights under the names
+    :func:`load_official_state` expects, ``memory`` (the short-term rows in logical order), each layer's long-term
+    rows, keys, ages and recall frequencies (ages and frequencies as float64: exact, and the official loader casts
+    them), and MemoryLLM's ``initialized = 1``. What the layout has no place for is left out
+    (:func:`save_checkpoint`). Tensors may be views of the live memory: hold ``model.memory_lock.read()`` while
+    they are used."""
+    with model.memory_lock.read():
+        sd = {k: v.detach() for k, v in model.state_dict().items() if k != "inv_freq"}
+        sd["memory"] = model.stm.logical("hidden")
+        if model.ltm is not None:
+            ltm = model.ltm.memory_state()
+            sd.update({f"{p}{layer}": ltm[f"{p}{layer}"] for p in MEMORY_KEYS for layer in range(model.ltm.num_layers)})
+        else:  # MemoryLLM's buffer: 0 would make the official code treat the memory as never filled
+            sd["initialized"] = torch.ones(1, dtype=torch.uint8)
+        return {k: v.cpu().contiguous() for k, v in sd.items()}
+
+
+def official_config(model) -> dict:
+    """``config.json`` of the official layout: the config's fields, as a ``LlamaConfig`` (``model_type: llama``)
+    with the official names (``rope_scaling``, ``architectures``) so that the official code reads it too."""
+    fields = model.config.to_dict()
+    fields["model_type"] = "llama"  # the official checkpoints are LlamaConfig + memory fields (AutoConfig reads llama)
+    fields["architectures"] = model.config.architectures or ["MPlus" if model.config.has_ltm else "MemoryLLM"]
+    rope = fields.pop("rope_parameters", None) or {}
+    fields["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} or None  # rope_theta is top-level
+    fields["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    fields.setdefault("use_cache", True)  # a LlamaConfig field of the official files (transformers 5 drops it)
+    return fields
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    model, directory: str | os.PathLike, *, safe_serialization: bool = True, max_shard_size: int | str | None = None
+) -> None:
+    """Write ``model`` to ``directory`` in the official layout: ``config.json`` (:func:`official_config`) and one
+    ``model.safetensors`` (:func:`official_state`: weights + the current memory). ``from_pretrained(directory)``
+    gives back bit-identical weights, the short-term rows in logical order and the long-term store.
+
+    The layout has no place for (the official model does not save them either): the short-term ages and slot
+    layout (reloaded as ages 0 in identity order), the rows dropped since the last merge into the long-term memory
+    and ``update_step`` (a ``UserWarning`` says when rows are lost), per-row K/V caches (recomputed on load) and
+    torch's RNG state. :func:`save_memory` keeps the whole memory state.
+
+    Each file is written to a temporary name in ``directory`` and renamed over the old one only when complete:
+    a failed save leaves no half-written ``model.safetensors`` or ``config.json`` in place of a good one.
+    ``safe_serialization`` must be True and ``max_shard_size`` None (one safetensors file, no shards)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"save_pretrained: save_directory must be a path (str or os.PathLike), got {directory!r}")
+    directory = os.fspath(directory)
+    if safe_serialization is not True:
+        raise ValueError(f"save_pretrained: safe_serialization={safe_serialization!r}: mplus writes safetensors only")
+    if max_shard_size is not None:
+        raise ValueError(
+            f"save_pretrained: max_shard_size={max_shard_size!r}: mplus writes one model.safetensors (no shards)"
+        )
+    if model.compute_device.type == "meta":
+        raise ValueError(f"save_pretrained: the model is on the meta device, which holds nothing to save ({directory})")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_pretrained: {directory} is a file, not a directory")
+    os.makedirs(directory, exist_ok=True)
+    stamp = uuid.uuid4().hex[:8]  # hidden names that match neither *.safetensors nor *.json (readers skip them)
+    staged = {name: os.path.join(directory, f".{name}.{stamp}.partial") for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    with model.memory_lock.read():  # official_state's tensors are views of the live memory: no inject until written
+        if model.ltm is not None and model.ltm.cache_len:
+            warnings.warn(
+                f"save_pretrained: the {model.ltm.cache_len} rows per layer dropped since the last merge into the "
+                f"long-term memory (and update_step={model.ltm.update_step}) have no place in the official layout "
+                "and are not saved; save_memory(model, path) keeps the whole memory state",
+                stacklevel=3,
+            )
+        tensors, fields = official_state(model), official_config(model)
+        try:
+            save_file(tensors, staged[WEIGHTS_NAME], metadata={"format": "pt"})
+            _fsync(staged[WEIGHTS_NAME])
+            with open(staged[CONFIG_NAME], "w") as f:
+                f.write(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            for name, tmp in staged.items():
+                os.replace(tmp, os.path.join(directory, name))
+        except Exception as exc:  # safetensors' own error type for I/O failures
+            raise OSError(f"save_pretrained: cannot write {directory}: {type(exc).__name__}: {exc}") from None
+        finally:
+            for tmp in staged.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
 
 
 def _state_of(obj, fn: str):

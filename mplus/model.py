@@ -774,11 +774,24 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> MPlusForCausalLM:  # type: ignore[override]
-        """Load an official M+ / MemoryLLM checkpoint directory (``config.json`` + safetensors, SPEC.md §2).
+        """Load an official M+ / MemoryLLM checkpoint (``config.json`` + safetensors, SPEC.md §2): a directory, or a
+        Hugging Face Hub model id (``"owner/name"``) resolved through the Hub cache (``huggingface_hub``'s
+        ``snapshot_download``: a cached model loads offline, ``HF_HUB_OFFLINE=1``).
 
         Keywords: ``dtype`` (or its Hugging Face spelling ``torch_dtype``), ``device`` (or ``device_map`` naming one
-        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"auto"`` = cuda when available, or ``{"": device}``), and
-        the constructor's (``semantics``, ``kernels``, ``max_length``, ``ltm_capacity``)."""
+        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"auto"`` = cuda when available, or ``{"": device}``), the
+        Hub's (``revision``, ``cache_dir``, ``local_files_only``, ``token``), and the constructor's (``semantics``,
+        ``kernels``, ``max_length``, ``ltm_capacity``)."""
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(cls, path, **kwargs)
+
+    def save_pretrained(  # type: ignore[override]
+        self, save_directory: str, *, safe_serialization: bool = True, max_shard_size: int | str | None = None
+    ) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in the official layout: the weights and the current memory
+        as far as that layout holds it (not the short-term ages, the dropped-row cache, the RNG: ``save_memory``
+        keeps those). :meth:`from_pretrained` reads it back. See :func:`mplus.checkpoint.save_checkpoint`."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
