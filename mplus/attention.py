@@ -219,6 +219,7 @@ class FusedMemoryAttention(nn.Module):
             position_embeddings: ``(cos, sin)``, each ``[B, T, D]`` (or ``[1, T, D]``), the chunk's RoPE in the Hugging
                 Face convention (``LlamaRotaryEmbedding`` output).
             memory: the layer's memory (keys before RoPE), seen by every query; None for plain causal attention. A
+                segment may also be a list of B ``MemoryKV`` of batch 1 (each row its own memory). A
                 list holds disjoint memory segments (e.g. short-term slots; BOS + retrieved long-term rows): the first
                 is attended together with the chunk, each other one alone, and the partial results are merged exactly
                 through their LSE, so the segments are never concatenated. A segment may be a callable returning its
@@ -277,13 +278,26 @@ class FusedMemoryAttention(nn.Module):
             if callable(segment):
                 segment = segments[i] = segment()
             chunk_k, chunk_v, lens, start = (k, v, kv_len, kv_start) if i == 0 else (k[:, :0], v[:, :0], None, None)
-            o, s = memory_attention(
-                q, chunk_k, chunk_v, segment.k, segment.v, segment.positions, segment.rope_cos, segment.rope_sin,
-                softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=lens, kv_start=start,
-            )  # fmt: skip
+            if isinstance(segment, MemoryKV):
+                o, s = self._attend(q, chunk_k, chunk_v, segment, lens, start)
+            else:  # one MemoryKV per batch row (rows with memories of their own): one call per row, no stacking copy
+                if len(segment) != b:
+                    raise ValueError(f"FusedMemoryAttention: a per-row memory segment has {len(segment)} rows, B={b}")
+                rows = [
+                    self._attend(q[r : r + 1], chunk_k[r : r + 1], chunk_v[r : r + 1], seg,
+                                 None if lens is None else lens[r : r + 1], None if start is None else start[r : r + 1])
+                    for r, seg in enumerate(segment)
+                ]  # fmt: skip
+                o, s = torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
             out, lse = (o, s) if i == 0 else merge_attention_states(out, lse, o, s, backend=self.backend)
         y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         return (y, lse) if return_lse else y
+
+    def _attend(self, q, k, v, segment: MemoryKV, kv_len, kv_start) -> tuple[Tensor, Tensor]:
+        return memory_attention(
+            q, k, v, segment.k, segment.v, segment.positions, segment.rope_cos, segment.rope_sin,
+            softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=kv_len, kv_start=kv_start,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

@@ -19,6 +19,7 @@ runs every op on its pure-PyTorch reference.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import warnings
@@ -132,6 +133,22 @@ class MPlusModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
 
+def _same_states(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, list):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return a is b
+
+
+@contextlib.contextmanager
+def _read_locks(memory):
+    """Read locks of one state or of a list (each distinct state once, in a fixed order: no lock-order cycles)."""
+    states = list({id(m): m for m in memory}.values()) if isinstance(memory, list) else [memory]
+    with contextlib.ExitStack() as stack:
+        for state in sorted(states, key=id):
+            stack.enter_context(state.lock.read())
+        yield
+
+
 class StaleCacheError(RuntimeError):
     """A generation cache was used after the memory it was built on changed (an ``inject`` or a load since its
     prefill): its memory segments no longer match the memory. Start a new generation (a new cache)."""
@@ -144,8 +161,8 @@ class MPlusCache:
     layers: list[KVCache]
     memories: list[list[MemoryKV]]
     retrieved: list[Tensor | None]  # per layer: indices of the long-term rows used (age order), for inspection
-    memory: MemoryState | None = None  # the memory state the prefill read (its segments are views of it)
-    memory_version: int | None = None  # that state's version at the prefill (None: not prefilled yet)
+    memory: MemoryState | list[MemoryState] | None = None  # the state(s) the prefill read (segments are views of it)
+    memory_version: int | list[int] | None = None  # their versions at the prefill (None: not prefilled yet)
     kv_start: Tensor | None = None  # [B] int32: each row's left padding (its first valid cache row); None: none
     pads: list[int] | None = None  # the same on the host
     is_compileable = False  # read by transformers' generate (no automatic torch.compile of the decode step)
@@ -273,6 +290,16 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         if seed is not None:
             state.generator = torch.Generator().manual_seed(seed)
         return state
+
+    def _memories_of(self, memory, b: int, what: str) -> MemoryState | list[MemoryState]:
+        """A state shared by the batch, or a list of one state per row (B states, repeats allowed)."""
+        if isinstance(memory, (list, tuple)):
+            if len(memory) != b:
+                raise ValueError(
+                    f"{what}: memory lists {len(memory)} states for a batch of B={b} rows: give one per row"
+                )
+            return [self._memory_of(m, f"{what}: memory[{i}]") for i, m in enumerate(memory)]
+        return self._memory_of(memory, what)
 
     def _memory_of(self, memory: MemoryState | None, what: str, *, inject: bool = False) -> MemoryState:
         """The state a call works on (the default when None), checked to be one of this model's shape and place."""
@@ -531,30 +558,40 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         thread attends to the short-term memory and the chunk; the layer resolves it last and merges through the LSE.
         """
         k0, b, mem = self.config.num_ltm_tokens, h.shape[0], cache.memory
-        stm = self._mem(mem.stm.k[layer_idx], mem.stm.v[layer_idx], mem.stm.pos[layer_idx] + (1 + k0), b)
+        states = mem if isinstance(mem, list) else [mem] * b
+        if isinstance(mem, list):  # each row its own short-term memory: per-row segments (views, no stacking)
+            stm = [self._mem(m.stm.k[layer_idx], m.stm.v[layer_idx], m.stm.pos[layer_idx] + (1 + k0)) for m in mem]
+        else:
+            stm = self._mem(mem.stm.k[layer_idx], mem.stm.v[layer_idx], mem.stm.pos[layer_idx] + (1 + k0), b)
         bos_k, bos_v = layer.memory_kv(self.bos_embedding[layer_idx])
         device = self.compute_device
-        if mem.ltm is None:
+        if not self.config.has_ltm:
             return [stm, self._mem(bos_k, bos_v, torch.zeros(1, dtype=torch.int32, device=device), b)]
         queries = layer.self_attn.query_proj(layer.input_layernorm(h))
         pads = cache.pads or [0] * b
 
         def job() -> list:
             return [
-                mem.ltm.retrieve(layer_idx, queries[i, pads[i] :], mode=self.semantics, backend=self.backend,
-                                  with_hidden=False)  # the store keeps each row's K/V: generation gathers those
+                states[i].ltm.retrieve(layer_idx, queries[i, pads[i] :], mode=self.semantics, backend=self.backend,
+                                       with_hidden=False)  # the store keeps each row's K/V: generation gathers those
                 for i in range(b)
             ]  # fmt: skip
 
         handle = self.transfer.submit(f"ltm-layer{layer_idx}", job)
 
-        def resolve() -> MemoryKV:
-            got = handle.wait()  # every sequence gets the same number of rows (it depends on the store's sizes only)
-            cache.retrieved[layer_idx] = got[0].index if b == 1 else torch.stack([g.index for g in got])
-            seg_k = torch.stack([torch.cat([bos_k, g.k]) for g in got])
-            seg_v = torch.stack([torch.cat([bos_v, g.v]) for g in got])
+        def segment(rows: list) -> MemoryKV:
+            seg_k = torch.stack([torch.cat([bos_k, g.k]) for g in rows])
+            seg_v = torch.stack([torch.cat([bos_v, g.v]) for g in rows])
             positions = torch.arange(seg_k.shape[1], dtype=torch.int32, device=device)
             return MemoryKV(seg_k, seg_v, positions, self.rope_cos, self.rope_sin)
+
+        def resolve() -> MemoryKV | list[MemoryKV]:
+            got = handle.wait()
+            if len({g.index.numel() for g in got}) == 1:  # e.g. one shared store: the same count for every row
+                cache.retrieved[layer_idx] = got[0].index if b == 1 else torch.stack([g.index for g in got])
+                return segment(got)
+            cache.retrieved[layer_idx] = [g.index for g in got]
+            return [segment([g]) for g in got]  # stores of different sizes: per-row segments
 
         return [stm, resolve]
 
@@ -599,7 +636,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         use_cache: bool = True,
-        memory: MemoryState | None = None,
+        memory: MemoryState | list[MemoryState] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Generation-mode forward (SPEC.md §5). ``input_ids [B, T]``; with an empty (or no) cache this is the
@@ -610,7 +647,9 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         invisible to every query and excluded from its retrieval queries, so each row computes what it would alone.
         Later calls (decoding) ignore the mask: the cache keeps the padding. ``position_ids`` are not used
         (positions follow the memory). ``memory``: the :class:`MemoryState` the prefill reads (default: the model's
-        own); the cache then belongs to it (later calls may repeat it or leave it out)."""
+        own), or a list of B states, one per row (each row attends its own short-term memory and retrieves from its
+        own long-term store, exactly as alone; no memory is copied); the cache then belongs to them (later calls
+        may repeat them or leave them out)."""
         self._check_ids(input_ids, "forward", batch=True)
         if past_key_values is not None and not isinstance(past_key_values, MPlusCache):
             raise TypeError(
@@ -620,19 +659,20 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         b, t = input_ids.shape
         if past_key_values is not None and past_key_values.length:
             mem = past_key_values.memory
-            if memory is not None and memory is not mem:
+            if memory is not None and not _same_states(memory, mem):
                 raise ValueError(
                     "forward: memory is not the state this cache was prefilled on (past_key_values.memory)"
                 )
         else:
-            mem = self._memory_of(memory, "forward")
-        with mem.lock.read():
+            mem = self._memories_of(memory, b, "forward")
+        with _read_locks(mem):
             cache = past_key_values if past_key_values is not None else self.new_cache(batch_size=b)
             if cache.batch_size != b:
                 raise ValueError(f"forward: input_ids has B={b} rows, past_key_values holds {cache.batch_size}")
             prefill = cache.length == 0
             if prefill:
-                cache.memory, cache.memory_version = mem, mem.version
+                cache.memory = mem
+                cache.memory_version = [m.version for m in mem] if isinstance(mem, list) else mem.version
                 cache.pads = self._left_padding(attention_mask, b, t)
                 cache.kv_start = None
                 if cache.pads is not None:
@@ -664,10 +704,11 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"{what}: past_key_values was never prefilled: run model(prompt_ids, past_key_values=cache)"
             )
-        if cache.memory_version != cache.memory.version:
+        versions = [m.version for m in cache.memory] if isinstance(cache.memory, list) else cache.memory.version
+        if cache.memory_version != versions:
             raise StaleCacheError(
                 f"{what}: this generation cache was built on memory version {cache.memory_version}, but the memory "
-                f"has changed since (now version {cache.memory.version}: inject or load_memory); its memory segments "
+                f"has changed since (now version {versions}: inject or load_memory); its memory segments "
                 "are stale. Start a new generation (a new cache) to read the current memory."
             )
 
@@ -739,10 +780,12 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         return self.lm_head(self.model.norm(h[:, -1])).float()
 
     @torch.no_grad()
-    def generate(self, inputs: Tensor | None = None, *args, memory: MemoryState | None = None, **kwargs):
-        """Transformers' ``generate`` over ``memory`` (a :class:`MemoryState`; default the model's own), holding its
-        lock for reading for the whole call: an ``inject`` from another thread waits until this generation is done
-        (and never changes the memory under it)."""
+    def generate(
+        self, inputs: Tensor | None = None, *args, memory: MemoryState | list[MemoryState] | None = None, **kwargs
+    ):
+        """Transformers' ``generate`` over ``memory`` (a :class:`MemoryState` shared by the batch, default the
+        model's own; or a list of B states, one per row), holding their locks for reading for the whole call: an
+        ``inject`` from another thread waits until this generation is done (and never changes a memory under it)."""
         if self.compute_device.type == "meta":
             raise ValueError(
                 "generate: the model is on the meta device, which holds no values (generate reads the tokens it picks);"
@@ -750,8 +793,8 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             )
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         self._check_ids(ids, "generate", batch=True)  # the prompts [B, T] (the memory is the context: no empty one)
-        mem = self._memory_of(memory, "generate")
-        with mem.lock.read():
+        mem = self._memories_of(memory, ids.shape[0], "generate")
+        with _read_locks(mem):
             return super().generate(inputs, *args, memory=mem, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:

@@ -15,7 +15,7 @@ from _golden import GOLDEN, load_state
 
 from mplus.checkpoint import load_official_memory, memory_state
 from mplus.config import MPlusConfig
-from mplus.model import MPlusForCausalLM
+from mplus.model import MPlusForCausalLM, StaleCacheError
 from mplus_kernels.testing import assert_close, assert_equal
 
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9]]
@@ -92,6 +92,9 @@ def test_every_op_on_triton_at_head_dim_64(monkeypatch):
         model.inject(torch.randint(0, 89, (1, length), generator=torch.Generator().manual_seed(length)))
     assert min(model.ltm.size) > 0
     _check_batch_equals_alone(model, [[5, 17, 33, 2, 60, 41], [7, 8]], atol=1e-4)
+    other = model.new_memory(seed=7)  # item 3: rows over different memories, every op on Triton
+    model.inject(torch.randint(0, 89, (1, 10), generator=torch.Generator().manual_seed(10)), memory=other)
+    _check_rows_equal_alone(model, [[5, 17, 33, 2, 60, 41], [7, 8]], [other, model.memory], atol=1e-4)
 
 
 def test_the_short_term_memory_is_shared_and_each_row_retrieves_its_own():
@@ -160,3 +163,54 @@ def test_compiled_decode_step_on_a_padded_batch():
         token = logits.argmax(-1, keepdim=True)
         pos += 1
     assert counter.frame_count == 1
+
+
+# ------------------------------------------------------------------------------------- item 3: different memories
+def _two_memories(model):
+    """Two states of the model: one after three more injections, one whose long-term store is empty (so the rows
+    retrieve different numbers of long-term rows: per-row segments)."""
+    a, b = model.new_memory(seed=1), model.new_memory(seed=2)
+    for step in (1, 2, 3):
+        model.inject(load_state(step)["context_ids"], memory=a)
+    b.ltm.clear()
+    return a, b
+
+
+def _check_rows_equal_alone(model, prompts, states, atol):
+    alone = [_generate(model, torch.tensor([p]), memory=s) for p, s in zip(prompts, states)]
+    ids, mask = _left_padded(prompts)
+    batch = _generate(model, ids, attention_mask=mask, pad_token_id=0, memory=states)
+    t = ids.shape[1]
+    for i, (p, one) in enumerate(zip(prompts, alone)):
+        assert_equal(batch.sequences[i, t:], one.sequences[0, len(p) :], name=f"greedy tokens of row {i}")
+        got = torch.stack([step[i] for step in batch.logits])
+        want = torch.stack([step[0] for step in one.logits])
+        assert_close(got, want, atol=atol, rtol=0, name=f"per-step logits of row {i}")
+
+
+@pytest.mark.parametrize("kernels", ["fused", "reference", "triton"])
+def test_a_batch_over_different_memories_equals_each_row_alone(kernels, _triton_ops):
+    model = _golden_model("fused" if kernels == "triton" else kernels)
+    if kernels == "triton":
+        for layer in model.layers:
+            layer.self_attn.backend = "reference"
+    a, b = _two_memories(model)
+    _check_rows_equal_alone(model, PROMPTS, [a, b, a], atol=2e-5)
+    ids, mask = _left_padded(PROMPTS[:2])
+    segments = model(ids, attention_mask=mask, memory=[a, b]).past_key_values.memories[0]
+    assert isinstance(segments[0], list) and segments[0][0].k.data_ptr() == a.stm.k[0].data_ptr(), "a copy"
+    assert isinstance(segments[1], list), "stores of different sizes give per-row long-term segments"
+
+
+def test_a_batch_over_different_memories_errors():
+    model = _golden_model("fused")
+    a, b = _two_memories(model)
+    ids, mask = _left_padded(PROMPTS)
+    with pytest.raises(ValueError, match="memory lists 2 states for a batch of B=3 rows"):
+        model.generate(ids, attention_mask=mask, memory=[a, b], max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"memory\[1\]: memory must be a MemoryState"):
+        model(ids, attention_mask=mask, memory=[a, "b", a])
+    out = model(ids, attention_mask=mask, memory=[a, b, a])
+    model.inject(load_state(4)["context_ids"], memory=b)
+    with pytest.raises(StaleCacheError, match="memory has changed since"):
+        model(torch.zeros(3, 1, dtype=torch.long), past_key_values=out.past_key_values)
