@@ -716,7 +716,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
     def decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
         """One decode step with a static cache, for ``torch.compile(fullgraph=True)`` and CUDA graphs.
 
-        ``input_ids [1, T]`` (usually T = 1) on the model's device; ``cache_position [T]`` int64 on the model's
+        ``input_ids [B, T]`` (usually T = 1) on the model's device; ``cache_position [T]`` int64 on the model's
         device: the cache rows of these tokens (after a prefill of P tokens the first step is ``[P]``);
         ``past_key_values``: the cache a prefill (``model(prompt)``) returned, holding the memory segments it
         retrieved. Returns fp32 logits ``[1, vocab]`` of the last token. Nothing here depends on a Python int that

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -24,12 +26,33 @@ def shape_str(t: Tensor) -> str:
 
 
 def dense_rows(t: Tensor, row_dim: int) -> bool:
-    """Whether the dims after ``row_dim`` form one contiguous row (any strides on the leading dims)."""
+    """Whether the dims after ``row_dim`` form one contiguous row (any strides on the leading dims). An empty tensor
+    addresses nothing and has dense rows whatever its strides."""
+    if t.numel() == 0:
+        return True
     expected = 1
     for dim in range(t.dim() - 1, row_dim, -1):
         if t.shape[dim] != 1 and t.stride(dim) != expected:
             return False
         expected *= t.shape[dim]
+    return True
+
+
+def rows_disjoint(t: Tensor, row_dim: int) -> bool:
+    """Whether the rows of ``t`` (dims after ``row_dim``, dense: see :func:`dense_rows`) occupy pairwise disjoint
+    memory: the leading dims of size > 1, innermost (smallest stride) first, each stride at least the extent of
+    everything inside it. False for ``expand()``ed (stride-0) and other self-overlapping views, which an op must not
+    write (the C++ ops check the same, csrc/cpu/memory_update.cpp ``rows_are_disjoint``)."""
+    row = 1
+    for size in t.shape[row_dim + 1 :]:
+        row *= size
+    if row == 0 or t.numel() == 0:
+        return True
+    extent = row
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(row_dim + 1) if t.shape[d] > 1):
+        if stride < extent:
+            return False
+        extent += (size - 1) * stride
     return True
 
 
@@ -55,10 +78,33 @@ def check_integer(fn: str, name: str, t: Tensor) -> None:
         raise TypeError(f"{fn}: {name} must be an integer tensor, got {t.dtype}")
 
 
+def check_int(fn: str, name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` (a Python int or anything with ``__index__``; not bool), at least ``minimum`` when
+    given; else a ``TypeError`` / ``ValueError`` naming the argument."""
+    if isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_device(fn: str, name: str, t: Tensor, device: torch.device, where: str) -> None:
     """``t`` is on ``device`` (``where`` names the argument that fixed it, e.g. ``"q"``)."""
     if t.device != device:
         raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (where {where} is)")
+
+
+def check_same_device(fn: str, where: str, device: torch.device, tensors: dict[str, Tensor | None]) -> None:
+    """Every tensor of ``tensors`` (None entries skipped) is on ``device``, the device of argument ``where``. The fake
+    kernels check this: a raw op called with meta tensors mixed with CPU ones reaches them (Meta outranks CPU in the
+    dispatcher), and would otherwise return meta results for host inputs."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_device(fn, name, t, device, where)
 
 
 def host_values(t: Tensor) -> bool:

@@ -435,7 +435,7 @@ def test_wrapper_static_cache_equals_sliced_cache(backend, tq, nan_outputs):
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_unchecked_out_of_range_values_never_read_out_of_bounds(backend, monkeypatch):
     """Values the wrapper cannot read (device tensors, tracing: ``host_values`` False) reach the kernels unchecked:
-    the C++ op range-checks them itself (RuntimeError, not a crash), the Triton kernel clamps them to the extents."""
+    the C++ op range-checks them itself (ValueError, not a crash), the Triton kernel clamps them to the extents."""
     if backend == "cpp" and not _cpu_kernel("mplus::memory_attention"):
         pytest.skip("no CPU kernel for memory_attention in this build")
     monkeypatch.setattr(attn_op, "host_values", lambda t: False)
@@ -443,9 +443,9 @@ def test_unchecked_out_of_range_values_never_read_out_of_bounds(backend, monkeyp
     x["kv_len"] = torch.tensor([8, 100], dtype=torch.int32)
     bad_pos = dict(x, kv_len=None, mem_pos=x["mem_pos"].clone().fill_(10_000))
     if backend == "cpp":
-        with pytest.raises(RuntimeError, match=r"0 <= kv_start <= kv_len <= Tk=8"):
+        with pytest.raises(ValueError, match=r"0 <= kv_start <= kv_len <= Tk=8"):
             mk.memory_attention(**x, backend="cpp")
-        with pytest.raises(RuntimeError, match=r"mem_pos values must lie in \[0, \d+\)"):
+        with pytest.raises(ValueError, match=r"mem_pos values must lie in \[0, \d+\)"):
             mk.memory_attention(**bad_pos, backend="cpp")
         return
     out, lse = mk.memory_attention(**x, backend="triton")  # clamped to kv_len = Tk

@@ -369,15 +369,15 @@ def test_opcheck_merge():
 
 def test_rejects_bad_inputs():
     q, k, v, mem_k, mem_v, pos, cos, sin = make_case(1, 4, 4, 10, 4, 2, 64, torch.float32)
-    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+    with pytest.raises(ValueError, match="multiple of Hkv"):
         attention(q, k[:, :, :1].expand(1, 4, 3, 64), v, mem_k, mem_v, pos, cos, sin, 0.1, True)
-    with pytest.raises(RuntimeError, match="mem_pos values"):
+    with pytest.raises(ValueError, match="mem_pos values"):
         attention(q, k, v, mem_k, mem_v, pos + 1000, cos, sin, 0.1, True)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="k has dtype Double, expected q's dtype Float"):
         attention(q, k.double(), v, mem_k, mem_v, pos, cos, sin, 0.1, True)
-    with pytest.raises(RuntimeError, match="mem_pos must be a CPU int32"):
+    with pytest.raises(ValueError, match="mem_pos must be a CPU int32"):
         attention(q, k, v, mem_k, mem_v, pos.long(), cos, sin, 0.1, True)
-    with pytest.raises(RuntimeError, match=r"mem_pos values must lie in \[0, \d+\)"):
+    with pytest.raises(ValueError, match=r"mem_pos values must lie in \[0, \d+\)"):
         attention(q, k, v, mem_k, mem_v, pos - 1000, cos, sin, 0.1, True)
 
 
@@ -395,13 +395,13 @@ def test_raw_op_range_checks_kv_values(kv_len, kv_start, match):
     """A raw torch.ops call with kv values outside the cache raises (what the kernel indexes with is checked)."""
     args = make_case(1, 4, 4, 10, 4, 2, 64, torch.float32)
     kv = [None if x is None else torch.tensor(x, dtype=torch.int32) for x in (kv_len, kv_start)]
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(ValueError, match=match):
         attention(*args, 0.1, True, *kv)
 
 
 def test_raw_op_rejects_bad_kv_tensors():
     args = make_case(2, 4, 4, 10, 4, 2, 64, torch.float32)
-    with pytest.raises(RuntimeError, match=r"kv_len must be a CPU int32 \[B=2\] tensor, got Long"):
+    with pytest.raises(ValueError, match=r"kv_len must be a CPU int32 \[B=2\] tensor, got Long"):
         attention(*args, 0.1, True, torch.tensor([4, 4]), None)
-    with pytest.raises(RuntimeError, match=r"kv_start must be a CPU int32 \[B=2\] tensor"):
+    with pytest.raises(ValueError, match=r"kv_start must be a CPU int32 \[B=2\] tensor"):
         attention(*args, 0.1, True, None, torch.zeros(3, dtype=torch.int32))

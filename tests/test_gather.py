@@ -139,7 +139,8 @@ def test_raw_op_rejects_malformed_input_and_writes_nothing(case, match):
     elif case == "out_aliases_src":
         out = a[5:]
     before = [t.clone() for t in (out, a, b, index)]
-    with pytest.raises(RuntimeError, match=match):
+    error = TypeError if case == "src_dtype" else ValueError  # TORCH_CHECK_TYPE / TORCH_CHECK_VALUE
+    with pytest.raises(error, match=match):
         torch.ops.mplus.gather_rows_(out, a, b, index)
     for i, (x, y) in enumerate(zip(before, (out, a, b, index))):
         assert_equal(y, x, name=f"input {i} after a rejected raw call ({case})")
@@ -147,7 +148,7 @@ def test_raw_op_rejects_malformed_input_and_writes_nothing(case, match):
 
 def test_raw_op_checks_index_even_for_empty_rows():
     """Zero-byte rows move nothing, but an out-of-range index is still a malformed call."""
-    with pytest.raises(RuntimeError, match=r"index\[1\]=5"):
+    with pytest.raises(ValueError, match=r"index\[1\]=5"):
         torch.ops.mplus.gather_rows_(torch.empty(2, 0), torch.empty(3, 0), torch.empty(1, 0), torch.tensor([0, 5]))
 
 

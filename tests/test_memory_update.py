@@ -371,7 +371,8 @@ def test_raw_op_rejects_malformed_input_and_writes_nothing(case, match):
     args = _corrupt(case, _raw_args())
     flat = [args["pos"], args["order"], args["victims"], *args["slots"], *args["new_rows"], *args["dropped"]]
     before = _snapshot(*flat)
-    with pytest.raises(RuntimeError, match=match):
+    error = TypeError if case.endswith("_dtype") else ValueError  # TORCH_CHECK_TYPE / TORCH_CHECK_VALUE
+    with pytest.raises(error, match=match):
         torch.ops.mplus.memory_update_(*args.values())
     for i, (b, a) in enumerate(zip(before, flat)):
         assert_equal(a, b, name=f"input {i} after a rejected raw call ({case})")
@@ -382,7 +383,7 @@ def test_raw_op_checks_state_even_without_victims():
     args = _raw_args(k=0)
     args["victims"] = torch.empty(2, 0, dtype=torch.int64)
     args["order"][0, 3] = 99
-    with pytest.raises(RuntimeError, match=r"order\[0, 3\]=99"):
+    with pytest.raises(ValueError, match=r"order\[0, 3\]=99"):
         torch.ops.mplus.memory_update_(*args.values())
 
 
@@ -448,7 +449,7 @@ def test_raw_op_alias_check_is_exact_for_views_of_one_buffer():
         before, ref = buf.clone(), slots.clone()
         if shared:
             refused += 1
-            with pytest.raises(RuntimeError, match=r"slots\[0\] .* and dropped\[0\] .* share memory"):
+            with pytest.raises(ValueError, match=r"slots\[0\] .* and dropped\[0\] .* share memory"):
                 torch.ops.mplus.memory_update_(pos, order, victims, [slots], [fresh], [out])
             assert_equal(buf, before, name=f"buffer after a refused aliasing call (trial {trial})")
         else:

@@ -304,32 +304,45 @@ def test_bad_input_raises_before_launch(backend, case, error, match):
 
 
 @pytest.mark.parametrize(
-    ("case", "match"),
+    ("case", "error", "match"),
     [
-        (lambda q, k, k2: (q, k.bfloat16(), None, 2), r"keys has dtype BFloat16, queries have Float"),
-        (lambda q, k, k2: (q, k, k2.half(), 2), r"keys2 has dtype Half, queries have Float"),
+        (lambda q, k, k2: (q, k.bfloat16(), None, 2), TypeError, r"keys has dtype BFloat16, queries have Float"),
+        (lambda q, k, k2: (q, k, k2.half(), 2), TypeError, r"keys2 has dtype Half, queries have Float"),
         (
             lambda q, k, k2: (q, k, torch.randn(3, 4), 2),
+            ValueError,
             r"keys2 must be \[S, ds=8\] like queries \[4, 8\], got \[3, 4\]",
         ),
-        (lambda q, k, k2: (q, k[None], None, 2), r"keys must be \[S, ds=8\] like queries \[4, 8\], got \[1, 10, 8\]"),
-        (lambda q, k, k2: (q, k[:, 0], None, 2), r"keys must be \[S, ds=8\]"),
-        (lambda q, k, k2: (q[0], k, None, 2), r"queries must be \[T >= 1, ds\], got \[8\]"),
-        (lambda q, k, k2: (q[:0], k, None, 2), r"queries must be \[T >= 1, ds\], got \[0, 8\]"),
+        (
+            lambda q, k, k2: (q, k[None], None, 2),
+            ValueError,
+            r"keys must be \[S, ds=8\] like queries \[4, 8\], got \[1, 10, 8\]",
+        ),
+        (lambda q, k, k2: (q, k[:, 0], None, 2), ValueError, r"keys must be \[S, ds=8\]"),
+        (lambda q, k, k2: (q[0], k, None, 2), ValueError, r"queries must be \[T >= 1, ds\], got \[8\]"),
+        (lambda q, k, k2: (q[:0], k, None, 2), ValueError, r"queries must be \[T >= 1, ds\], got \[0, 8\]"),
         (
             lambda q, k, k2: (q.double(), k.double(), None, 2),
+            TypeError,
             r"queries must be bfloat16, float16 or float32, got Double",
         ),
-        (lambda q, k, k2: (q.long(), k.long(), None, 2), r"queries must be bfloat16, float16 or float32, got Long"),
-        (lambda q, k, k2: (q, k, None, -3), r"k must be >= 0, got -3"),
+        (
+            lambda q, k, k2: (q.long(), k.long(), None, 2),
+            TypeError,
+            r"queries must be bfloat16, float16 or float32, got Long",
+        ),
+        (lambda q, k, k2: (q, k, None, -3), ValueError, r"k must be >= 0, got -3"),
+        (lambda q, k, k2: (None, k, None, 2), TypeError, r"queries must be a tensor, got None"),
+        (lambda q, k, k2: (q, None, None, 2), TypeError, r"keys must be a tensor, got None"),
     ],
 )
-def test_cpp_kernel_checks_its_inputs(case, match):
-    """Direct calls to the C++ op (bypassing the Python checks) fail with a clear error, not a crash, and touch
-    nothing (the op has no index inputs: it checks the shapes and dtypes it assumes)."""
+def test_cpp_kernel_checks_its_inputs(case, error, match):
+    """Direct calls to the C++ op (bypassing the Python checks) fail with the wrappers' error classes (ValueError,
+    TypeError for a dtype or None), not a crash, and touch nothing (the op has no index inputs: it checks the shapes
+    and dtypes it assumes)."""
     good = _good()
     before = [t.clone() for t in good]
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(error, match=match):
         torch.ops.mplus.retrieve_topk(*case(*good))
     for i, (b, a) in enumerate(zip(before, good)):
         assert_equal(a, b, name=f"input {i} after a rejected call")

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "attention_problem.h"
@@ -40,11 +41,22 @@ View view_of(const Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), 
 // ops
 // ---------------------------------------------------------------------------------------------------------------------
 
+// Argument checks raise ValueError (TORCH_CHECK_VALUE) or, for a wrong dtype, TypeError (TORCH_CHECK_TYPE), like
+// the Python wrappers, and name the argument: a raw torch.ops call fails the same way a wrapper call does.
+void check_defined(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a tensor, got None");
+}
+
+// A [B, T, H, D] operand of q's dtype; H < 0: any head count.
 void check_operand(const char* name, const Tensor& t, const Tensor& q, int64_t B, int64_t H, int64_t D) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.scalar_type() == q.scalar_type(), "memory_attention: ", name,
-              " must be a 4-D CPU tensor of q's dtype ", q.scalar_type(), ", got ", t.scalar_type(), " ", t.sizes());
-  TORCH_CHECK(t.size(0) == B && t.size(2) == H && t.size(3) == D, "memory_attention: ", name, " has shape ",
-              t.sizes(), ", expected [", B, ", T, ", H, ", ", D, "]");
+  check_defined("memory_attention", name, t);
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 4, "memory_attention: ", name, " must be a 4-D CPU tensor, got ",
+                    t.sizes(), " on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "memory_attention: ", name, " has dtype ", t.scalar_type(),
+                   ", expected q's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(t.size(0) == B && (H < 0 || t.size(2) == H) && t.size(3) == D, "memory_attention: ", name,
+                    " has shape ", t.sizes(), ", expected [", B, ", T, ", H < 0 ? "Hkv" : std::to_string(H), ", ", D,
+                    "]");
 }
 
 // Kernels read rows through strides but need each row (the last dim) dense; other layouts get a dense copy.
@@ -57,46 +69,59 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
                                                 const std::optional<Tensor>& rope_sin, double softmax_scale,
                                                 bool causal, const std::optional<Tensor>& kv_len,
                                                 const std::optional<Tensor>& kv_start) {
-  TORCH_CHECK(q_in.device().is_cpu() && q_in.dim() == 4, "memory_attention: q must be a 4-D CPU tensor, got ",
-              q_in.sizes());
+  check_defined("memory_attention", "q", q_in);
+  TORCH_CHECK_VALUE(q_in.device().is_cpu() && q_in.dim() == 4, "memory_attention: q must be a 4-D CPU tensor, got ",
+                    q_in.sizes(), " on ", q_in.device());
   const auto dtype = q_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "memory_attention: dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "memory_attention: q must be float32, bfloat16 or float16, got ", dtype);
   const int64_t B = q_in.size(0), Tq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
-  const int64_t Hkv = k_in.dim() == 4 ? k_in.size(2) : 0;
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "memory_attention: Hq=", Hq, " must be a multiple of Hkv=", Hkv);
-  TORCH_CHECK(D <= 1024, "memory_attention: head dim ", D, " is above the supported 1024");
-  check_operand("q", q_in, q_in, B, Hq, D);
-  check_operand("k", k_in, q_in, B, Hkv, D);
+  TORCH_CHECK_VALUE(D <= 1024, "memory_attention: head dim ", D, " of q ", q_in.sizes(),
+                    " is above the supported 1024");
+  check_operand("k", k_in, q_in, B, -1, D);
+  const int64_t Hkv = k_in.size(2);
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "memory_attention: Hq=", Hq, " (q ", q_in.sizes(),
+                    ") must be a multiple of Hkv=", Hkv, " (k ", k_in.sizes(), ")");
   check_operand("v", v_in, q_in, B, Hkv, D);
-  TORCH_CHECK(v_in.size(1) == k_in.size(1), "memory_attention: k and v must have the same length");
-  TORCH_CHECK(mem_k.has_value() == mem_v.has_value(), "memory_attention: give both mem_k and mem_v or neither");
+  TORCH_CHECK_VALUE(v_in.size(1) == k_in.size(1), "memory_attention: k ", k_in.sizes(), " and v ", v_in.sizes(),
+                    " must have the same length");
+  TORCH_CHECK_VALUE(mem_k.has_value() == mem_v.has_value(),
+                    "memory_attention: give both mem_k and mem_v or neither (got only ",
+                    mem_k.has_value() ? "mem_k" : "mem_v", ")");
+  int64_t M = 0;
+  if (mem_k.has_value()) {
+    check_operand("mem_k", *mem_k, q_in, B, Hkv, D);
+    check_operand("mem_v", *mem_v, q_in, B, Hkv, D);
+    M = mem_k->size(1);
+    TORCH_CHECK_VALUE(mem_v->size(1) == M, "memory_attention: mem_k ", mem_k->sizes(), " and mem_v ", mem_v->sizes(),
+                      " must have the same length");
+  }
   const Tensor q = dense_rows(q_in), k = dense_rows(k_in), v = dense_rows(v_in);
   Tensor mk, mv, pos, cos, sin;
-  const int64_t M = mem_k.has_value() ? mem_k->size(1) : 0;
   Problem P{B, Tq, k.size(1), M, Hq, Hkv, Hq / Hkv, D, view_of(q), view_of(k), view_of(v), {}, {},
             nullptr, nullptr, nullptr, 0, static_cast<float>(softmax_scale) * kLog2e, causal, nullptr, nullptr};
   if (mem_k.has_value()) {
-    check_operand("mem_k", *mem_k, q, B, Hkv, D);
-    check_operand("mem_v", *mem_v, q, B, Hkv, D);
-    TORCH_CHECK(mem_v->size(1) == M, "memory_attention: mem_k and mem_v must have the same length");
     mk = dense_rows(*mem_k);
     mv = dense_rows(*mem_v);
     P.mk = view_of(mk);
     P.mv = view_of(mv);
   }
   if (mem_pos.has_value() && M > 0) {
-    TORCH_CHECK(mem_pos->scalar_type() == at::kInt && mem_pos->dim() == 1 && mem_pos->size(0) == M &&
-                    mem_pos->device().is_cpu(),
-                "memory_attention: mem_pos must be a CPU int32 [M=", M, "] tensor, got ", mem_pos->scalar_type(), " ",
-                mem_pos->sizes());
-    TORCH_CHECK(D % 2 == 0, "memory_attention: RoPE (mem_pos given) needs an even head dim, got ", D);
-    TORCH_CHECK(rope_cos.has_value() && rope_sin.has_value(), "memory_attention: mem_pos needs rope_cos/rope_sin");
+    check_defined("memory_attention", "mem_pos", *mem_pos);
+    TORCH_CHECK_VALUE(mem_pos->scalar_type() == at::kInt && mem_pos->dim() == 1 && mem_pos->size(0) == M &&
+                          mem_pos->device().is_cpu(),
+                      "memory_attention: mem_pos must be a CPU int32 [M=", M, "] tensor, got ",
+                      mem_pos->scalar_type(), " ", mem_pos->sizes(), " on ", mem_pos->device());
+    TORCH_CHECK_VALUE(D % 2 == 0, "memory_attention: RoPE (mem_pos given) needs an even head dim, got ", D);
+    TORCH_CHECK_VALUE(rope_cos.has_value() && rope_sin.has_value(),
+                      "memory_attention: mem_pos needs rope_cos/rope_sin");
     for (const auto& [name, t] : {std::pair{"rope_cos", &*rope_cos}, std::pair{"rope_sin", &*rope_sin}}) {
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D / 2 && t->device().is_cpu() &&
-                      t->sizes() == rope_cos->sizes(),
-                  "memory_attention: ", name, " must be a CPU float32 [P, D/2=", D / 2,
-                  "] tensor shaped like rope_cos, got ", t->scalar_type(), " ", t->sizes());
+      check_defined("memory_attention", name, *t);
+      TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D / 2 &&
+                            t->device().is_cpu() && t->sizes() == rope_cos->sizes(),
+                        "memory_attention: ", name, " must be a CPU float32 [P, D/2=", D / 2,
+                        "] tensor shaped like rope_cos, got ", t->scalar_type(), " ", t->sizes(), " on ",
+                        t->device());
     }
     pos = mem_pos->contiguous();
     cos = rope_cos->contiguous();
@@ -104,7 +129,8 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
     P.pos = pos.data_ptr<int32_t>();
     const int64_t rows = cos.size(0);
     const bool in_range = std::all_of(P.pos, P.pos + M, [&](int32_t p) { return p >= 0 && p < rows; });
-    TORCH_CHECK(in_range, "memory_attention: mem_pos values must lie in [0, ", rows, ")");
+    TORCH_CHECK_VALUE(in_range, "memory_attention: mem_pos values must lie in [0, ", rows,
+                      ") (the rows of rope_cos/rope_sin)");
     P.cos = cos.data_ptr<float>();
     P.sin = sin.data_ptr<float>();
     P.rope_ld = D / 2;
@@ -116,17 +142,18 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
        {std::tuple{"kv_len", &kv_len, &len_t}, std::tuple{"kv_start", &kv_start, &start_t}}) {
     if (!t->has_value()) continue;
     const Tensor& x = **t;
-    TORCH_CHECK(x.scalar_type() == at::kInt && x.dim() == 1 && x.size(0) == B && x.device().is_cpu(),
-                "memory_attention: ", name, " must be a CPU int32 [B=", B, "] tensor, got ", x.scalar_type(), " ",
-                x.sizes(), " on ", x.device());
+    check_defined("memory_attention", name, x);
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kInt && x.dim() == 1 && x.size(0) == B && x.device().is_cpu(),
+                      "memory_attention: ", name, " must be a CPU int32 [B=", B, "] tensor, got ", x.scalar_type(),
+                      " ", x.sizes(), " on ", x.device());
     *dst = x.contiguous();
   }
   if (len_t.defined()) P.kv_len = len_t.data_ptr<int32_t>();
   if (start_t.defined()) P.kv_start = start_t.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t lo = P.chunk_begin(b), hi = P.chunk_end(b);
-    TORCH_CHECK(0 <= lo && lo <= hi && hi <= Tk, "memory_attention: batch row ", b,
-                " needs 0 <= kv_start <= kv_len <= Tk=", Tk, ", got kv_start=", lo, ", kv_len=", hi);
+    TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi <= Tk, "memory_attention: batch row ", b,
+                      " needs 0 <= kv_start <= kv_len <= Tk=", Tk, ", got kv_start=", lo, ", kv_len=", hi);
   }
   Tensor out = at::empty({B, Tq, Hq, D}, q.options());
   Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(at::kFloat));
@@ -140,22 +167,28 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
 
 std::tuple<Tensor, Tensor> merge_attention_states_cpu(const Tensor& out_a_in, const Tensor& lse_a,
                                                       const Tensor& out_b_in, const Tensor& lse_b) {
-  TORCH_CHECK(out_a_in.dim() == 4 && out_b_in.sizes() == out_a_in.sizes(), "merge_attention_states: out_a ",
-              out_a_in.sizes(), " and out_b ", out_b_in.sizes(), " must be [B, T, H, D] of the same shape");
-  const Tensor out_a = dense_rows(out_a_in), out_b = dense_rows(out_b_in);
-  const int64_t B = out_a.size(0), T = out_a.size(1), H = out_a.size(2), D = out_a.size(3);
-  for (const Tensor* t : {&out_a, &out_b, &lse_a, &lse_b})
-    TORCH_CHECK(t->device().is_cpu(), "merge_attention_states: tensors must be on the CPU, got ", t->device());
-  for (const Tensor* t : {&lse_a, &lse_b})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == H &&
-                    t->size(2) == T,
-                "merge_attention_states: lse must be float32 [B=", B, ", H=", H, ", T=", T, "], got ",
-                t->scalar_type(), " ", t->sizes());
-  for (const Tensor* t : {&out_a, &out_b}) {
-    const auto dt = t->scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                "merge_attention_states: dtype must be float32, bfloat16 or float16, got ", dt);
+  const std::pair<const char*, const Tensor*> args[] = {
+      {"out_a", &out_a_in}, {"lse_a", &lse_a}, {"out_b", &out_b_in}, {"lse_b", &lse_b}};
+  for (const auto& [name, t] : args) {
+    check_defined("merge_attention_states", name, *t);
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "merge_attention_states: ", name, " must be a CPU tensor, got ",
+                      t->device());
   }
+  TORCH_CHECK_VALUE(out_a_in.dim() == 4 && out_b_in.sizes() == out_a_in.sizes(), "merge_attention_states: out_a ",
+                    out_a_in.sizes(), " and out_b ", out_b_in.sizes(), " must be [B, T, H, D] of the same shape");
+  const int64_t B = out_a_in.size(0), T = out_a_in.size(1), H = out_a_in.size(2), D = out_a_in.size(3);
+  for (const auto& [name, t] : {args[0], args[2]}) {
+    const auto dt = t->scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "merge_attention_states: ", name,
+                     " must be float32, bfloat16 or float16, got ", dt);
+  }
+  for (const auto& [name, t] : {args[1], args[3]}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == H &&
+                          t->size(2) == T,
+                      "merge_attention_states: ", name, " must be float32 [B=", B, ", H=", H, ", T=", T, "], got ",
+                      t->scalar_type(), " ", t->sizes());
+  }
+  const Tensor out_a = dense_rows(out_a_in), out_b = dense_rows(out_b_in);
   Tensor out = at::empty({B, T, H, D}, out_a.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor lse = at::empty({B, H, T}, lse_a.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};

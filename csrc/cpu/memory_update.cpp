@@ -5,6 +5,7 @@
 // and the new rows come last: O(K·row) bytes moved and O(N) integer work per layer, nothing reallocated.
 // The raw op checks everything it indexes with before writing anything (DESIGN.md §2.5): victims sorted, distinct
 // and in range, pos/order inverse permutations (O(N) per layer, like the renumbering), written rows disjoint.
+// A rejected call raises ValueError (TORCH_CHECK_VALUE; TypeError for a wrong dtype or None), as the wrapper does.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
@@ -29,6 +30,7 @@ using at::TensorList;
 
 // A tensor whose dims >= 2 form one dense row: element (a, b, ...) lives at a*stride(0) + b*stride(1) + offset.
 bool rows_are_dense(const Tensor& t) {
+  if (t.numel() == 0) return true;  // no element is addressed (and torch gives empty views any strides)
   int64_t expected = 1;
   for (int64_t dim = t.dim() - 1; dim >= 2; --dim) {
     if (t.size(dim) != 1 && t.stride(dim) != expected) return false;
@@ -49,7 +51,7 @@ int64_t row_elems(const Tensor& t) {
 // ones ([N, L, F] storage viewed as [L, N, F]).
 bool rows_are_disjoint(const Tensor& t) {
   const int64_t row = row_elems(t);
-  if (row == 0) return true;
+  if (row == 0 || t.size(0) == 0 || t.size(1) == 0) return true;  // no rows (torch gives empty views any strides)
   std::array<std::pair<int64_t, int64_t>, 2> dims{};  // (stride, size) of dims 0 and 1 when size > 1
   int n = 0;
   for (int64_t dim = 0; dim < 2; ++dim) {
@@ -66,22 +68,25 @@ bool rows_are_disjoint(const Tensor& t) {
 
 void check_rows(const char* what, size_t i, const Tensor& t, int64_t L, int64_t rows, const Tensor& like,
                 bool written) {
-  TORCH_CHECK(t.device().is_cpu(), "memory_update_: ", what, "[", i, "] must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == like.dim() && t.size(0) == L && t.size(1) == rows,
-              "memory_update_: ", what, "[", i, "] has shape ", t.sizes(), ", expected [", L, ", ", rows,
-              ", ...] matching slots[", i, "] ", like.sizes());
+  TORCH_CHECK_TYPE(t.defined(), "memory_update_: ", what, "[", i, "] must be a tensor, got None");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "memory_update_: ", what, "[", i, "] must be a CPU tensor, got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == like.dim() && t.size(0) == L && t.size(1) == rows,
+                    "memory_update_: ", what, "[", i, "] has shape ", t.sizes(), ", expected [", L, ", ", rows,
+                    ", ...] matching slots[", i, "] ", like.sizes());
   for (int64_t dim = 2; dim < t.dim(); ++dim) {
-    TORCH_CHECK(t.size(dim) == like.size(dim), "memory_update_: ", what, "[", i, "] has shape ", t.sizes(),
-                ", its trailing dims must equal those of slots[", i, "] ", like.sizes());
+    TORCH_CHECK_VALUE(t.size(dim) == like.size(dim), "memory_update_: ", what, "[", i, "] has shape ", t.sizes(),
+                      ", its trailing dims must equal those of slots[", i, "] ", like.sizes());
   }
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "memory_update_: ", what, "[", i, "] has dtype ",
-              t.scalar_type(), ", expected ", like.scalar_type());
-  TORCH_CHECK(rows_are_dense(t), "memory_update_: ", what, "[", i, "] ", t.sizes(), " with strides ", t.strides(),
-              " must have dense rows (dims >= 2 contiguous)");
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "memory_update_: ", what, "[", i, "] has dtype ",
+                   t.scalar_type(), ", expected ", like.scalar_type());
+  TORCH_CHECK_VALUE(rows_are_dense(t), "memory_update_: ", what, "[", i, "] ", t.sizes(), " with strides ",
+                    t.strides(), " must have dense rows (dims >= 2 contiguous)");
   // Written tensors only: rows read from new_rows may alias (the STM passes new ages as an expand() over layers).
-  TORCH_CHECK(!written || rows_are_disjoint(t), "memory_update_: ", what, "[", i, "] ", t.sizes(), " with strides ",
-              t.strides(), " has overlapping rows (an expand()ed or stride-0 view?); every written [layer, row] needs "
-              "its own memory: a stride >= the row size of ", row_elems(t), " elements along dims 0 and 1");
+  TORCH_CHECK_VALUE(!written || rows_are_disjoint(t), "memory_update_: ", what, "[", i, "] ", t.sizes(),
+                    " with strides ", t.strides(), " has overlapping rows (an expand()ed or stride-0 view?); every "
+                    "written [layer, row] needs its own memory: a stride >= the row size of ", row_elems(t),
+                    " elements along dims 0 and 1");
 }
 
 // An argument's rows with its name, for the aliasing messages.
@@ -101,11 +106,11 @@ void check_victims(const int64_t* vic, int64_t L, int64_t N, int64_t K) {
   for (int64_t l = 0; l < L; ++l) {
     const int64_t* V = vic + l * K;
     for (int64_t i = 0; i < K; ++i) {
-      TORCH_CHECK(V[i] >= 0 && V[i] < N, "memory_update_: victims [", L, ", ", K, "] has victims[", l, ", ", i,
-                  "]=", V[i], ", expected logical positions in [0, N=", N, ")");
-      TORCH_CHECK(i == 0 || V[i] > V[i - 1], "memory_update_: victims [", L, ", ", K, "] of layer ", l,
-                  " must be strictly ascending (sorted, distinct), got victims[", l, ", ", i - 1, "]=", V[i - 1],
-                  " then victims[", l, ", ", i, "]=", V[i]);
+      TORCH_CHECK_VALUE(V[i] >= 0 && V[i] < N, "memory_update_: victims [", L, ", ", K, "] has victims[", l, ", ", i,
+                        "]=", V[i], ", expected logical positions in [0, N=", N, ")");
+      TORCH_CHECK_VALUE(i == 0 || V[i] > V[i - 1], "memory_update_: victims [", L, ", ", K, "] of layer ", l,
+                        " must be strictly ascending (sorted, distinct), got victims[", l, ", ", i - 1, "]=",
+                        V[i - 1], " then victims[", l, ", ", i, "]=", V[i]);
     }
   }
 }
@@ -133,11 +138,11 @@ void check_permutations(const int32_t* pos_p, const int32_t* ord_p, int64_t L, i
     const int64_t p = bad[l];
     if (p < 0) continue;
     const int32_t s = ord_p[l * N + p];
-    TORCH_CHECK(s >= 0 && s < N, "memory_update_: order [", L, ", ", N, "] has order[", l, ", ", p, "]=", s,
-                ", expected slot ids in [0, N=", N, ")");
-    TORCH_CHECK(false, "memory_update_: pos and order [", L, ", ", N, "] must be inverse permutations per layer, but ",
-                "order[", l, ", ", p, "]=", s, " while pos[", l, ", ", s, "]=", pos_p[l * N + s], " (expected ", p,
-                ")");
+    TORCH_CHECK_VALUE(s >= 0 && s < N, "memory_update_: order [", L, ", ", N, "] has order[", l, ", ", p, "]=", s,
+                      ", expected slot ids in [0, N=", N, ")");
+    TORCH_CHECK_VALUE(false, "memory_update_: pos and order [", L, ", ", N, "] must be inverse permutations per ",
+                      "layer, but order[", l, ", ", p, "]=", s, " while pos[", l, ", ", s, "]=", pos_p[l * N + s],
+                      " (expected ", p, ")");
   }
 }
 
@@ -145,30 +150,35 @@ void memory_update_cpu(const Tensor& pos, const Tensor& order, const Tensor& vic
                        TensorList new_rows, TensorList dropped) {
   // Everything the kernel indexes with is checked before anything is written (DESIGN.md §2.5), so a rejected call
   // leaves every tensor as it was: structure first, then the values of victims, order and pos (they are on the host).
-  TORCH_CHECK(pos.dim() == 2 && pos.scalar_type() == at::kInt && pos.is_contiguous() && pos.device().is_cpu(),
-              "memory_update_: pos must be a contiguous CPU int32 [L, N] tensor, got ", pos.scalar_type(), " ",
-              pos.sizes(), " on ", pos.device());
-  TORCH_CHECK(order.sizes() == pos.sizes() && order.scalar_type() == at::kInt && order.is_contiguous() &&
-                  order.device().is_cpu(),
-              "memory_update_: order must be a contiguous CPU int32 tensor shaped like pos ", pos.sizes(), ", got ",
-              order.scalar_type(), " ", order.sizes(), " on ", order.device());
+  for (const auto& [name, t] : {std::pair{"pos", &pos}, std::pair{"order", &order}, std::pair{"victims", &victims}}) {
+    TORCH_CHECK_TYPE(t->defined(), "memory_update_: ", name, " must be a tensor, got None");
+  }
+  TORCH_CHECK_VALUE(pos.dim() == 2 && pos.scalar_type() == at::kInt && pos.is_contiguous() && pos.device().is_cpu(),
+                    "memory_update_: pos must be a contiguous CPU int32 [L, N] tensor, got ", pos.scalar_type(), " ",
+                    pos.sizes(), " on ", pos.device());
+  TORCH_CHECK_VALUE(order.sizes() == pos.sizes() && order.scalar_type() == at::kInt && order.is_contiguous() &&
+                        order.device().is_cpu(),
+                    "memory_update_: order must be a contiguous CPU int32 tensor shaped like pos ", pos.sizes(),
+                    ", got ", order.scalar_type(), " ", order.sizes(), " on ", order.device());
   const int64_t L = pos.size(0);
   const int64_t N = pos.size(1);
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "memory_update_: N=", N,
-              " slots do not fit the int32 positions of pos/order");
-  TORCH_CHECK(victims.dim() == 2 && victims.size(0) == L && victims.scalar_type() == at::kLong &&
-                  victims.is_contiguous() && victims.device().is_cpu(),
-              "memory_update_: victims must be a contiguous CPU int64 [L=", L, ", K] tensor, got ",
-              victims.scalar_type(), " ", victims.sizes(), " on ", victims.device());
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "memory_update_: N=", N,
+                    " slots do not fit the int32 positions of pos/order");
+  TORCH_CHECK_VALUE(victims.dim() == 2 && victims.size(0) == L && victims.scalar_type() == at::kLong &&
+                        victims.is_contiguous() && victims.device().is_cpu(),
+                    "memory_update_: victims must be a contiguous CPU int64 [L=", L, ", K] tensor, got ",
+                    victims.scalar_type(), " ", victims.sizes(), " on ", victims.device());
   const int64_t K = victims.size(1);
-  TORCH_CHECK(K <= N, "memory_update_: K=", K, " victims per layer exceed the N=", N, " slots");
-  TORCH_CHECK(new_rows.size() == slots.size() && dropped.size() == slots.size(),
-              "memory_update_: slots, new_rows and dropped must have the same length, got ", slots.size(), ", ",
-              new_rows.size(), ", ", dropped.size());
+  TORCH_CHECK_VALUE(K <= N, "memory_update_: K=", K, " victims per layer exceed the N=", N, " slots");
+  TORCH_CHECK_VALUE(new_rows.size() == slots.size() && dropped.size() == slots.size(),
+                    "memory_update_: slots, new_rows and dropped must have the same length, got ", slots.size(), ", ",
+                    new_rows.size(), ", ", dropped.size());
   std::vector<NamedRows> written{named_rows("pos", pos), named_rows("order", order)};
   std::vector<NamedRows> read_only{named_rows("victims", victims)};
   for (const auto i : c10::irange(slots.size())) {
-    TORCH_CHECK(slots[i].dim() >= 2, "memory_update_: slots[", i, "] must be [L, N, ...], got ", slots[i].sizes());
+    TORCH_CHECK_TYPE(slots[i].defined(), "memory_update_: slots[", i, "] must be a tensor, got None");
+    TORCH_CHECK_VALUE(slots[i].dim() >= 2, "memory_update_: slots[", i, "] must be [L, N, ...], got ",
+                      slots[i].sizes());
     check_rows("slots", i, slots[i], L, N, slots[i], /*written=*/true);
     check_rows("new_rows", i, new_rows[i], L, K, slots[i], /*written=*/false);
     check_rows("dropped", i, dropped[i], L, K, slots[i], /*written=*/true);
@@ -182,9 +192,9 @@ void memory_update_cpu(const Tensor& pos, const Tensor& order, const Tensor& vic
   for (size_t w = 0; w < written.size(); ++w) {
     auto check_pair = [&](const NamedRows& x) {
       const NamedRows& y = written[w];
-      TORCH_CHECK(!rows_overlap(y.rows, x.rows), "memory_update_: ", y.name, " ", y.t->sizes(), " (strides ",
-                  y.t->strides(), ") and ", x.name, " ", x.t->sizes(), " (strides ", x.t->strides(),
-                  ") share memory; a tensor the op writes must not alias another argument");
+      TORCH_CHECK_VALUE(!rows_overlap(y.rows, x.rows), "memory_update_: ", y.name, " ", y.t->sizes(), " (strides ",
+                        y.t->strides(), ") and ", x.name, " ", x.t->sizes(), " (strides ", x.t->strides(),
+                        ") share memory; a tensor the op writes must not alias another argument");
     };
     for (size_t o = w + 1; o < written.size(); ++o) check_pair(written[o]);
     for (const NamedRows& r : read_only) check_pair(r);

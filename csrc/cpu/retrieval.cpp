@@ -110,22 +110,25 @@ void select_topk(const float* scores, int64_t n, int64_t k, int64_t* out_idx, fl
 // What the kernel assumes of a key range: a CPU [S, ds] matrix of the queries' dtype (rows are read as ds elements
 // of that dtype, `stride(0)` apart; a non-unit stride along ds is copied below). It has no index inputs.
 void check_keys(const char* name, const Tensor& keys, const Tensor& queries) {
-  TORCH_CHECK(keys.device().is_cpu(), "retrieve_topk: ", name, " must be a CPU tensor, got ", keys.device());
-  TORCH_CHECK(keys.dim() == 2 && keys.size(1) == queries.size(1), "retrieve_topk: ", name, " must be [S, ds=",
-              queries.size(1), "] like queries ", queries.sizes(), ", got ", keys.sizes());
-  TORCH_CHECK(keys.scalar_type() == queries.scalar_type(), "retrieve_topk: ", name, " has dtype ",
-              keys.scalar_type(), ", queries have ", queries.scalar_type(), "; they must match");
+  TORCH_CHECK_TYPE(keys.defined(), "retrieve_topk: ", name, " must be a tensor, got None");
+  TORCH_CHECK_VALUE(keys.device().is_cpu(), "retrieve_topk: ", name, " must be a CPU tensor, got ", keys.device());
+  TORCH_CHECK_VALUE(keys.dim() == 2 && keys.size(1) == queries.size(1), "retrieve_topk: ", name, " must be [S, ds=",
+                    queries.size(1), "] like queries ", queries.sizes(), ", got ", keys.sizes());
+  TORCH_CHECK_TYPE(keys.scalar_type() == queries.scalar_type(), "retrieve_topk: ", name, " has dtype ",
+                   keys.scalar_type(), ", queries have ", queries.scalar_type(), "; they must match");
 }
 
 std::tuple<Tensor, Tensor> retrieve_topk_cpu(const Tensor& queries, const Tensor& keys,
                                              const std::optional<Tensor>& keys2, int64_t k) {
-  TORCH_CHECK(queries.device().is_cpu(), "retrieve_topk: queries must be a CPU tensor, got ", queries.device());
-  TORCH_CHECK(queries.dim() == 2 && queries.size(0) >= 1, "retrieve_topk: queries must be [T >= 1, ds], got ",
-              queries.sizes());
+  TORCH_CHECK_TYPE(queries.defined(), "retrieve_topk: queries must be a tensor, got None");
+  TORCH_CHECK_VALUE(queries.device().is_cpu(), "retrieve_topk: queries must be a CPU tensor, got ",
+                    queries.device());
+  TORCH_CHECK_VALUE(queries.dim() == 2 && queries.size(0) >= 1, "retrieve_topk: queries must be [T >= 1, ds], got ",
+                    queries.sizes());
   const at::ScalarType dtype = queries.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
-              "retrieve_topk: queries must be bfloat16, float16 or float32, got ", dtype);
-  TORCH_CHECK(k >= 0, "retrieve_topk: k must be >= 0, got ", k);
+  TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+                   "retrieve_topk: queries must be bfloat16, float16 or float32, got ", dtype);
+  TORCH_CHECK_VALUE(k >= 0, "retrieve_topk: k must be >= 0, got ", k);
   check_keys("keys", keys, queries);
   if (keys2.has_value()) check_keys("keys2", *keys2, queries);
 

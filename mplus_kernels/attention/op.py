@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_device, check_float, check_integer, check_tensor, host_values
+from .._utils import check_device, check_float, check_integer, check_same_device, check_tensor, host_values
 from .._utils import shape_str as _shape
 from .reference import memory_attention_reference, merge_attention_states_reference
 
@@ -307,11 +307,16 @@ def _register() -> None:
     @torch.library.register_fake(OP_ATTENTION)
     def _fake_attention(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal, kv_len=None,
                         kv_start=None):  # fmt: skip  # noqa: ARG001
+        named = {"k": k, "v": v, "mem_k": mem_k, "mem_v": mem_v, "mem_pos": mem_pos, "rope_cos": rope_cos,
+                 "rope_sin": rope_sin, "kv_len": kv_len, "kv_start": kv_start}  # fmt: skip
+        check_same_device("memory_attention", "q", q.device, named)
         b, tq, hq, d = q.shape
         return q.new_empty((b, tq, hq, d)), q.new_empty((b, hq, tq), dtype=torch.float32)
 
     @torch.library.register_fake(OP_MERGE)
-    def _fake_merge(out_a, lse_a, out_b, lse_b):  # noqa: ARG001
+    def _fake_merge(out_a, lse_a, out_b, lse_b):
+        named = {"lse_a": lse_a, "out_b": out_b, "lse_b": lse_b}
+        check_same_device("merge_attention_states", "out_a", out_a.device, named)
         b, t, h, d = out_a.shape
         return out_a.new_empty((b, t, h, d)), lse_a.new_empty((b, h, t))
 

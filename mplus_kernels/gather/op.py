@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_integer, check_tensor, dense_rows, host_values
+from .._utils import check_device, check_integer, check_tensor, dense_rows, host_values, rows_disjoint
 from .reference import gather_rows_reference_
 
 OP = "mplus::gather_rows_"
@@ -59,6 +59,11 @@ def gather_rows_(out: Tensor, src_a: Tensor, src_b: Tensor, index: Tensor, *, ba
             raise ValueError(f"{fn}: {name} {list(t.shape)} must have contiguous rows")
     if out.dim() < 1 or not _dense_rows(out):
         raise ValueError(f"{fn}: out {list(out.shape)} must be [R, ...] with contiguous rows")
+    if not rows_disjoint(out, 0):
+        raise ValueError(
+            f"{fn}: out {list(out.shape)} with strides {list(out.stride())} has overlapping rows (an expand()ed or "
+            "stride-0 view?); every row it writes needs its own memory"
+        )
     if index.dim() != 1 or index.shape[0] != out.shape[0]:
         raise ValueError(f"{fn}: index must be [R={out.shape[0]}], got {list(index.shape)}")
     check_integer(fn, "index", index)
@@ -71,7 +76,8 @@ def gather_rows_(out: Tensor, src_a: Tensor, src_b: Tensor, index: Tensor, *, ba
             raise ValueError(f"{fn}: index range [{lo}, {hi}] is outside [0, {total}) (src_a + src_b rows)")
     which = _backend.resolve(fn, out.device, backend)
     index = index.to(dtype=torch.int64).contiguous()
-    if not _backend.through_dispatcher(which, out.device):
+    # Meta tensors have no values: every backend there is the fake kernel (the reference would copy them to the host).
+    if not _backend.through_dispatcher(which, out.device) and out.device.type != "meta":
         if which == "triton":
             _backend.import_triton_impl("gather").gather_rows_fwd(out, src_a, src_b, index)
         else:
@@ -86,7 +92,11 @@ def _register() -> None:
         return
 
     @torch.library.register_fake(OP)
-    def _fake(out, src_a, src_b, index):  # noqa: ARG001 - mutates out only
+    def _fake(out, src_a, src_b, index):  # mutates out only
+        check_device("gather_rows_", "index", index, out.device, "out")
+        for name, src in (("src_a", src_a), ("src_b", src_b)):  # out's device, or host rows (zero-copy)
+            if src.device.type != "cpu":
+                check_device("gather_rows_", name, src, out.device, "out")
         return None
 
     @torch.library.impl(OP, "CUDA")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_integer, check_tensor, dense_rows, host_values
+from .._utils import check_integer, check_same_device, check_tensor, dense_rows, host_values, rows_disjoint
 from .._utils import shape_str as _shape
 from .reference import memory_update_reference_
 
@@ -74,8 +74,9 @@ def validate_memory_update(
             raise ValueError(f"memory_update_: victims of layer {layer} contain duplicates: {v[layer].tolist()}")
     v = v.to(device).contiguous()
 
-    if not isinstance(slots, (list, tuple)) or not isinstance(new_rows, (list, tuple)):
-        raise TypeError("memory_update_: slots and new_rows must be lists of tensors")
+    for name, seq in (("slots", slots), ("new_rows", new_rows), ("dropped", dropped)):
+        if not isinstance(seq, (list, tuple)) and not (name == "dropped" and seq is None):
+            raise TypeError(f"memory_update_: {name} must be a list of tensors, got {type(seq).__name__}")
     if len(new_rows) != len(slots):
         raise ValueError(f"memory_update_: {len(slots)} slot tensors but {len(new_rows)} new_rows tensors")
     if dropped is not None and len(dropped) != len(slots):
@@ -89,6 +90,11 @@ def validate_memory_update(
             raise ValueError(f"memory_update_: slots[{i}] is on {slot.device}, expected {device} (where pos is)")
         if not _dense_rows(slot):
             raise ValueError(f"memory_update_: slots[{i}] {_shape(slot)} must have contiguous rows (dims >= 2)")
+        if not rows_disjoint(slot, 1):
+            raise ValueError(
+                f"memory_update_: slots[{i}] {_shape(slot)} with strides {list(slot.stride())} has overlapping rows "
+                "(an expand()ed or stride-0 view?); every slot it writes needs its own memory"
+            )
         expected = (num_layers, k, *slot.shape[2:])
         fresh = _check_tensor(f"new_rows[{i}]", new_rows[i])
         if tuple(fresh.shape) != expected:
@@ -107,7 +113,36 @@ def validate_memory_update(
                 )
             if not _dense_rows(out):
                 raise ValueError(f"memory_update_: dropped[{i}] {_shape(out)} must have contiguous rows (dims >= 2)")
+            if not rows_disjoint(out, 1):
+                raise ValueError(
+                    f"memory_update_: dropped[{i}] {_shape(out)} with strides {list(out.stride())} has overlapping "
+                    "rows (an expand()ed or stride-0 view?); every row it writes needs its own memory"
+                )
     return v, fresh_rows
+
+
+def check_permutations(pos: Tensor, order: Tensor) -> None:
+    """``order[l]`` a permutation of ``[0, N)`` and ``pos[l]`` its inverse, or a ``ValueError`` (host tensors only: the
+    raw C++ op checks the same itself; here for the backends that index with them unchecked)."""
+    if pos.numel() == 0 or not host_values(pos):
+        return
+    n = pos.shape[1]
+    o = order.long()
+    bad = (o < 0) | (o >= n)
+    if bool(bad.any()):
+        layer, p = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"memory_update_: order {_shape(order)} has order[{layer}, {p}]={int(o[layer, p])}, expected slot ids "
+            f"in [0, N={n})"
+        )
+    bad = pos.long().gather(1, o) != torch.arange(n, device=pos.device)
+    if bool(bad.any()):
+        layer, p = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"memory_update_: pos and order {_shape(pos)} must be inverse permutations per layer, but "
+            f"order[{layer}, {p}]={int(o[layer, p])} while pos[{layer}, {int(o[layer, p])}]="
+            f"{int(pos[layer, o[layer, p]])} (expected {p})"
+        )
 
 
 def memory_update_(
@@ -136,15 +171,20 @@ def memory_update_(
         ``memory[l][sort(perm[N-K:])]``).
 
     Raises ``ValueError``/``TypeError`` before anything is written when an argument is malformed (including victims
-    out of range or repeated within a layer), and ``BackendUnavailableError`` when the chosen backend cannot run.
+    out of range or repeated within a layer, written tensors with overlapping rows, and, where their values are on
+    the host, ``pos``/``order`` that are not inverse permutations), and ``BackendUnavailableError`` when the chosen
+    backend cannot run.
     """
     v, fresh = validate_memory_update(pos, order, victims, slots, new_rows, dropped)
     which = _backend.resolve("memory_update_", pos.device, backend)
+    if which != "cpp":  # the C++ op checks pos/order itself (O(L·N), with the renumbering sweep)
+        check_permutations(pos, order)
     k = v.shape[1]
     if dropped is None:
         dropped = [torch.empty((s.shape[0], k, *s.shape[2:]), dtype=s.dtype, device=s.device) for s in slots]
     slots, dropped = list(slots), list(dropped)
-    if _backend.through_dispatcher(which, pos.device):
+    # Meta tensors have no values: every backend there is the fake kernel (the reference would copy them to the host).
+    if _backend.through_dispatcher(which, pos.device) or pos.device.type == "meta":
         torch.ops.mplus.memory_update_(pos, order, v, slots, fresh, dropped)
     elif which == "triton":
         _backend.import_triton_impl("memory_update").memory_update_fwd(pos, order, v, slots, fresh, dropped)
@@ -159,7 +199,11 @@ def _register() -> None:
         return
 
     @torch.library.register_fake(OP)
-    def _fake(pos, order, victims, slots, new_rows, dropped):  # noqa: ARG001 - mutates only; nothing to allocate
+    def _fake(pos, order, victims, slots, new_rows, dropped):  # mutates only; nothing to allocate
+        named = {"order": order, "victims": victims}
+        for key, seq in (("slots", slots), ("new_rows", new_rows), ("dropped", dropped)):
+            named.update((f"{key}[{i}]", t) for i, t in enumerate(seq))
+        check_same_device("memory_update_", "pos", pos.device, named)
         return None
 
     @torch.library.impl(OP, "CUDA")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._utils import check_int
+
 
 def draw_victims(num_layers: int, n: int, k: int, generator: torch.Generator | None = None) -> Tensor:
     """Drop choices of one update, exactly as the official code draws them (SPEC.md §4.3).
@@ -26,10 +28,12 @@ def draw_victims(num_layers: int, n: int, k: int, generator: torch.Generator | N
 
     Returns: ``[num_layers, k]`` int64 logical positions, ascending per layer (CPU).
     """
+    num_layers = check_int("draw_victims", "num_layers", num_layers, minimum=0)
+    n, k = check_int("draw_victims", "n", n, minimum=0), check_int("draw_victims", "k", k)
     if not 0 <= k <= n:
         raise ValueError(f"draw_victims: k={k} must be in [0, n={n}]")
-    if num_layers < 0:
-        raise ValueError(f"draw_victims: num_layers={num_layers} must be >= 0")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"draw_victims: generator must be a torch.Generator or None, got {type(generator).__name__}")
     out = torch.empty(num_layers, k, dtype=torch.int64)
     for layer in range(num_layers):
         perm = torch.randperm(n, generator=generator)
@@ -52,6 +56,8 @@ def official_memory_update_(
     """
     memory = [memory] if isinstance(memory, Tensor) else list(memory)
     new_rows = [new_rows] if isinstance(new_rows, Tensor) else list(new_rows)
+    if not memory:  # nothing stored per slot: nothing to drop
+        return []
     num_layers, n = memory[0].shape[:2]
     dropped = [torch.empty((num_layers, victims.shape[1], *t.shape[2:]), dtype=t.dtype) for t in memory]
     for layer in range(num_layers):
@@ -79,7 +85,7 @@ def memory_update_reference_(
     result back in identity layout (``pos = order = arange(N)``).
     """
     n = pos.shape[1]
-    logical = [torch.stack([t[layer][order[layer].long()] for layer in range(t.shape[0])]) for t in slots]
+    logical = [logical_view(t, order) for t in slots]
     out = official_memory_update_(logical, victims, new_rows)
     for t, view, d, o in zip(slots, logical, dropped, out):
         t.copy_(view)

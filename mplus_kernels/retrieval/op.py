@@ -9,13 +9,11 @@ K0 boundary go to the lower index, so the result is deterministic (SPEC.md §9 Q
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_tensor
+from .._utils import check_int, check_same_device, check_tensor
 from .._utils import shape_str as _shape
 from .reference import retrieve_topk_reference
 
@@ -64,14 +62,7 @@ def _validate(
             raise ValueError(
                 f"retrieve_topk: {name} is on {t.device}, queries on {queries.device}; they must share a device"
             )
-    if isinstance(k, bool):
-        raise TypeError("retrieve_topk: k must be an int, got bool")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise TypeError(f"retrieve_topk: k must be an int, got {type(k).__name__}") from None
-    if k < 0:
-        raise ValueError(f"retrieve_topk: k must be >= 0, got {k}")
+    k = check_int("retrieve_topk", "k", k, minimum=0)
     return _unit_stride(queries), _unit_stride(keys), None if keys2 is None else _unit_stride(keys2), k
 
 
@@ -111,6 +102,7 @@ def _register() -> None:
 
     @torch.library.register_fake(OP)
     def _fake(queries, keys, keys2, k):
+        check_same_device("retrieve_topk", "queries", queries.device, {"keys": keys, "keys2": keys2})
         total = keys.shape[0] + (keys2.shape[0] if keys2 is not None else 0)
         k0 = torch.sym_min(k, total)
         return (

@@ -1,0 +1,110 @@
+"""Serving (issue 11, item 6): batches over one shared memory (B 1, 4, 16) and over two different memories (B 2),
+fused kernels vs their pure-PyTorch references, at the real widths of ``bench_model.py`` (2 layers).
+
+Per batch: a prefill of ``PROMPT`` tokens per row (left padded: rows of different lengths) and ``DECODE`` decode
+steps over the cached prefix. Throughput is generated tokens per second (B x DECODE / median) for decode and
+prompt tokens per second for prefill. Beside time and peak extra memory each result records what one more
+sequence costs by design, counted on the cache a prefill returns: its chunk K/V cache rows and its gathered long-term
+segment ([BOS ; K0 rows] K/V per layer). The short-term memory is shared (an expand: 0 bytes per row) and, with
+different memories, read in place from each state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bench_model import DTYPE, LAYERS, SHAPE, model  # noqa: F401 - the 2-layer model fixture
+
+PROMPT, DECODE = 64, 4
+BATCHES = [1, 4, 16]
+PROVIDERS = {"reference": "reference", "fused": "mplus"}
+
+
+def _prompts(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b`` left-padded rows of ``PROMPT - 8*(i % 3)`` tokens."""
+    gen = torch.Generator().manual_seed(b)
+    ids = torch.randint(0, 128256, (b, PROMPT), generator=gen)
+    mask = torch.ones(b, PROMPT, dtype=torch.long)
+    for i in range(b):
+        mask[i, : 8 * (i % 3)] = 0
+    return ids, mask
+
+
+def _per_row_bytes(cache) -> dict[str, int]:
+    """What each sequence of a prefilled cache holds by design: its K/V cache rows and its long-term segments."""
+    b = cache.batch_size
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.k, layer.v))
+    segments = 0
+    for memories in cache.memories:
+        for seg in memories[1:]:  # [0] is the short-term memory: an expand (shared) or views of each state
+            parts = seg if isinstance(seg, list) else [seg]
+            segments += sum(p.k.numel() * p.k.element_size() * 2 for p in parts)
+    states = cache.memory if isinstance(cache.memory, list) else [cache.memory] * b
+    for layer, memories in enumerate(cache.memories):  # the short-term segment reads each row's state in place
+        stm = memories[0] if isinstance(memories[0], list) else [memories[0]] * b
+        for row, (seg, state) in enumerate(zip(stm, states)):
+            k = seg.k[0] if seg.k.shape[0] == 1 else seg.k[row]
+            assert k.data_ptr() == state.stm.k[layer].data_ptr(), "the short-term memory was copied"
+    return {"kv_cache_bytes_per_row": kv // b, "ltm_segment_bytes_per_row": segments // b, "stm_bytes_per_row": 0}
+
+
+@pytest.fixture(scope="module")
+def other_memory(model):  # noqa: F811
+    """A second memory state (a copy of the model's, then one injection: a different short-term memory)."""
+    state = model.new_memory(seed=1)
+    model.set_kernels("fused")
+    model.inject(torch.randint(0, 128256, (1, 512)), memory=state)
+    return state
+
+
+def _memories(model, b, other):  # noqa: F811
+    return None if other is None else [model.memory, other][:b]
+
+
+def _run(bench, model, kernels, b, other, what):  # noqa: F811
+    model.set_kernels(kernels)
+    ids, mask = _prompts(b)
+    memory = _memories(model, b, other)
+    kind = "two memories" if other is not None else "shared memory"
+    shape = f"B{b} ({kind}), prompt {PROMPT} (left padded), {SHAPE}"
+    if what == "prefill":
+        fn = lambda: model(ids, attention_mask=mask, memory=memory, logits_to_keep=1)  # noqa: E731
+        extra = {"tokens_per_s_tokens": int(mask.sum())}
+        prefill = fn()
+    else:
+        prefill = model(ids, attention_mask=mask, memory=memory, logits_to_keep=1)
+        cache, start = prefill.past_key_values, prefill.past_key_values.length
+        token = torch.full((b, 1), 42)
+
+        def fn():
+            for layer_cache in cache.layers:
+                layer_cache.length = start  # rewind: every round decodes the same positions
+            for _ in range(DECODE):
+                model(token, past_key_values=cache, logits_to_keep=1)
+
+        extra = {"tokens_per_s_tokens": b * DECODE}
+    extra.update(_per_row_bytes(prefill.past_key_values))
+    rounds = 1 if (kernels == "reference" and b >= 4) else 2
+    bench(
+        fn,
+        group=f"serving/{what}{PROMPT if what == 'prefill' else DECODE} B{b}" + (" 2mem" if other is not None else ""),
+        provider=PROVIDERS[kernels],
+        shape=shape,
+        dtype=DTYPE,
+        rounds=rounds,
+        warmup_rounds=0,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("what", ["prefill", "decode"])
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+def test_shared_memory_batch(bench, model, kernels, b, what):  # noqa: F811
+    _run(bench, model, kernels, b, None, what)
+
+
+@pytest.mark.parametrize("what", ["prefill", "decode"])
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+def test_two_memories(bench, model, other_memory, kernels, what):  # noqa: F811
+    _run(bench, model, kernels, 2, other_memory, what)
