@@ -107,6 +107,22 @@ def check_same_device(fn: str, where: str, device: torch.device, tensors: dict[s
             check_device(fn, name, t, device, where)
 
 
+def check_no_grad(fn: str, tensors: dict[str, object]) -> None:
+    """An op without a backward refuses inputs that ask for one (grad mode on and ``requires_grad``): without this
+    torch would run it and return results that silently carry no gradient."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        seq = t if isinstance(t, (list, tuple)) else [t]
+        for i, x in enumerate(seq):
+            if isinstance(x, Tensor) and x.requires_grad:
+                where = f"{name}[{i}]" if isinstance(t, (list, tuple)) else name
+                raise NotImplementedError(
+                    f"{fn}: {where} requires grad, but {fn} has no backward: call it under torch.no_grad() or on "
+                    "detached tensors"
+                )
+
+
 def host_values(t: Tensor) -> bool:
     """Whether a wrapper may read ``t``'s values to validate them: host tensors always, device tensors only under
     ``MPLUS_DEBUG_CHECKS=1`` (on CUDA each read is a device-to-host sync; meta tensors have no values), and nothing

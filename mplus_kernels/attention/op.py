@@ -26,6 +26,7 @@ from torch import Tensor
 from .. import _backend
 from .._utils import check_device, check_float, check_integer, check_same_device, check_tensor, host_values
 from .._utils import shape_str as _shape
+from .backward import memory_attention_backward, merge_attention_states_backward
 from .reference import memory_attention_reference, merge_attention_states_reference
 
 OP_ATTENTION = "mplus::memory_attention"
@@ -256,16 +257,17 @@ def memory_attention(
     scale = _validate_attention(
         q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal, kv_len, kv_start
     )
+    _check_not_differentiable(fn, {"mem_pos": mem_pos, "rope_cos": rope_cos, "rope_sin": rope_sin, "kv_len": kv_len,
+                                   "kv_start": kv_start})  # fmt: skip
     route = _route(fn, OP_ATTENTION, q.device, backend, head_dim=q.shape[3])
     if route == "reference":
         return memory_attention_reference(
             q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale=scale, causal=causal, kv_len=kv_len,
             kv_start=kv_start,
         )  # fmt: skip
-    if route == "triton":
-        return _backend.import_triton_impl("attention").memory_attention_fwd(
-            q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start
-        )
+    if route == "triton":  # Triton on CPU tensors (the interpreter) is called directly: autograd through a Function
+        return _TritonAttention.apply(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal, kv_len,
+                                      kv_start)  # fmt: skip
     pos = None if mem_pos is None else mem_pos.to(torch.int32)
     out, lse = torch.ops.mplus.memory_attention(
         q, k, v, mem_k, mem_v, pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start
@@ -293,16 +295,95 @@ def merge_attention_states(
     if route == "reference":
         return merge_attention_states_reference(out_a, lse_a, out_b, lse_b)
     if route == "triton":
-        return _backend.import_triton_impl("attention").merge_attention_states_fwd(out_a, lse_a, out_b, lse_b)
+        return _TritonMerge.apply(out_a, lse_a, out_b, lse_b)
     out, lse = torch.ops.mplus.merge_attention_states(out_a, lse_a, out_b, lse_b)
     return out, lse
 
 
+def _check_not_differentiable(fn: str, tensors: dict[str, Tensor | None]) -> None:
+    """Positions, RoPE tables and key ranges are not differentiated: asking for their gradient is an error."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{fn}: {name} requires grad, but {fn} is not differentiable in {name} (positions, RoPE tables and "
+                "key ranges are constants): detach it"
+            )
+
+
+def _attention_grads(ctx, grad_out, grad_lse):
+    q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, kv_len, kv_start, out, lse = ctx.saved_tensors
+    mem_k = mem_k if ctx.has_memory else None
+    mem_v = mem_v if ctx.has_memory else None
+    dq, dk, dv, dmk, dmv = memory_attention_backward(
+        grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_pos if ctx.has_pos else None, rope_cos, rope_sin, out, lse,
+        ctx.scale, ctx.causal, kv_len if ctx.has_len else None, kv_start if ctx.has_start else None,
+    )  # fmt: skip
+    return dq, dk, dv, dmk, dmv
+
+
+def _save_attention(ctx, inputs, output) -> None:
+    q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start = inputs
+    ctx.has_memory, ctx.has_pos = mem_k is not None, mem_pos is not None
+    ctx.has_len, ctx.has_start = kv_len is not None, kv_start is not None
+    ctx.scale, ctx.causal = scale, causal
+    empty = q.new_empty(0)
+    keep = lambda t: empty if t is None else t  # noqa: E731 - save_for_backward takes tensors only
+    ctx.save_for_backward(q, k, v, keep(mem_k), keep(mem_v), keep(mem_pos), keep(rope_cos), keep(rope_sin),
+                          keep(kv_len), keep(kv_start), *output)  # fmt: skip
+
+
+class _TritonAttention(torch.autograd.Function):
+    """The interpreter route (Triton on CPU tensors, called directly) with the same backward as the op."""
+
+    @staticmethod
+    def forward(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start):
+        return _backend.import_triton_impl("attention").memory_attention_fwd(
+            q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save_attention(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return *_attention_grads(ctx, grad_out, grad_lse), None, None, None, None, None, None, None
+
+
+def _merge_grads(ctx, grad_out, grad_lse):
+    return merge_attention_states_backward(grad_out, grad_lse, *ctx.saved_tensors)
+
+
+class _TritonMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(out_a, lse_a, out_b, lse_b):
+        return _backend.import_triton_impl("attention").merge_attention_states_fwd(out_a, lse_a, out_b, lse_b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _merge_grads(ctx, grad_out, grad_lse)
+
+
 def _register() -> None:
-    """Fake kernels (for torch.compile / FakeTensor / the meta device) and the CUDA → Triton kernels, when the
-    schemas exist."""
+    """Fake kernels (for torch.compile / FakeTensor / the meta device), the CUDA → Triton kernels and the backward
+    of both ops (every backend through the op; ``backward.py``), when the schemas exist."""
     if not _backend.cpp_available():
         return
+
+    torch.library.register_autograd(
+        OP_ATTENTION,
+        lambda ctx, grad_out, grad_lse: (*_attention_grads(ctx, grad_out, grad_lse), *([None] * 7)),
+        setup_context=_save_attention,
+    )
+    torch.library.register_autograd(
+        OP_MERGE, _merge_grads, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output)
+    )
 
     @torch.library.register_fake(OP_ATTENTION)
     def _fake_attention(q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, softmax_scale, causal, kv_len=None,

@@ -61,8 +61,9 @@ def memory_attention_reference(
         kv_start: ``[B]`` integer, first valid chunk key per batch row (left padding); None: 0.
 
     Returns:
-        ``out [B, Tq, Hq, D]`` in q's dtype and ``lse [B, Hq, Tq]`` fp32 (natural log of the softmax denominator,
-        scaled scores). A query that sees no key gets ``out = 0`` and ``lse = -inf``.
+        ``out [B, Tq, Hq, D]`` in q's dtype and ``lse [B, Hq, Tq]`` fp32 (fp64 when ``compute_dtype`` is fp64;
+        natural log of the softmax denominator, scaled scores). A query that sees no key gets ``out = 0`` and
+        ``lse = -inf``.
     """
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -94,8 +95,9 @@ def memory_attention_reference(
     visible[:, :, m:] = chunk_visible
     visible = visible[:, None]  # [B, 1, Tq, M+Tk]
     scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)  # [B, Hq, Tq]
-    probs = torch.exp(scores.float() - lse[..., None]).nan_to_num(0.0).to(compute_dtype)  # -inf rows -> 0
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32  # fp64 stays fp64 (gradcheck)
+    lse = torch.logsumexp(scores.to(acc), dim=-1)  # [B, Hq, Tq]
+    probs = torch.exp(scores.to(acc) - lse[..., None]).nan_to_num(0.0).to(compute_dtype)  # -inf rows -> 0
     out = torch.einsum("bhts,bshd->bthd", probs, vv)
     return out.to(q.dtype), lse
 

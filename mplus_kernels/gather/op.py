@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_device, check_integer, check_tensor, dense_rows, host_values, rows_disjoint
+from .._utils import check_device, check_integer, check_no_grad, check_tensor, dense_rows, host_values, rows_disjoint
 from .reference import gather_rows_reference_
 
 OP = "mplus::gather_rows_"
@@ -43,6 +43,7 @@ def gather_rows_(out: Tensor, src_a: Tensor, src_b: Tensor, index: Tensor, *, ba
     fn = "gather_rows_"
     for name, t in (("out", out), ("src_a", src_a), ("src_b", src_b), ("index", index)):
         check_tensor(fn, name, t)
+    check_no_grad(fn, {"out": out, "src_a": src_a, "src_b": src_b})
     for name, t in (("src_a", src_a), ("src_b", src_b)):
         if t.dim() != out.dim() or t.shape[1:] != out.shape[1:]:
             raise ValueError(

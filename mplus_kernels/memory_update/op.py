@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_integer, check_same_device, check_tensor, dense_rows, host_values, rows_disjoint
+from .._utils import (
+    check_integer,
+    check_no_grad,
+    check_same_device,
+    check_tensor,
+    dense_rows,
+    host_values,
+    rows_disjoint,
+)
 from .._utils import shape_str as _shape
 from .reference import memory_update_reference_
 
@@ -176,6 +184,7 @@ def memory_update_(
     backend cannot run.
     """
     v, fresh = validate_memory_update(pos, order, victims, slots, new_rows, dropped)
+    check_no_grad("memory_update_", {"slots": slots, "new_rows": new_rows, "dropped": dropped})
     which = _backend.resolve("memory_update_", pos.device, backend)
     if which != "cpp":  # the C++ op checks pos/order itself (O(L·N), with the renumbering sweep)
         check_permutations(pos, order)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_int, check_same_device, check_tensor
+from .._utils import check_int, check_no_grad, check_same_device, check_tensor
 from .._utils import shape_str as _shape
 from .reference import retrieve_topk_reference
 
@@ -87,6 +87,7 @@ def retrieve_topk(
     last dimension has unit stride (any row stride), otherwise copied. NaN inputs give an unspecified selection.
     """
     queries, keys, keys2, k = _validate(queries, keys, keys2, k)
+    check_no_grad("retrieve_topk", {"queries": queries, "keys": keys, "keys2": keys2})
     which = _backend.resolve("retrieve_topk", queries.device, backend)
     if _backend.through_dispatcher(which, queries.device):
         return torch.ops.mplus.retrieve_topk(queries, keys, keys2, k)
