@@ -44,10 +44,13 @@ def _generate(model, ids, **kw):
     )
 
 
-def _check_batch_equals_alone(model, prompts, atol):
-    alone = [_generate(model, torch.tensor([p])) for p in prompts]
+def _check_batch_equals_alone(model, prompts, atol, states=None):
+    """A left-padded batch of ``prompts`` (over the model's memory, or row i over ``states[i]``) gives each row the
+    greedy tokens of that prompt alone, and its per-step logits within ``atol``."""
+    per_row = states or [None] * len(prompts)
+    alone = [_generate(model, torch.tensor([p]), memory=s) for p, s in zip(prompts, per_row)]
     ids, mask = _left_padded(prompts)
-    batch = _generate(model, ids, attention_mask=mask, pad_token_id=0)
+    batch = _generate(model, ids, attention_mask=mask, pad_token_id=0, memory=states)
     t = ids.shape[1]
     for i, (p, one) in enumerate(zip(prompts, alone)):
         assert_equal(batch.sequences[i, t:], one.sequences[0, len(p) :], name=f"greedy tokens of row {i}")
@@ -94,7 +97,7 @@ def test_every_op_on_triton_at_head_dim_64(monkeypatch):
     _check_batch_equals_alone(model, [[5, 17, 33, 2, 60, 41], [7, 8]], atol=1e-4)
     other = model.new_memory(seed=7)  # item 3: rows over different memories, every op on Triton
     model.inject(torch.randint(0, 89, (1, 10), generator=torch.Generator().manual_seed(10)), memory=other)
-    _check_rows_equal_alone(model, [[5, 17, 33, 2, 60, 41], [7, 8]], [other, model.memory], atol=1e-4)
+    _check_batch_equals_alone(model, [[5, 17, 33, 2, 60, 41], [7, 8]], 1e-4, [other, model.memory])
 
 
 def test_the_short_term_memory_is_shared_and_each_row_retrieves_its_own():
@@ -176,18 +179,6 @@ def _two_memories(model):
     return a, b
 
 
-def _check_rows_equal_alone(model, prompts, states, atol):
-    alone = [_generate(model, torch.tensor([p]), memory=s) for p, s in zip(prompts, states)]
-    ids, mask = _left_padded(prompts)
-    batch = _generate(model, ids, attention_mask=mask, pad_token_id=0, memory=states)
-    t = ids.shape[1]
-    for i, (p, one) in enumerate(zip(prompts, alone)):
-        assert_equal(batch.sequences[i, t:], one.sequences[0, len(p) :], name=f"greedy tokens of row {i}")
-        got = torch.stack([step[i] for step in batch.logits])
-        want = torch.stack([step[0] for step in one.logits])
-        assert_close(got, want, atol=atol, rtol=0, name=f"per-step logits of row {i}")
-
-
 @pytest.mark.parametrize("kernels", ["fused", "reference", "triton"])
 def test_a_batch_over_different_memories_equals_each_row_alone(kernels, _triton_ops):
     model = _golden_model("fused" if kernels == "triton" else kernels)
@@ -195,7 +186,7 @@ def test_a_batch_over_different_memories_equals_each_row_alone(kernels, _triton_
         for layer in model.layers:
             layer.self_attn.backend = "reference"
     a, b = _two_memories(model)
-    _check_rows_equal_alone(model, PROMPTS, [a, b, a], atol=2e-5)
+    _check_batch_equals_alone(model, PROMPTS, 2e-5, [a, b, a])
     ids, mask = _left_padded(PROMPTS[:2])
     segments = model(ids, attention_mask=mask, memory=[a, b]).past_key_values.memories[0]
     assert isinstance(segments[0], list) and segments[0][0].k.data_ptr() == a.stm.k[0].data_ptr(), "a copy"
