@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of every Triton kernel for real GPUs, on a machine without one.
 
 ``python -m mplus_kernels.compile_check [--json]`` compiles each launch configuration that the launchers can use
-(each op family's ``triton_impl.compile_specs()``) for ``GPUTarget("cuda", 80, 32)`` (A100) and
-``GPUTarget("cuda", 90, 32)`` (H100, sm_90a), then reads the resource usage of the cubin with the ``ptxas`` that ships
-in the triton wheel: registers per thread, spill stores/loads, and shared memory. It exits non-zero when a kernel
-spills or needs more shared memory than the target has, or fails to compile.
+(each op family's ``triton_impl.compile_specs()``, and those of the other modules listed in ``SPEC_MODULES``) for
+``GPUTarget("cuda", 80, 32)`` (A100) and ``GPUTarget("cuda", 90, 32)`` (H100, sm_90a), then reads the resource usage
+of the cubin with the ``ptxas`` that ships in the triton wheel: registers per thread, spill stores/loads, and shared
+memory. It exits non-zero when a kernel spills or needs more shared memory than the target has, or fails to compile.
 
 Must run with ``TRITON_INTERPRET`` unset: the interpreter replaces ``@triton.jit`` functions by Python ones.
 """
@@ -23,6 +23,8 @@ import tempfile
 from typing import Any
 
 OP_FAMILIES = ("memory_update", "attention", "retrieval", "gather")
+# modules of a family that define kernels, each with a compile_specs() (default: the family's triton_impl only)
+SPEC_MODULES = {"attention": ("triton_impl", "triton_backward")}
 
 # Opt-in shared memory per block (bytes) and registers per SM.
 TARGETS = {
@@ -69,7 +71,8 @@ class CompileResult:
 def all_specs(families: tuple[str, ...] = OP_FAMILIES) -> list[KernelSpec]:
     specs: list[KernelSpec] = []
     for family in families:
-        specs.extend(importlib.import_module(f"mplus_kernels.{family}.triton_impl").compile_specs())
+        for module in SPEC_MODULES.get(family, ("triton_impl",)):
+            specs.extend(importlib.import_module(f"mplus_kernels.{family}.{module}").compile_specs())
     return specs
 
 

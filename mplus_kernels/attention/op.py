@@ -316,18 +316,29 @@ def _attention_grads(ctx, grad_out, grad_lse):
     q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, kv_len, kv_start, out, lse = ctx.saved_tensors
     mem_k = mem_k if ctx.has_memory else None
     mem_v = mem_v if ctx.has_memory else None
-    dq, dk, dv, dmk, dmv = memory_attention_backward(
+    impl = _backward_impl(q, ctx.triton)
+    dq, dk, dv, dmk, dmv = impl(
         grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_pos if ctx.has_pos else None, rope_cos, rope_sin, out, lse,
         ctx.scale, ctx.causal, kv_len if ctx.has_len else None, kv_start if ctx.has_start else None,
     )  # fmt: skip
     return dq, dk, dv, dmk, dmv
 
 
+def _backward_impl(q: Tensor, triton: bool):
+    """The backward of the forward's backend: the Triton kernels where the forward ran Triton (CUDA, or the
+    interpreter route on CPU tensors) at a head dim they take, else the PyTorch recurrence (``backward.py``)."""
+    if (triton or q.device.type == "cuda") and q.shape[3] in (64, 128):
+        from . import triton_backward  # lazily: import mplus_kernels never needs triton
+
+        return triton_backward.memory_attention_bwd
+    return memory_attention_backward
+
+
 def _save_attention(ctx, inputs, output) -> None:
     q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, scale, causal, kv_len, kv_start = inputs
     ctx.has_memory, ctx.has_pos = mem_k is not None, mem_pos is not None
     ctx.has_len, ctx.has_start = kv_len is not None, kv_start is not None
-    ctx.scale, ctx.causal = scale, causal
+    ctx.scale, ctx.causal, ctx.triton = scale, causal, False
     empty = q.new_empty(0)
     keep = lambda t: empty if t is None else t  # noqa: E731 - save_for_backward takes tensors only
     ctx.save_for_backward(q, k, v, keep(mem_k), keep(mem_v), keep(mem_pos), keep(rope_cos), keep(rope_sin),
@@ -346,6 +357,7 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _save_attention(ctx, inputs, output)
+        ctx.triton = True
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
