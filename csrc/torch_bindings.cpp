@@ -76,6 +76,15 @@ TORCH_LIBRARY(mplus, m) {
       "memory_attention(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? mem_pos, "
       "Tensor? rope_cos, Tensor? rope_sin, float softmax_scale, bool causal, Tensor? kv_len=None, "
       "Tensor? kv_start=None) -> (Tensor out, Tensor lse)");
+  // Its backward (FlashAttention-2 recompute from the saved lse; mplus_kernels/attention/backward.py is the
+  // reference): grad_out [B, Tq, Hq, D] (q's dtype), grad_lse [B, Hq, Tq] fp32 (None: 0), out/lse the forward's
+  // outputs; the other arguments as in memory_attention. Returns the gradients in their inputs' dtypes; an absent
+  // memory gets dmem_k, dmem_v of shape [B, 0, Hkv, D]. Chunk keys outside [kv_start, kv_len) get gradient 0.
+  m.def(
+      "memory_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor? mem_k, "
+      "Tensor? mem_v, Tensor? mem_pos, Tensor? rope_cos, Tensor? rope_sin, Tensor out, Tensor lse, "
+      "float softmax_scale, bool causal, Tensor? kv_len, Tensor? kv_start) -> (Tensor dq, Tensor dk, Tensor dv, "
+      "Tensor dmem_k, Tensor dmem_v)");
   // out_a, out_b [B, T, H, D]; lse_a, lse_b [B, H, T] fp32 -> exact merge over disjoint key sets.
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
 

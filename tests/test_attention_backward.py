@@ -211,3 +211,22 @@ def test_no_backward_is_asked_silently():
         mk.memory_update_(pos, pos.clone(), torch.tensor([[1]]), slots, [torch.randn(1, 1, 3)])
     with torch.no_grad():  # inference: nothing asks for a gradient
         mk.retrieve_topk(torch.randn(3, 8, requires_grad=True), torch.randn(10, 8), 4)
+
+
+def test_each_backend_runs_its_own_backward():
+    """The op's backward on CPU tensors is the C++ kernel (bit for bit), on the interpreter route the Triton one."""
+    from mplus_kernels.attention import op
+
+    x = _inputs(1, 3, 4, 4, 2, 16, 3)
+    assert op._backward_impl(x["q"], triton=False) is op._cpp_backward
+    assert op._backward_impl(_inputs(1, 3, 4, 4, 2, 64, 3)["q"], triton=True).__module__.endswith("triton_backward")
+    leaves = {n: t.clone().requires_grad_(n in DIFF) for n, t in x.items()}
+    out, lse = mk.memory_attention(**leaves, backend="cpp")
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, [leaves[n] for n in DIFF], go)
+    raw = torch.ops.mplus.memory_attention_backward(
+        go, None, x["q"], x["k"], x["v"], x["mem_k"], x["mem_v"], x["mem_pos"].int(), x["rope_cos"], x["rope_sin"],
+        out.detach(), lse.detach(), 0.25, True, None, None,
+    )  # fmt: skip
+    for name, a, b in zip(DIFF, grads, raw):
+        assert torch.equal(a, b), f"d{name}: the autograd path is not the C++ backward"

@@ -11,8 +11,9 @@ gradient is rotated back by the inverse rotation: ``dk = dk_rot·cos − rotate_
 head's gradient sums over the query heads that share it. Everything is computed in fp32 (fp64 inputs: fp64) and cast
 back to each input's dtype.
 
-This is the backward of every backend (C++, Triton, reference through the op); the C++ and Triton kernels of the
-same recurrence are the next step of issue 12.
+The C++ kernel (``csrc/cpu/attention_backward.cpp``) and the Triton kernels (``triton_backward.py``) run the same
+recurrence; this PyTorch version is the fallback where neither applies (e.g. CUDA at a head dim the Triton kernels
+do not take) and the readable statement of what they compute, which their tests compare with.
 """
 
 from __future__ import annotations

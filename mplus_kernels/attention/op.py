@@ -331,7 +331,20 @@ def _backward_impl(q: Tensor, triton: bool):
         from . import triton_backward  # lazily: import mplus_kernels never needs triton
 
         return triton_backward.memory_attention_bwd
+    if q.device.type == "cpu" and not triton and _backend.cpp_available():
+        return _cpp_backward
     return memory_attention_backward
+
+
+def _cpp_backward(grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, out, lse, scale, causal,
+                  kv_len, kv_start):  # fmt: skip
+    """The C++ backward (``csrc/cpu/attention_backward.cpp``); None upstream gradients are zeros."""
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    dq, dk, dv, dmk, dmv = torch.ops.mplus.memory_attention_backward(
+        grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, out, lse, scale, causal, kv_len,
+        kv_start,
+    )  # fmt: skip
+    return dq, dk, dv, (None if mem_k is None else dmk), (None if mem_v is None else dmv)
 
 
 def _save_attention(ctx, inputs, output) -> None:
@@ -405,6 +418,19 @@ def _register() -> None:
         check_same_device("memory_attention", "q", q.device, named)
         b, tq, hq, d = q.shape
         return q.new_empty((b, tq, hq, d)), q.new_empty((b, hq, tq), dtype=torch.float32)
+
+    @torch.library.register_fake("mplus::memory_attention_backward")
+    def _fake_attention_backward(grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_pos, rope_cos, rope_sin, out, lse,
+                                 softmax_scale, causal, kv_len, kv_start):  # fmt: skip  # noqa: ARG001
+        named = {"grad_out": grad_out, "grad_lse": grad_lse, "k": k, "v": v, "mem_k": mem_k, "mem_v": mem_v,
+                 "mem_pos": mem_pos, "rope_cos": rope_cos, "rope_sin": rope_sin, "out": out, "lse": lse,
+                 "kv_len": kv_len, "kv_start": kv_start}  # fmt: skip
+        check_same_device("memory_attention_backward", "q", q.device, named)
+        b, hkv, d = q.shape[0], k.shape[2], q.shape[3]
+        absent = (b, 0, hkv, d)  # no memory: empty gradients, as the C++ op returns
+        dmem_k = q.new_empty(absent) if mem_k is None else mem_k.new_empty(mem_k.shape)
+        dmem_v = q.new_empty(absent) if mem_v is None else mem_v.new_empty(mem_v.shape)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmem_k, dmem_v
 
     @torch.library.register_fake(OP_MERGE)
     def _fake_merge(out_a, lse_a, out_b, lse_b):
