@@ -419,3 +419,86 @@ def test_model_on_cuda_reproduces_golden_generation(kernels):
     golden = load_file(str(GOLDEN / "stable_argsort" / "d_generate_after_inject4.safetensors"))
     out = model.generate(golden["prompt_ids"].cuda(), max_new_tokens=8, do_sample=False)
     assert_equal(out.cpu(), golden["sequences"], name="generated tokens vs the official run")
+
+
+# ------------------------------------------------------------------------------------------ serving and training
+def _generate_tokens(model, ids, **kw):
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         **kw)  # fmt: skip
+    return out.sequences.cpu(), torch.stack(out.logits, 1).cpu()
+
+
+@needs_golden
+def test_padded_batch_and_memory_states_on_cuda():
+    """Issue 11 on CUDA: a left-padded batch over one memory, then over [state, default, state], each row equal to
+    its sequence alone; a second state placed for generation only (its short-term rows stay on the host)."""
+    from mplus.checkpoint import load_official_memory
+
+    model = _model("fused").cuda()
+    load_official_memory(model, load_state(4))
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9]]
+    t = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), t, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p) :], mask[i, t - len(p) :] = torch.tensor(p), 1
+    state = model.new_memory(seed=1).offload()
+    model.inject(load_state(1)["context_ids"].cuda(), memory=state.to("cuda"))
+    state.offload().to("cuda", what="generation")
+    assert state.stm.hidden.device.type == "cpu" and state.stm.k.is_cuda
+    for memories in (None, [state, model.memory, state]):
+        per_row = memories or [None] * len(prompts)
+        batch_tokens, batch_logits = _generate_tokens(model, ids.cuda(), attention_mask=mask.cuda(), pad_token_id=0,
+                                                      memory=memories)  # fmt: skip
+        for i, (p, m) in enumerate(zip(prompts, per_row)):
+            alone_tokens, alone_logits = _generate_tokens(model, torch.tensor([p]).cuda(), memory=m)
+            assert_equal(batch_tokens[i, t:], alone_tokens[0, len(p) :], name=f"row {i} tokens")
+            assert_close(batch_logits[i], alone_logits[0], atol=1e-4, rtol=1e-4, name=f"row {i} logits")
+
+
+def _backward_vs_truth(device: torch.device, dtype: torch.dtype, d: int) -> None:
+    """Gradients through autograd on ``device`` against fp64 truth (the PyTorch backward of the fp64 reference):
+    fp32 within 2e-4; fp16/bf16 within twice the error of the reference run in that precision (+ a floor)."""
+    from mplus_kernels.attention.backward import memory_attention_backward
+
+    g = _gen(d)
+    b, tq, tk, hq, hkv, m = 2, 37, 41, 8, 2, 70
+    names = ("q", "k", "v", "mem_k", "mem_v")
+    shapes = [(b, tq, hq, d), (b, tk, hkv, d), (b, tk, hkv, d), (b, m, hkv, d), (b, m, hkv, d)]
+    x = {n: torch.randn(*shape, generator=g).to(dtype) for n, shape in zip(names, shapes)}
+    ang = torch.arange(128)[:, None].float() * torch.rand(d // 2, generator=g)
+    fixed = {
+        "mem_pos": torch.randperm(128, generator=g)[:m].int(),
+        "rope_cos": ang.cos(),
+        "rope_sin": ang.sin(),
+        "kv_len": torch.tensor([41, 39], dtype=torch.int32),
+        "kv_start": torch.tensor([0, 3], dtype=torch.int32),
+    }
+    go, gl = torch.randn(b, tq, hq, d, generator=g), torch.randn(b, hq, tq, generator=g)
+
+    def grads(fn, inputs, where):
+        leaves = [inputs[n].to(where).requires_grad_() for n in names]
+        out, lse = fn(*leaves, **{k: v.to(where) for k, v in fixed.items()}, causal=True)
+        return torch.autograd.grad((out, lse), leaves, (go.to(where, out.dtype), gl.to(where)))
+
+    got = grads(mk.memory_attention, x, device)
+    wide = {n: t.double() for n, t in x.items()}
+    ref_out, ref_lse = memory_attention_reference(**wide, **fixed, causal=True, compute_dtype=torch.float64)
+    truth = memory_attention_backward(go.double(), gl.double(), *(wide[n] for n in names), fixed["mem_pos"],
+                                      fixed["rope_cos"], fixed["rope_sin"], ref_out, ref_lse, d**-0.5, True,
+                                      fixed["kv_len"], fixed["kv_start"])  # fmt: skip
+    if dtype == torch.float32:
+        for name, a, e in zip(names, got, truth):
+            assert_close(a.cpu(), e.float(), atol=2e-4, rtol=1e-4, name=f"d{name}")
+        return
+    own = grads(lambda *a, **kw: memory_attention_reference(*a, **kw, compute_dtype=dtype), x, "cpu")
+    for name, a, r, e in zip(names, got, own, truth):
+        err, err_ref = (a.cpu().double() - e).abs().max(), (r.double() - e).abs().max()
+        assert err <= 2 * err_ref + LOWP_FLOOR[dtype], f"d{name}: {err:.3g} vs the reference's own {err_ref:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_memory_attention_backward_on_cuda(dtype, d):
+    """Issue 12: the Triton backward through autograd on CUDA (see ``_backward_vs_truth``)."""
+    _backward_vs_truth(CUDA, dtype, d)
