@@ -26,28 +26,20 @@ through the forward's ``UPCAST`` path.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..compile_check import KernelSpec
-from .triton_impl import _TRITON_DTYPE, HEAD_DIMS, LOG2E, _aligned, _signature, _upcast
+from .triton_impl import _TRITON_DTYPE, HEAD_DIMS, LOG2E, AttnConfig, _aligned, _signature, _upcast
 
 PRE_BLOCK_R = 16  # rows (b, t, h) per program of the preprocess kernel (32 at D = 128: 168 registers)
 PRE_NUM_WARPS = 4
 
 
-@dataclasses.dataclass(frozen=True)
-class BwdConfig:
-    """One launch configuration of the dK/dV or the dQ kernel."""
-
-    block_m: int  # packed query rows per step (dK/dV) or per program (dQ)
-    block_n: int  # keys per program (dK/dV) or per step (dQ)
-    num_warps: int
-    num_stages: int
+BwdConfig = AttnConfig  # one launch configuration of the dK/dV kernel (block_m: packed query rows per step,
+# block_n: keys per program) or of the dQ kernel (block_m: rows per program, block_n: keys per step)
 
 
 # By (kernel, head_dim, fp32?). The dK/dV program keeps its K/V tile (and, for memory keys, the rotation tables) and
