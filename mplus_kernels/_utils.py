@@ -123,6 +123,20 @@ def check_no_grad(fn: str, tensors: dict[str, object]) -> None:
                 )
 
 
+def register_no_backward(qualname: str, names: tuple[str, ...]) -> None:
+    """An Autograd kernel for a raw op that has no backward: an input that asks for a gradient is refused
+    (:func:`check_no_grad`; torch's fallback would run the op and return results that silently carry no gradient,
+    with a warning only at backward time); otherwise the op runs below autograd, unchanged."""
+    fn = qualname.split("::")[1]
+    op = getattr(torch.ops.mplus, fn)
+
+    @torch.library.impl(qualname, "Autograd")
+    def _no_backward(*args):
+        check_no_grad(fn, dict(zip(names, args)))
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+
 def host_values(t: Tensor) -> bool:
     """Whether a wrapper may read ``t``'s values to validate them: host tensors always, device tensors only under
     ``MPLUS_DEBUG_CHECKS=1`` (on CUDA each read is a device-to-host sync; meta tensors have no values), and nothing

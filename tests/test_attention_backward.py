@@ -230,3 +230,19 @@ def test_each_backend_runs_its_own_backward():
     )  # fmt: skip
     for name, a, b in zip(DIFF, grads, raw):
         assert torch.equal(a, b), f"d{name}: the autograd path is not the C++ backward"
+
+
+def test_raw_ops_without_a_backward_refuse_inputs_that_ask_for_one():
+    """The raw ops too: torch's fallback ran them and returned gradient-less results (``q.grad`` stayed None, with a
+    warning only at backward time)."""
+    with pytest.raises(NotImplementedError, match="retrieve_topk: queries requires grad"):
+        torch.ops.mplus.retrieve_topk(torch.randn(3, 8, requires_grad=True), torch.randn(10, 8), None, 4)
+    with pytest.raises(NotImplementedError, match="gather_rows_: src_a requires grad"):
+        torch.ops.mplus.gather_rows_(torch.empty(2, 4), torch.randn(5, 4, requires_grad=True), torch.randn(0, 4),
+                                     torch.tensor([0, 1]))  # fmt: skip
+    pos = torch.arange(4, dtype=torch.int32)[None]
+    with pytest.raises(NotImplementedError, match=r"memory_update_: new_rows\[0\] requires grad"):
+        torch.ops.mplus.memory_update_(pos, pos.clone(), torch.tensor([[1]]), [torch.randn(1, 4, 3)],
+                                       [torch.randn(1, 1, 3, requires_grad=True)], [torch.empty(1, 1, 3)])  # fmt: skip
+    idx, scores = torch.ops.mplus.retrieve_topk(torch.randn(3, 8), torch.randn(10, 8), None, 4)  # no grad: runs
+    assert idx.shape == (4,) and scores.grad_fn is None

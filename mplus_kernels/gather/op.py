@@ -13,7 +13,16 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_device, check_integer, check_no_grad, check_tensor, dense_rows, host_values, rows_disjoint
+from .._utils import (
+    check_device,
+    check_integer,
+    check_no_grad,
+    check_tensor,
+    dense_rows,
+    host_values,
+    register_no_backward,
+    rows_disjoint,
+)
 from .reference import gather_rows_reference_
 
 OP = "mplus::gather_rows_"
@@ -91,6 +100,8 @@ def gather_rows_(out: Tensor, src_a: Tensor, src_b: Tensor, index: Tensor, *, ba
 def _register() -> None:
     if not _backend.cpp_available():
         return
+
+    register_no_backward(OP, ("out", "src_a", "src_b", "index"))
 
     @torch.library.register_fake(OP)
     def _fake(out, src_a, src_b, index):  # mutates out only

@@ -21,6 +21,7 @@ from .._utils import (
     check_tensor,
     dense_rows,
     host_values,
+    register_no_backward,
     rows_disjoint,
 )
 from .._utils import shape_str as _shape
@@ -206,6 +207,8 @@ def _register() -> None:
     """Fake kernel (for torch.compile / FakeTensor) and the CUDA → Triton kernel, when the schema exists."""
     if not _backend.cpp_available():
         return
+
+    register_no_backward(OP, ("pos", "order", "victims", "slots", "new_rows", "dropped"))
 
     @torch.library.register_fake(OP)
     def _fake(pos, order, victims, slots, new_rows, dropped):  # mutates only; nothing to allocate

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._utils import check_int, check_no_grad, check_same_device, check_tensor
+from .._utils import check_int, check_no_grad, check_same_device, check_tensor, register_no_backward
 from .._utils import shape_str as _shape
 from .reference import retrieve_topk_reference
 
@@ -100,6 +100,8 @@ def _register() -> None:
     """Fake kernel (for torch.compile / FakeTensor) and the CUDA → Triton kernel, when the schema exists."""
     if not _backend.cpp_available():
         return
+
+    register_no_backward(OP, ("queries", "keys", "keys2", "k"))
 
     @torch.library.register_fake(OP)
     def _fake(queries, keys, keys2, k):
