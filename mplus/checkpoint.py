@@ -489,9 +489,8 @@ def load_state(state, sd: dict[str, Tensor], where: str) -> None:
             raise ValueError(f"{where}: unexpected tensors {unknown}; nothing was loaded")
         if ltm is None and ltm_sd:
             raise ValueError(f"{where}: the file holds a long-term memory but this memory (MemoryLLM) has none")
-        if ltm is not None:
-            ltm.check_memory_state(ltm_sd, where)
-            ltm.load_memory_state(ltm_sd)  # checks again (cheap), then makes room before its first write
+        if ltm is not None:  # checks the whole store's state and makes room before its first write
+            ltm.load_memory_state(ltm_sd, where)
         for name in _stm_names(stm):
             getattr(stm, name).copy_(sd[f"stm.{name}"])
         state.set_rng_state(sd["rng.cpu"])
@@ -531,13 +530,10 @@ def load_official_memory(model, state: dict[str, Tensor]) -> None:
     hidden = state["memory"].to(dtype)
     ages = state.get("memory_ages", torch.zeros(L, N, dtype=torch.float64))
     kv = [model_kv(model, layer, hidden[layer].to(model.compute_device)) for layer in range(L)]
-    sd: dict[str, Tensor] = {}
-    if model.ltm is not None:
-        sd = _official_ltm_state(model, state)
-        model.ltm.check_memory_state(sd, where)
+    sd = _official_ltm_state(model, state) if model.ltm is not None else {}
     with model.memory.lock.write():
-        if model.ltm is not None:
-            model.ltm.load_memory_state(sd)
+        if model.ltm is not None:  # checked whole before its first write; the short-term writes below cannot fail
+            model.ltm.load_memory_state(sd, where)
         model.stm.hidden.copy_(hidden)
         model.stm.age.copy_(ages)
         model.stm.pos.copy_(torch.arange(N, dtype=torch.int32).expand(L, N))
@@ -563,9 +559,7 @@ def _official_ltm_state(model, state: dict[str, Tensor]) -> dict[str, Tensor]:
         sd[f"ltm_ages.{layer}"] = state[f"ltm_ages.{layer}"].double().trunc()
         sd[f"ltm_recall_frequencies.{layer}"] = state[f"ltm_recall_frequencies.{layer}"].double()
         if rows.dim() == 2 and rows.shape[1] == cfg.hidden_size:  # else check_memory_state names the shape
-            sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = (
-                t.cpu() for t in model_kv(model, layer, rows.to(model.compute_device))
-            )
+            sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = model_kv(model, layer, rows.to(model.compute_device))
     if "cached_dropped_memories" in state:  # after a merge the official cache is None (stale keys ignored)
         rows = state["cached_dropped_memories"].to(dtype)
         sd["cached_dropped_memories"], sd["cached_dropped_keys"] = rows, state["cached_dropped_keys"].to(dtype)

@@ -133,3 +133,18 @@ def test_meta_run_cannot_hide_a_host_read(monkeypatch):
     monkeypatch.setattr(ltm_module.LongTermMemory, "retrieve", reads_index_on_host)
     with pytest.raises(Exception, match="meta"):
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_official_memory_loads_on_meta():
+    """``load_official_memory`` into a meta model: the checkpoint's rows go to the device for their K/V, which land in
+    the host store without a host read of a device value (a ``.cpu()`` of the meta K/V raised before)."""
+    from _golden import load_state
+
+    from mplus.checkpoint import load_official_memory
+
+    model = _model().to("meta")
+    state = load_state(4)
+    load_official_memory(model, state)
+    assert model.ltm.size == [state[f"ltm.{layer}"].shape[0] for layer in range(3)]
+    assert model.stm.k.device.type == "meta" and model.ltm.kv[0][0].device.type == "cpu"
+    model(torch.tensor([[1, 2, 3]], device="meta"))

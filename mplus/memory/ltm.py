@@ -573,12 +573,12 @@ class LongTermMemory(nn.Module):
         self._check_budget(self.nbytes() + extra, f"{where}: loading {sum(sizes)} rows")
         return sizes
 
-    def load_memory_state(self, sd: dict[str, Tensor]) -> None:
+    def load_memory_state(self, sd: dict[str, Tensor], where: str = "load_memory_state") -> None:
         """Replace the whole state by ``sd`` (as written by :meth:`memory_state`), all or nothing: everything is
         checked (:meth:`check_memory_state`, the budget included) and room is made (growth keeps the current rows)
         before the first row is replaced, so a rejected state (``ValueError``, ``LTMBudgetError``) or a failed
-        allocation leaves the store exactly as it was."""
-        sizes = self.check_memory_state(sd)
+        allocation leaves the store exactly as it was. ``where`` starts each error message."""
+        sizes = self.check_memory_state(sd, where)
         for layer, s in enumerate(sizes):
             self._grow(layer, max(s, self.capacity(layer)))
         m = sd["cached_dropped_memories"].shape[1]
