@@ -339,12 +339,15 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         """Where the parameters, the short-term memory and the long-term keys live (the rows stay on the host)."""
         return self.lm_head.weight.device
 
-    def _chunk_rope(self, start: int, t: int) -> tuple[Tensor, Tensor]:
-        if start + t > self.rope_cos.shape[0]:
+    def _check_rope_range(self, end: int) -> None:
+        if end > self.rope_cos.shape[0]:
             raise ValueError(
-                f"positions up to {start + t} exceed the RoPE table ({self.rope_cos.shape[0]}): raise "
+                f"positions up to {end} exceed the RoPE table ({self.rope_cos.shape[0]}): raise "
                 f"max_length (now {self.max_length})"
             )
+
+    def _chunk_rope(self, start: int, t: int) -> tuple[Tensor, Tensor]:
+        self._check_rope_range(start + t)
         cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         return torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
 
@@ -354,14 +357,23 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         return MemoryKV(k, v, positions, self.rope_cos, self.rope_sin)
 
     def _rope_rows(self, start: int, t: int, kv_start: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(cos, sin) of cache rows ``start .. start+t-1``: ``[1, T, D]``, or ``[B, T, D]`` with left padding, where
-        row b's tokens sit at positions counted from its first valid row ``kv_start[b]`` (padding: position 0)."""
+        """(cos, sin) of cache rows ``start .. start+t-1``: ``[1, T, D]``, or ``[B, T, D]`` with left padding (see
+        :meth:`_rope_at`)."""
         prefix = self.config.memory_prefix_len
         if kv_start is None:
             return self._chunk_rope(prefix + start, t)
-        self._chunk_rope(prefix + start, t)  # the range check (padding only lowers positions)
-        rows = torch.arange(start, start + t, device=kv_start.device)
-        positions = (prefix + rows[None] - kv_start[:, None].long()).clamp_min(prefix)
+        self._check_rope_range(prefix + start + t)  # padding only lowers positions
+        return self._rope_at(prefix + torch.arange(start, start + t, device=kv_start.device), kv_start)
+
+    def _rope_at(self, positions: Tensor, kv_start: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(cos, sin) ``[1 or B, T, D]`` of the cache rows at ``positions [T]`` (memory prefix included). With left
+        padding ``kv_start [B]``, row b's tokens sit at positions counted from its first valid row (padding rows:
+        the first position after the memory prefix)."""
+        prefix = self.config.memory_prefix_len
+        if kv_start is None:
+            positions = positions[None]
+        else:
+            positions = (positions[None] - kv_start[:, None].long()).clamp_min(prefix)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
 
@@ -381,13 +393,9 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
             raise ValueError("forward: attention_mask must hold 0 (padding) and 1 (token) only")
         mask = mask.bool()
         pads = (~mask).sum(1)
-        left = torch.arange(t)[None] >= pads[:, None]
-        if not torch.equal(mask, left) or bool((pads == t).any()):
-            bad = (
-                int((mask != left).any(1).nonzero()[0])
-                if not torch.equal(mask, left)
-                else int((pads == t).nonzero()[0])
-            )
+        wrong = (mask != (torch.arange(t)[None] >= pads[:, None])).any(1) | (pads == t)  # not left padding; no token
+        if bool(wrong.any()):
+            bad = int(wrong.nonzero()[0])
             raise ValueError(
                 f"forward: attention_mask row {bad} is {mask[bad].int().tolist()}: mplus needs left padding (zeros, "
                 "then ones, at least one token per row), as Hugging Face pads for generation (tokenizer.padding_side "
@@ -727,11 +735,14 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         Recipe (README "Compiled decoding"): :meth:`compile_decode_step` compiles it behind the cache's version
         check; ``torch.compile(model.decode_step, fullgraph=True)`` works too but skips that check inside the graph.
         """
-        if self.adapters.active != DECODER:
-            raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
+        self._check_adapter()
         if not torch.compiler.is_compiling():  # compiled: unchecked (a guard on the version recompiles per inject)
             self._check_step(input_ids, cache_position, past_key_values)
         return self._decode_step(input_ids, cache_position, past_key_values)
+
+    def _check_adapter(self) -> None:
+        if self.adapters.active != DECODER:
+            raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
 
     def _check_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> None:
         self._check_cache(past_key_values, "decode_step")
@@ -756,8 +767,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         compiled = torch.compile(self._decode_step, fullgraph=True, **compile_kwargs)
 
         def step(input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
-            if self.adapters.active != DECODER:
-                raise RuntimeError(f"decode_step: the {DECODER!r} adapter must be active, not {self.adapters.active!r}")
+            self._check_adapter()
             self._check_step(input_ids, cache_position, past_key_values)
             return compiled(input_ids, cache_position, past_key_values)
 
@@ -765,14 +775,8 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
-        positions = self.config.memory_prefix_len + cache_position
         kv_start = past_key_values.kv_start
-        if kv_start is None:
-            positions = positions[None]  # [1, T]
-        else:  # left padding: each row's positions count from its first valid row
-            positions = (positions[None] - kv_start[:, None].long()).clamp_min(self.config.memory_prefix_len)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        pos = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        pos = self._rope_at(self.config.memory_prefix_len + cache_position, kv_start)
         h = self.model.embed_tokens(input_ids)
         for layer_idx, layer in enumerate(self.layers):
             memories = past_key_values.memories[layer_idx]

@@ -23,7 +23,13 @@ NEW = 5
 
 
 def _golden_model(kernels: str) -> MPlusForCausalLM:
-    model = MPlusForCausalLM.from_pretrained(str(GOLDEN / "model"), kernels=kernels, max_length=64)
+    """``kernels="triton"``: fused, with attention on the reference (see ``_triton_ops``)."""
+    model = MPlusForCausalLM.from_pretrained(
+        str(GOLDEN / "model"), kernels="fused" if kernels == "triton" else kernels, max_length=64
+    )
+    if kernels == "triton":
+        for layer in model.layers:
+            layer.self_attn.backend = "reference"
     load_official_memory(model, load_state(4))  # 20+ long-term rows per layer and a dropped-row cache
     return model
 
@@ -69,10 +75,7 @@ def _triton_ops(request, monkeypatch):
 
 @pytest.mark.parametrize("kernels", ["fused", "reference", "triton"])
 def test_a_padded_batch_equals_each_sequence_alone(kernels, _triton_ops):
-    model = _golden_model("fused" if kernels == "triton" else kernels)
-    if kernels == "triton":
-        for layer in model.layers:
-            layer.self_attn.backend = "reference"
+    model = _golden_model(kernels)
     _check_batch_equals_alone(model, PROMPTS, atol=2e-5)
 
 
@@ -181,10 +184,7 @@ def _two_memories(model):
 
 @pytest.mark.parametrize("kernels", ["fused", "reference", "triton"])
 def test_a_batch_over_different_memories_equals_each_row_alone(kernels, _triton_ops):
-    model = _golden_model("fused" if kernels == "triton" else kernels)
-    if kernels == "triton":
-        for layer in model.layers:
-            layer.self_attn.backend = "reference"
+    model = _golden_model(kernels)
     a, b = _two_memories(model)
     _check_batch_equals_alone(model, PROMPTS, 2e-5, [a, b, a])
     ids, mask = _left_padded(PROMPTS[:2])
