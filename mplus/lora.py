@@ -13,6 +13,7 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 
@@ -50,10 +51,23 @@ class AdapterState:
 
 
 class LoRALinear(nn.Module):
-    """``y = base(x) + (alpha / r) · B_a(A_a(x))`` for the active adapter ``a`` (dropout off: inference only)."""
+    """``y = base(x) + (alpha / r) · B_a(A_a(dropout(x)))`` for the active adapter ``a``; ``dropout`` (PEFT's
+    ``lora_dropout``) applies in training mode only (``module.train()``; models are built in eval mode) and only where
+    gradients are recorded (what is computed under ``no_grad``, e.g. the memory a training step commits, is exact)."""
 
-    def __init__(self, base: nn.Linear, adapters: Sequence[str], r: int, alpha: float, state: AdapterState) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        adapters: Sequence[str],
+        r: int,
+        alpha: float,
+        state: AdapterState,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
+        self.dropout = dropout
         self.base_layer = base
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.ModuleDict({a: nn.Linear(base.in_features, r, bias=False, **kw) for a in adapters})
@@ -79,4 +93,6 @@ class LoRALinear(nn.Module):
         if adapter is None:
             return y
         lora_a = self.lora_A[adapter]
+        if self.dropout and self.training and torch.is_grad_enabled():
+            x = nn.functional.dropout(x, self.dropout)
         return y + self.lora_B[adapter](lora_a(x.to(lora_a.weight.dtype))).to(y.dtype) * self.scaling

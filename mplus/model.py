@@ -217,7 +217,8 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         self.adapters = AdapterState(DECODER)
         names = [ENCODER, DECODER] if config.add_decoder_lora else [ENCODER]
         r, alpha = config.lora_config["r"], config.lora_config["lora_alpha"]
-        lora = lambda lin: LoRALinear(lin, names, r, alpha, self.adapters)  # noqa: E731
+        dropout = config.lora_config.get("lora_dropout", 0.0)  # active in training mode only
+        lora = lambda lin: LoRALinear(lin, names, r, alpha, self.adapters, dropout)  # noqa: E731
         L, N, d = config.num_hidden_layers, config.stm_size, config.hidden_size  # noqa: N806
         self.model = MPlusModel(config, lora, dtype, self.backend)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False, dtype=dtype)
@@ -251,6 +252,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         cos, sin = rope_tables(inv_freq, config.memory_prefix_len + max_length)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.eval()  # an inference model until mplus.training.prepare (train mode turns LoRA dropout on)
 
     def set_kernels(self, kernels: Literal["fused", "reference"]) -> None:
         """Switch every op of the model between the mplus kernels and their pure-PyTorch references."""
@@ -494,28 +496,43 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, GenerationMixin):
         return delta
 
     def _inject_chunk(self, mem: MemoryState, context_ids: Tensor, update_memory: bool, victims: Tensor | None):
-        k, n = self.config.num_tokens, self.config.stm_size
-        t = context_ids.shape[1]
-        deltas, hiddens = [], []
-        with self.adapters.use(ENCODER):
-            h = self.model.embed_tokens(context_ids.to(self.compute_device))
-            p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
-            pos = self._chunk_rope(p, k + t + 1 - p)
-            memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
-            for layer_idx, layer in enumerate(self.layers):
-                hiddens.append(h)
-                tail = mem.stm.hidden[layer_idx].index_select(0, mem.stm.order[layer_idx, n - k :].long())
-                x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
-                x[-k:] += self.new_memory_positional_emb[0, 0]
-                mk, mv = layer.memory_kv(x[:p])
-                out = layer(x[None, p:], pos, [self._mem(mk, mv, memory_pos)], None)
-                deltas.append(out[0, -k:])
-                h = out[:, -t:]
-            hiddens.append(self.model.norm(h))
-        delta = torch.stack(deltas)
+        n, k = self.config.stm_size, self.config.num_tokens
+        tails = lambda i: mem.stm.hidden[i].index_select(0, mem.stm.order[i, n - k :].long())  # noqa: E731
+        delta, hiddens = self._encode(context_ids, tails)
         if update_memory:
             self._update_memory(mem, delta, victims)
         return delta, hiddens
+
+    def _encode(self, context_ids: Tensor, tails, run_layer=None) -> tuple[Tensor, list[Tensor]]:
+        """The update forward (SPEC.md §4.2) under the encoder adapter: per layer the context attends to
+        [BOS ; ``tails(layer_idx)``] (the last K short-term rows ``[K, d]``, logical order); the last K outputs of
+        each layer are its delta rows. Returns the delta ``[L, K, d]`` and the layers' input hidden states.
+        ``run_layer(fn, *args)``, when given, runs each layer's ``fn(*args)`` (training: gradient checkpointing).
+        Differentiable when gradients are enabled (training); ``inject`` runs it under ``no_grad``."""
+        k, t = self.config.num_tokens, context_ids.shape[1]
+        deltas, hiddens = [], []
+        p = min(k + 1, t + 1)  # official: min(1 + K, (1 + K + T) - K)
+        pos = self._chunk_rope(p, k + t + 1 - p)
+        memory_pos = torch.arange(p, dtype=torch.int32, device=self.compute_device)
+
+        def encode_layer(layer_idx: int, h: Tensor, tail: Tensor) -> Tensor:
+            layer = self.layers[layer_idx]
+            with self.adapters.use(ENCODER):  # set inside: a checkpointed layer recomputes in the backward pass
+                x = torch.cat([self.bos_embedding[layer_idx], tail, h[0]])
+                x[-k:] += self.new_memory_positional_emb[0, 0]
+                mk, mv = layer.memory_kv(x[:p])
+                return layer(x[None, p:], pos, [self._mem(mk, mv, memory_pos)], None)
+
+        with self.adapters.use(ENCODER):
+            h = self.model.embed_tokens(context_ids.to(self.compute_device))
+            for layer_idx in range(len(self.layers)):
+                hiddens.append(h)
+                args = (layer_idx, h, tails(layer_idx))
+                out = encode_layer(*args) if run_layer is None else run_layer(encode_layer, *args)
+                deltas.append(out[0, -k:])
+                h = out[:, -t:]
+            hiddens.append(self.model.norm(h))
+        return torch.stack(deltas), hiddens
 
     def _update_memory(self, mem: MemoryState, delta: Tensor, victims: Tensor | None) -> None:
         """All or nothing: every check (the victims, room in the long-term cache, the budget of a merge) and every
