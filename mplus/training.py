@@ -255,9 +255,11 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
     n, k = cfg.stm_size, cfg.num_tokens
     device = model.compute_device
     hidden = mem.stm.logical("hidden").to(device)  # [L, N, d]: a copy, detached from the state
+    ages = mem.stm.logical("age").to(device)  # [L, N] float64, advanced as the training-age update advances them
     fresh = document is None
     positives = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=device) if fresh else document.to(device)
-    drops, deltas = [], []
+    drops, deltas, dropped = [], [], []
+    new_ages = torch.arange(k - 1, -1, -1, dtype=ages.dtype, device=device)
     for i, ids in enumerate(contexts):
         keep_grad = grad == "all" or i == len(contexts) - 1
         with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
@@ -266,12 +268,21 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
             drop = victims[i] if victims is not None else draw_victims(hidden.shape[0], n, k, mem.generator)
             drop = drop.to(device)
             keep = _survivors(n, drop)
-            survivors = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[2]))
-            hidden = torch.cat([survivors, delta.to(hidden.dtype)], 1)
+            rows = lambda t, at: t.gather(1, at[..., None].expand(-1, -1, t.shape[2]))  # noqa: E731
+            dropped.append((rows(hidden, drop.long().sort(1).values), None))
+            hidden = torch.cat([rows(hidden, keep), delta.to(hidden.dtype)], 1)
+        ages = ages + k  # SPEC §4.7: every short-term age advances by 1 + max(new ages) before the drop
+        dropped[-1] = (dropped[-1][0], ages.gather(1, drop.long().sort(1).values))
+        ages = torch.cat([ages.gather(1, keep), new_ages.expand(ages.shape[0], k)], 1)
         positives = track_document(positives, drop, new=fresh)
         drops.append(drop)
         deltas.append(delta.detach().to(hidden.dtype))
-    logits, queries = _decode(model, mem, hidden, target, retriever_loss, run_layer)
+    # the rows this step dropped are long-term candidates of the target (inference: they are in the cache), aged
+    # by the injections after theirs; the store's own rows by all of them
+    j = len(contexts)
+    extra_hidden = torch.cat([h for h, _ in dropped], 1)
+    extra_age = torch.cat([a + k * (j - 1 - i) for i, (_, a) in enumerate(dropped)], 1)
+    logits, queries = _decode(model, mem, hidden, target, retriever_loss, run_layer, (extra_hidden, extra_age, k * j))
     lm_loss = nn.functional.cross_entropy(logits[0, :-1], target[0, 1:])
     dec_loss = enc_loss = None
     loss = lm_loss
@@ -292,10 +303,12 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
     return StepOutput(loss, lm_loss, dec_loss, enc_loss, logits, positives, drops, deltas)
 
 
-def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, run_layer):
+def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, run_layer, dropped):
     """The generation forward of ``target [1, T]`` over the functional short-term memory ``hidden [L, N, d]``
-    (logical order) and the state's long-term store, differentiable in every memory row's K/V. Returns the fp32
-    logits and, per layer, the decoder retriever's queries ``[T, ds]`` (with gradients when ``retriever_loss``)."""
+    (logical order) and the state's long-term store, differentiable in every memory row's K/V. ``dropped`` =
+    ``(hidden [L, E, d], age [L, E], age_offset)``: the rows the step dropped, retrieved with the store's. Returns
+    the fp32 logits and, per layer, the decoder retriever's queries ``[T, ds]`` (with gradients when
+    ``retriever_loss``)."""
     cfg = model.config
     k0, n, t = cfg.num_ltm_tokens, cfg.stm_size, target.shape[1]
     device = model.compute_device
@@ -322,9 +335,13 @@ def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, ru
                 with torch.set_grad_enabled(retriever_loss and torch.is_grad_enabled()):
                     q = layer.self_attn.query_proj(xn)
                 queries.append(q)
-                with torch.autocast(device.type, enabled=False):  # the store's own dtype (discrete: no gradient)
-                    got = mem.ltm.retrieve(layer_idx, q.detach().to(mem.ltm.dtype), mode=model.semantics,
-                                           backend=model.backend)  # fmt: skip
+                with torch.no_grad(), torch.autocast(device.type, enabled=False):  # discrete: no gradient
+                    rows = dropped[0][layer_idx]
+                    extra_keys = layer.self_attn.key_proj(layer.input_layernorm(rows)).to(mem.ltm.keys[0].dtype)
+                with torch.autocast(device.type, enabled=False):
+                    got = mem.ltm.retrieve(layer_idx, q.detach().to(extra_keys.dtype), mode=model.semantics,
+                                           backend=model.backend, extra=(extra_keys, dropped[1][layer_idx], rows),
+                                           age_offset=dropped[2])  # fmt: skip
                 ltm_rows = got.hidden if got.index.numel() else None
             args = (layer_idx, h, hidden[layer_idx], ltm_rows)
             h = decode_layer(*args) if run_layer is None else run_layer(decode_layer, *args)

@@ -432,6 +432,8 @@ class LongTermMemory(nn.Module):
         mode: RetrievalMode = "fast",
         backend: str | None = None,
         with_hidden: bool = True,
+        extra: tuple[Tensor, Tensor, Tensor] | None = None,
+        age_offset: float = 0.0,
     ) -> Retrieved:
         """The rows of ``layer`` that the retriever picks for ``queries [T, ds]``, oldest first.
 
@@ -443,6 +445,11 @@ class LongTermMemory(nn.Module):
 
         Every returned tensor is on the key device (no device-to-host sync): the hidden rows (unless
         ``with_hidden=False``; generation needs only K/V) and K/V are gathered from the host rows there.
+
+        ``extra = (keys [E, ds], age [E], hidden [E, d])``: candidates that are not in the store yet, ranked after the
+        cached rows (a training step's own dropped rows, which may carry gradients: their hidden rows are selected
+        differentiably); ``age_offset`` is added to the store's ages first (the injections since). Indices ``>= S +
+        cached`` are extra rows. With extra candidates the K/V are not gathered (``k``/``v`` stay None).
         """
         k0 = self.num_retrieved if num_retrieved is None else num_retrieved
         if k0 < 0:
@@ -452,38 +459,53 @@ class LongTermMemory(nn.Module):
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"retrieve: layer={layer} out of range [0, {self.num_layers})")
         n, m = self.size[layer], self.cache_len
+        e = 0 if extra is None else extra[0].shape[0]
         dev = self.key_device
         scores = None
         if mode == "reference" and n < k0:
             reps = -(-k0 // n) if n else 0  # S = 0: nothing (the official code hangs)
             index = torch.arange(n, device=dev).repeat(reps)[-k0:]
-        elif mode == "fast" and n + m <= k0:
-            index = torch.arange(n + m, device=dev)
+        elif mode == "fast" and n + m + e <= k0:
+            index = torch.arange(n + m + e, device=dev)
         else:
             from mplus_kernels.retrieval import retrieve_topk
 
-            index, scores = retrieve_topk(
-                queries, self.keys[layer][:n], k0, keys2=self.cache_keys[layer, :m] if m else None, backend=backend
-            )
+            keys2 = self.cache_keys[layer, :m] if m else None
+            if e:
+                keys2 = extra[0] if keys2 is None else torch.cat([keys2, extra[0].to(keys2.dtype)])
+            index, scores = retrieve_topk(queries, self.keys[layer][:n], k0, keys2=keys2, backend=backend)
         # Everything below stays on the key device: ages are there, rows are gathered from the host by the device.
-        r = index.numel()
-        ages = gather_rows_(
-            torch.empty(r, dtype=torch.float64, device=dev), self.age[layer][:n], self.cache_age[layer, :m], index,
-            backend=backend,
-        )  # fmt: skip
+        ages = self._gather(layer, "age", index, backend, torch.float64) + age_offset
+        if e:
+            ages = torch.where(index >= n + m, extra[1].to(dev, torch.float64)[(index - (n + m)).clamp_min(0)], ages)
         order = torch.sort(ages, stable=True).indices.flip(0)
         index, ages = index[order], ages[order]
         if scores is not None:
             scores = scores[order]
         out = Retrieved(index=index, hidden=None, age=ages, scores=scores)
-        sources = [("hidden", self.hidden[layer][:n], self.cache_hidden[layer, :m])] if with_hidden else []
-        if self.kv is not None:
-            pairs = zip("kv", self.kv[layer], self.cache_kv)
-            sources += [(name, src[:n], cache[layer, :m]) for name, src, cache in pairs]
-        for name, src, cache in sources:
-            dst = torch.empty((r, *src.shape[1:]), dtype=src.dtype, device=dev)
-            setattr(out, name, gather_rows_(dst, src, cache, index, backend=backend))
+        if with_hidden:
+            out.hidden = self._gather(layer, "hidden", index, backend)
+            if e:
+                rows = extra[2].to(dev).index_select(0, (index - (n + m)).clamp_min(0))
+                out.hidden = torch.where((index >= n + m)[:, None], rows, out.hidden.to(rows.dtype))
+        if self.kv is not None and not e:
+            out.k, out.v = (self._gather(layer, name, index, backend) for name in "kv")
         return out
+
+    def _gather(self, layer: int, name: str, index: Tensor, backend: str | None, dtype=None) -> Tensor:
+        """``name`` (hidden, age, k, v) of the ``[store ; cache]`` rows at ``index`` (indices past them, extra
+        candidates of :meth:`retrieve`, give zeros there), on the key device."""
+        n, m = self.size[layer], self.cache_len
+        if name == "hidden":
+            src, cache = self.hidden[layer][:n], self.cache_hidden[layer, :m]
+        elif name == "age":
+            src, cache = self.age[layer][:n], self.cache_age[layer, :m]
+        else:
+            src, cache = self.kv[layer]["kv".index(name)][:n], self.cache_kv["kv".index(name)][layer, :m]
+        dst = torch.empty((index.numel(), *src.shape[1:]), dtype=dtype or src.dtype, device=self.key_device)
+        if n + m == 0:
+            return dst.zero_()
+        return gather_rows_(dst, src, cache, index.clamp_max(n + m - 1), backend=backend)
 
     # -------------------------------------------------------------------------------------------- save / load
     def memory_state(self) -> dict[str, Tensor]:
