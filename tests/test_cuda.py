@@ -502,3 +502,50 @@ def _backward_vs_truth(device: torch.device, dtype: torch.dtype, d: int) -> None
 def test_memory_attention_backward_on_cuda(dtype, d):
     """Issue 12: the Triton backward through autograd on CUDA (see ``_backward_vs_truth``)."""
     _backward_vs_truth(CUDA, dtype, d)
+
+
+def _training_run(device: str, kernels: str) -> tuple[float, torch.Tensor, dict]:
+    """One training step (issue 12) of a tiny M+ whose head dim (64) the Triton attention kernels take, so on CUDA
+    every op runs on its Triton kernel, the attention backward and merge included."""
+    from mplus import training
+    from mplus.checkpoint import refresh_memory_kv
+    from mplus.config import MPlusConfig
+    from mplus.model import MPlusForCausalLM
+
+    cfg = MPlusConfig.mplus_8b(vocab_size=101, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_tokens=8, num_blocks=6,
+                               num_ltm_blocks=2, selector_hidden_dim=16, update_ltm_frequency=10,
+                               lora_config={"r": 4, "lora_alpha": 8}, bos_token_id=None, eos_token_id=None,
+                               pad_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = MPlusForCausalLM(cfg, kernels=kernels, max_length=96)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name == "bos_embedding":
+                p.normal_(0, 0.1)
+        model.stm.hidden.normal_()
+    refresh_memory_kv(model)
+    model = model.to(device)
+    training.prepare(model)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    ids = lambda t: torch.randint(0, cfg.vocab_size, (1, t), generator=g).to(device)  # noqa: E731
+    drops = lambda: mk.draw_victims(cfg.num_hidden_layers, cfg.stm_size, cfg.num_tokens, g)  # noqa: E731
+    for _ in range(3):  # cached long-term rows for the target to retrieve
+        model.inject(ids(24), victims=drops())
+    out = training.training_step(model, [ids(20), ids(17)], ids(13), victims=[drops(), drops()], grad="all")
+    out.loss.backward()
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return float(out.loss.detach()), out.logits.detach().cpu(), grads
+
+
+def test_training_step_on_cuda_matches_the_cpu_reference():
+    """Loss, logits and every trained parameter's gradient of a training step on CUDA (Triton forward and backward
+    kernels) against the same step on the CPU through the pure-PyTorch references and autograd (fp32)."""
+    loss, logits, grads = _training_run("cuda", "fused")
+    want_loss, want_logits, want_grads = _training_run("cpu", "reference")
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert_close(logits, want_logits, atol=1e-4, rtol=1e-4, name="logits")
+    assert grads.keys() == want_grads.keys() and grads
+    for name, g in grads.items():
+        assert_close(g, want_grads[name], atol=1e-4, rtol=1e-3, name=name)

@@ -172,7 +172,7 @@ def test_the_loss_falls_in_a_few_dozen_steps():
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(out.lm_loss))
+        losses.append(float(out.lm_loss.detach()))
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
 
 
@@ -196,7 +196,7 @@ def test_checkpointing_and_autocast():
         out = training.training_step(model, _ids(20, 1, model.config.vocab_size), _ids(12, 2, model.config.vocab_size),
                                      victims=[_victims(model, 4)], **kw)  # fmt: skip
         out.loss.backward()
-        runs[mode] = float(out.loss), _grads(model)
+        runs[mode] = float(out.loss.detach()), _grads(model)
     loss, grads = runs["plain"]
     assert runs["checkpointing"][0] == pytest.approx(loss, rel=1e-6)
     for name, g in grads.items():
