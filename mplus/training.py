@@ -117,7 +117,7 @@ class StepOutput:
     encoder_retriever_loss: Tensor | None  # the encoder retriever's BCE (None: not computed)
     logits: Tensor  # [1, T, vocab] fp32 of the target chunk
     positives: Tensor  # [L, N] bool: the logical short-term rows holding the document after its injection
-    victims: list[Tensor]  # per injected context: the logical positions dropped [L, K]
+    victims: list[Tensor]  # per injected context: the logical positions dropped [L, K] (on the host)
     deltas: list[Tensor]  # per injected context: its delta rows [L, K, d] (detached)
 
 
@@ -222,7 +222,7 @@ def training_step(
             if commit:
                 with torch.no_grad():
                     for delta, drop in zip(out.deltas, out.victims):
-                        model._update_memory(mem, delta, drop.cpu())
+                        model._update_memory(mem, delta, drop)
         except BaseException:
             mem.set_rng_state(rng)
             raise
@@ -246,6 +246,13 @@ def _checked_victims(victims: Tensor, shape: tuple[int, int], k: int, i: int) ->
     return v
 
 
+def _exact(device: torch.device):
+    """Autocast off (the retrieval runs in the store's dtype) where it is on."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def _checkpointed(fn: Callable, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
@@ -265,8 +272,8 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
         with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
             tails = lambda layer_idx, h=hidden: h[layer_idx, n - k :]  # noqa: E731
             delta, _ = model._encode(ids.to(device), tails, run_layer)
-            drop = victims[i] if victims is not None else draw_victims(hidden.shape[0], n, k, mem.generator)
-            drop = drop.to(device)
+            host_drop = victims[i] if victims is not None else draw_victims(hidden.shape[0], n, k, mem.generator)
+            drop = host_drop.to(device)
             keep = _survivors(n, drop)
             rows = lambda t, at: t.gather(1, at[..., None].expand(-1, -1, t.shape[2]))  # noqa: E731
             dropped.append((rows(hidden, drop.long().sort(1).values), None))
@@ -275,7 +282,7 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
         dropped[-1] = (dropped[-1][0], ages.gather(1, drop.long().sort(1).values))
         ages = torch.cat([ages.gather(1, keep), new_ages.expand(ages.shape[0], k)], 1)
         positives = track_document(positives, drop, new=fresh)
-        drops.append(drop)
+        drops.append(host_drop)  # on the host: the commit reads no device value
         deltas.append(delta.detach().to(hidden.dtype))
     # the rows this step dropped are long-term candidates of the target (inference: they are in the cache), aged
     # by the injections after theirs; the store's own rows by all of them
@@ -335,10 +342,10 @@ def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, ru
                 with torch.set_grad_enabled(retriever_loss and torch.is_grad_enabled()):
                     q = layer.self_attn.query_proj(xn)
                 queries.append(q)
-                with torch.no_grad(), torch.autocast(device.type, enabled=False):  # discrete: no gradient
+                with torch.no_grad(), _exact(device):  # discrete: no gradient
                     rows = dropped[0][layer_idx]
                     extra_keys = layer.self_attn.key_proj(layer.input_layernorm(rows)).to(mem.ltm.keys[0].dtype)
-                with torch.autocast(device.type, enabled=False):
+                with _exact(device):
                     got = mem.ltm.retrieve(layer_idx, q.detach().to(extra_keys.dtype), mode=model.semantics,
                                            backend=model.backend, extra=(extra_keys, dropped[1][layer_idx], rows),
                                            age_offset=dropped[2])  # fmt: skip
