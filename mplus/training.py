@@ -19,8 +19,10 @@ recomputes its sigmoids in the backward), so no ``[memory ; chunk]`` concatenati
   rest;
 * with ``commit=True`` (default) the injections are then written into the memory state through the model's own
   all-or-nothing update (the same victims, so the state holds exactly the functional memory the loss saw; the
-  dropped rows go to the long-term memory as in inference). The memory is never left half-changed: a step that
-  fails before its commit leaves the state (and its drop generator) as it was.
+  dropped rows go to the long-term memory as in inference). The target's retrieval sees what inference would after
+  those injections: the store, its cache, the rows the step dropped, minus what the merges the step triggers evict.
+  The memory is never left half-changed: a step that fails before its commit leaves the state (and its drop
+  generator) as it was.
 
 Trainable: every LoRA adapter (both) and the retriever projectors; everything else frozen (:func:`prepare`). The
 optimiser's parameter groups follow the official rule (:func:`param_groups`, SPEC.md §7.3).
@@ -213,18 +215,26 @@ def training_step(
     run_layer = _checkpointed if checkpointing else None
     amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with mem.lock.write() if commit else mem.lock.read():
-        rng = mem.rng_state()
+        rng, committed = mem.rng_state(), 0
         try:
             with amp:
                 out = _forward(
                     model, mem, contexts, target.to(device), retriever_loss, run_layer, victims, document, grad
                 )
+            committed = 0
             if commit:
                 with torch.no_grad():
                     for delta, drop in zip(out.deltas, out.victims):
                         model._update_memory(mem, delta, drop)
-        except BaseException:
-            mem.set_rng_state(rng)
+                        committed += 1
+        except BaseException as exc:
+            if committed:  # each chunk's commit is all-or-nothing; the generator stays past the step's draws
+                exc.add_note(
+                    f"training_step: committing context chunk {committed} of {len(contexts)} failed with the memory as "
+                    f"it was before it; the {committed} chunk(s) before it are committed"
+                )
+            else:
+                mem.set_rng_state(rng)
             raise
         if not commit:
             mem.set_rng_state(rng)
@@ -289,7 +299,10 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
     j = len(contexts)
     extra_hidden = torch.cat([h for h, _ in dropped], 1)
     extra_age = torch.cat([a + k * (j - 1 - i) for i, (_, a) in enumerate(dropped)], 1)
-    logits, queries = _decode(model, mem, hidden, target, retriever_loss, run_layer, (extra_hidden, extra_age, k * j))
+    # merges the injections trigger (at the commit) may evict long-term rows: the target does not see those either
+    alive = mem.ltm.after_pushes(j) if mem.ltm is not None else None
+    logits, queries = _decode(model, mem, hidden, target, retriever_loss, run_layer, (extra_hidden, extra_age, k * j),
+                              alive)  # fmt: skip
     lm_loss = nn.functional.cross_entropy(logits[0, :-1], target[0, 1:])
     dec_loss = enc_loss = None
     loss = lm_loss
@@ -310,10 +323,11 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
     return StepOutput(loss, lm_loss, dec_loss, enc_loss, logits, positives, drops, deltas)
 
 
-def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, run_layer, dropped):
+def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, run_layer, dropped, alive):
     """The generation forward of ``target [1, T]`` over the functional short-term memory ``hidden [L, N, d]``
     (logical order) and the state's long-term store, differentiable in every memory row's K/V. ``dropped`` =
-    ``(hidden [L, E, d], age [L, E], age_offset)``: the rows the step dropped, retrieved with the store's. Returns
+    ``(hidden [L, E, d], age [L, E], age_offset)``: the rows the step dropped, retrieved with the store's; ``alive``:
+    per layer, the candidates left after the merges the step triggers (``LongTermMemory.after_pushes``). Returns
     the fp32 logits and, per layer, the decoder retriever's queries ``[T, ds]`` (with gradients when
     ``retriever_loss``)."""
     cfg = model.config
@@ -345,10 +359,12 @@ def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, ru
                 with torch.no_grad(), _exact(device):  # discrete: no gradient
                     rows = dropped[0][layer_idx]
                     extra_keys = layer.self_attn.key_proj(layer.input_layernorm(rows)).to(mem.ltm.keys[0].dtype)
+                extra = (extra_keys, dropped[1][layer_idx], rows)
                 with _exact(device):
-                    got = mem.ltm.retrieve(layer_idx, q.detach().to(extra_keys.dtype), mode=model.semantics,
-                                           backend=model.backend, extra=(extra_keys, dropped[1][layer_idx], rows),
-                                           age_offset=dropped[2])  # fmt: skip
+                    got = mem.ltm.retrieve(
+                        layer_idx, q.detach().to(extra_keys.dtype), mode=model.semantics, backend=model.backend,
+                        extra=extra, age_offset=dropped[2], alive=alive[layer_idx] if alive else None,
+                    )  # fmt: skip
                 ltm_rows = got.hidden if got.index.numel() else None
             args = (layer_idx, h, hidden[layer_idx], ltm_rows)
             h = decode_layer(*args) if run_layer is None else run_layer(decode_layer, *args)

@@ -62,18 +62,23 @@ def _golden_with(update_ltm_frequency: int) -> MPlusForCausalLM:
     return model.eval()
 
 
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_the_step_computes_what_inject_then_forward_computes(chunks):
-    """The step's logits are those of the inference path (inject each context with the same drops, then a
-    prefill of the target: retrieval over the long-term store and the rows the injections dropped included), and its
-    commit leaves exactly the memory those injects leave. One chunk: the golden store (long-term rows, merges every
-    2 injections); three: a store merging every 10 (no merge within the step: see the module docstring)."""
-    model = _model() if chunks == 1 else _golden_with(update_ltm_frequency=10)
+@pytest.mark.parametrize(("chunks", "frequency"), [(1, 2), (3, 2), (3, 10), (5, 2)])
+@pytest.mark.parametrize("semantics", ["fast", "reference"])
+def test_the_step_computes_what_inject_then_forward_computes(chunks, frequency, semantics):
+    """The step's logits are those of the inference path: inject each context with the same drops, then a prefill
+    of the target, which retrieves over the long-term store, the cache and the rows the injections dropped, after
+    the merges (and evictions) the injections trigger. Its commit leaves exactly the memory those injects leave.
+    The golden store merges every 2 injections (merges, and evictions, within the step);
+    a store merging every 10 keeps a cache across the step. Both semantics (reference: the small-store rule)."""
+    model = _model() if frequency == 2 else _golden_with(update_ltm_frequency=frequency)
+    model.semantics = semantics
     vocab, k = model.config.vocab_size, model.config.num_tokens
-    for seed in range(2 if chunks == 1 else 3):  # rows in the store (and, with three chunks, in its cache)
-        model.inject(_ids(20, 100 + seed, vocab))
-    assert model.ltm.update_step + chunks * k < model.ltm.update_ltm_frequency * k  # no merge within the step
+    for seed in range(3):  # rows in the store, and (odd count) in its cache
+        model.inject(_ids(20, 100 + seed, vocab), victims=_victims(model, 100 + seed))
     twin = copy.deepcopy(model)
+    alive = model.ltm.after_pushes(chunks)
+    evicts = alive is not None and any(not bool(mask.all()) for mask, _ in alive)
+    assert evicts == (frequency == 2)  # the case is what it says: rows are evicted within the step (or none merge)
     contexts = [_ids(16 + 5 * i, i, vocab) for i in range(chunks)]
     victims = [_victims(model, 10 + i) for i in range(chunks)]
     target = _ids(9, 50, vocab)
@@ -81,7 +86,6 @@ def test_the_step_computes_what_inject_then_forward_computes(chunks):
     for ids, v in zip(contexts, victims):
         twin.inject(ids, victims=v)
     want = twin(target)
-    assert all(r is not None and r.numel() == model.config.num_ltm_tokens for r in want.past_key_values.retrieved)
     assert_close(out.logits.detach(), want.logits, atol=2e-5, rtol=2e-5, name="logits")
     _same_memory(_snapshot(model), _snapshot(twin))
     assert_equal(model.stm.logical("hidden")[:, -k:], out.deltas[-1], name="newest rows")
@@ -282,3 +286,24 @@ def test_commit_false_reads_the_memory_only():
     out.loss.backward()
     _same_memory(_snapshot(model), before)
     assert_equal(torch.get_rng_state(), rng, name="global RNG")
+
+
+def test_a_failed_commit_of_a_later_chunk_keeps_the_chunks_before_it_and_says_so(monkeypatch):
+    model = _model()
+    vocab = model.config.vocab_size
+    twin = copy.deepcopy(model)
+    contexts, victims = [_ids(20, 1, vocab), _ids(20, 2, vocab)], [_victims(model, 1), _victims(model, 2)]
+    real, calls = model._update_memory, []
+
+    def second_fails(mem, delta, drop):
+        calls.append(drop)
+        if len(calls) == 2:
+            raise RuntimeError("no room")
+        return real(mem, delta, drop)
+
+    monkeypatch.setattr(model, "_update_memory", second_fails)
+    with pytest.raises(RuntimeError, match="no room") as info:
+        training.training_step(model, contexts, _ids(10, 3, vocab), victims=victims)
+    assert "committing context chunk 1 of 2 failed" in "\n".join(info.value.__notes__)
+    twin.inject(contexts[0], victims=victims[0])
+    _same_memory(_snapshot(model), _snapshot(twin))

@@ -423,6 +423,42 @@ class LongTermMemory(nn.Module):
         self.update_step = 0
 
     # ----------------------------------------------------------------------------------------------- retrieval
+    def after_pushes(self, pushes: int) -> list[tuple[Tensor, int]] | None:
+        """What ``pushes`` more updates (of ``num_tokens`` dropped rows each, not pushed yet: a training step's own
+        injections) would leave as candidates, per layer: ``(mask, merged)`` for :meth:`retrieve`'s ``alive`` —
+        ``mask`` flags the rows of [LTM ; cache ; the pushed rows] still held, the first ``merged`` of them form the
+        long-term memory. None when none of the updates triggers a merge (every row stays). Nothing changes."""
+        k, step, merges = self.num_tokens, self.update_step, []
+        for i in range(pushes):
+            step += k
+            if step >= self.update_ltm_frequency * k:
+                merges.append(i)
+                step = 0
+        if not merges:
+            return None
+        m, out = self.cache_len, []
+        for layer in range(self.num_layers):
+            n = self.size[layer]
+            ids = torch.arange(n)
+            rf = self.rf[layer][:n].detach().cpu().clone()
+            begin = n  # the first row of [cache ; pushed] not merged yet
+            for i in merges:
+                end = n + m + (i + 1) * k
+                ids = torch.cat([ids, torch.arange(begin, end)])
+                rf = torch.cat([rf, torch.full((end - begin,), float(self.initial_rf), dtype=rf.dtype)])
+                begin = end
+                rf -= self.decay_frequency
+                live = rf > _ALIVE_THRESHOLD
+                if int(live.sum()) > self.num_retrieved:
+                    ids, rf = ids[live], rf[live]
+                else:
+                    rf += self.decay_frequency
+            mask = torch.zeros(n + m + pushes * k, dtype=torch.bool)
+            mask[ids] = True
+            mask[begin:] = True  # still cached after the last merge
+            out.append((mask, begin))
+        return out
+
     def retrieve(
         self,
         layer: int,
@@ -434,6 +470,7 @@ class LongTermMemory(nn.Module):
         with_hidden: bool = True,
         extra: tuple[Tensor, Tensor, Tensor] | None = None,
         age_offset: float = 0.0,
+        alive: tuple[Tensor, int] | None = None,
     ) -> Retrieved:
         """The rows of ``layer`` that the retriever picks for ``queries [T, ds]``, oldest first.
 
@@ -450,6 +487,9 @@ class LongTermMemory(nn.Module):
         cached rows (a training step's own dropped rows, which may carry gradients: their hidden rows are selected
         differentiably); ``age_offset`` is added to the store's ages first (the injections since). Indices ``>= S +
         cached`` are extra rows. With extra candidates the K/V are not gathered (``k``/``v`` stay None).
+        ``alive = (mask, merged)`` (from :meth:`after_pushes`): only the rows flagged in ``mask`` (host bool over
+        [LTM ; cache ; extra]) are candidates, and the first ``merged`` of them form the long-term memory (the rest
+        are cached): what the store would hold after merges the extra rows' updates trigger.
         """
         k0 = self.num_retrieved if num_retrieved is None else num_retrieved
         if k0 < 0:
@@ -462,18 +502,35 @@ class LongTermMemory(nn.Module):
         e = 0 if extra is None else extra[0].shape[0]
         dev = self.key_device
         scores = None
-        if mode == "reference" and n < k0:
-            reps = -(-k0 // n) if n else 0  # S = 0: nothing (the official code hangs)
-            index = torch.arange(n, device=dev).repeat(reps)[-k0:]
-        elif mode == "fast" and n + m + e <= k0:
-            index = torch.arange(n + m + e, device=dev)
+        ids = None  # the candidates' indices when not all of [LTM ; cache ; extra] are (host int64)
+        stored = n  # rows in the long-term memory (the small-store rule of reference mode reads it)
+        if alive is not None:
+            mask, merged = alive
+            if mask.shape != (n + m + e,):
+                raise ValueError(f"retrieve: alive mask {list(mask.shape)} must be [{n + m + e}] (LTM, cache, extra)")
+            stored = int(mask[:merged].sum())
+            if not bool(mask.all()):
+                ids = mask.nonzero().squeeze(1)
+        count = n + m + e if ids is None else ids.numel()
+        pick = (lambda i: i) if ids is None else (lambda i: ids.to(dev)[i])  # noqa: E731
+        if mode == "reference" and stored < k0:
+            reps = -(-k0 // stored) if stored else 0  # S = 0: nothing (the official code hangs)
+            index = pick(torch.arange(stored, device=dev).repeat(reps)[-k0:])
+        elif mode == "fast" and count <= k0:
+            index = pick(torch.arange(count, device=dev))
         else:
             from mplus_kernels.retrieval import retrieve_topk
 
-            keys2 = self.cache_keys[layer, :m] if m else None
+            keys1, keys2 = self.keys[layer][:n], self.cache_keys[layer, :m] if m else None
             if e:
                 keys2 = extra[0] if keys2 is None else torch.cat([keys2, extra[0].to(keys2.dtype)])
-            index, scores = retrieve_topk(queries, self.keys[layer][:n], k0, keys2=keys2, backend=backend)
+            if ids is not None:  # evicted rows are no candidates (the index order is kept: ties resolve alike)
+                both = torch.cat([keys1, keys2]) if keys2 is not None else keys1
+                chosen = both.index_select(0, ids.to(dev))
+                keys1, keys2 = chosen[: int((ids < n).sum())], chosen[int((ids < n).sum()) :]
+                keys2 = keys2 if keys2.shape[0] else None
+            index, scores = retrieve_topk(queries, keys1, k0, keys2=keys2, backend=backend)
+            index = pick(index)
         # Everything below stays on the key device: ages are there, rows are gathered from the host by the device.
         ages = self._gather(layer, "age", index, backend, torch.float64) + age_offset
         if e:
