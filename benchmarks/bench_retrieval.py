@@ -13,6 +13,14 @@ takes ~17 s and 7.6 GiB in bf16 at T 2048): its time comes from that one call, w
 T 2048 / S 1M in fp32 it would need ~16 GiB (two [2048, 1M] fp32 matrices) on a 24 GiB machine shared with other
 jobs, so that one case is skipped. From S = 153,600 on, every provider runs 2 timed rounds after the memory-meter call
 (which doubles as the warm-up), so the whole file stays within a few minutes.
+
+Retriever scores for training (``test_retriever_scores_fwd_bwd``, SPEC.md §7.1): ``w = mean_t sigmoid(q_t·k)`` over
+the short-term rows of every layer, forward and backward (``torch.autograd.grad`` of ``w`` with a fixed upstream
+gradient, so one timed call is the whole training step of the op). M+ trains with L 32 layers, N 10,240 STM rows, ds
+256 and up to ~512 query tokens; scaled here to L 2, N 2,048 (T 512, ds 256), fp32 and bf16. Providers:
+``reference`` (``retriever_scores_reference``: fp32 matmuls, the ``[L, T, N]`` scores held for its backward) and
+``mplus`` (``retriever_scores``, the C++ kernels on CPU, recomputing the scores per tile). ``gflops`` counts the useful
+6·L·T·N·ds (QKᵀ of the forward and the two gradient products), not the backward's recomputation of QKᵀ.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import pytest
 import torch
 
 import mplus_kernels as mk
+from mplus_kernels.retrieval.scores import retriever_scores, retriever_scores_reference
 from mplus_kernels.testing import measure_peak_memory, mplus_providers, peak_memory_available
 
 DS, K0 = 256, 2560
@@ -87,3 +96,34 @@ def test_retrieval(bench, benchmark, provider, t, dtype, s):
         rounds, warmup = (2, 0) if s >= 153_600 else (3, 1)
         bench(fn, rounds=rounds, warmup_rounds=warmup, **common)
     benchmark.extra_info["gflops"] = 2 * t * s * DS / benchmark.stats.stats.median / 1e9
+
+
+# --- retriever scores for training: forward + backward ------------------------------------------------------------
+SCORES_L, SCORES_T, SCORES_N = 2, 512, 2048  # M+: 32 layers, up to ~512 queries, 10,240 STM rows (ds 256)
+SCORES_PROVIDERS = {"reference": retriever_scores_reference, **{name: retriever_scores for name in mplus_providers()}}
+
+
+@pytest.mark.parametrize("provider", list(SCORES_PROVIDERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_retriever_scores_fwd_bwd(bench, benchmark, provider, dtype):
+    n_layers, t, n = SCORES_L, SCORES_T, SCORES_N
+    gen = torch.Generator().manual_seed(0)
+    std = DS**-0.25  # q·k ~ N(0, 1)
+    queries = (torch.randn(n_layers, t, DS, generator=gen) * std).to(dtype)
+    keys = (torch.randn(n_layers, n, DS, generator=gen) * std).to(dtype)
+    upstream = torch.randn(n_layers, n, generator=gen)
+    impl = SCORES_PROVIDERS[provider]
+
+    def fn():
+        q, k = queries.detach().requires_grad_(), keys.detach().requires_grad_()
+        return torch.autograd.grad(impl(q, k), (q, k), upstream)
+
+    bench(
+        fn,
+        group=f"retriever_scores_fwd_bwd/L{n_layers}/T{t}/N{n}/{dtype}".replace("torch.", ""),
+        provider=provider,
+        shape=f"L{n_layers} T{t} N{n} ds{DS} (M+: L32 N10240)",
+        dtype=dtype,
+        rounds=5,
+    )
+    benchmark.extra_info["gflops"] = 6 * n_layers * t * n * DS / benchmark.stats.stats.median / 1e9

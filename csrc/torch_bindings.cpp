@@ -93,6 +93,13 @@ TORCH_LIBRARY(mplus, m) {
   // score(s) = mean_t sigmoid(q_t . k_s) in fp32; returns the top min(k, S1+S2): indices int64 ascending, and
   // their scores fp32; ties at the boundary go to the lower index.
   m.def("retrieve_topk(Tensor queries, Tensor keys, Tensor? keys2, int k) -> (Tensor indices, Tensor scores)");
+  // Retriever scores for training (SPEC.md §7.1, §7.3; mplus_kernels/retrieval/scores.py): queries [L, T, ds]
+  // (T >= 1), keys [L, N, ds], one dtype of fp32 / bf16 / fp16 / fp64 -> w [L, N] = mean_t sigmoid(q_t . k_n), fp32
+  // (fp64 for fp64 inputs). Never builds the [L, T, N] matrix.
+  m.def("retriever_scores(Tensor queries, Tensor keys) -> Tensor");
+  // Its backward, recomputing the dot products: grad [L, N] (w's dtype) -> dqueries [L, T, ds], dkeys [L, N, ds] in
+  // the inputs' dtype; with s' = s(1 - s), dq_t = (1/T) sum_n g_n s'(q_t . k_n) k_n, dk_n = (g_n/T) sum_t s' q_t.
+  m.def("retriever_scores_backward(Tensor grad, Tensor queries, Tensor keys) -> (Tensor dqueries, Tensor dkeys)");
 
   // --- long-term-memory row gather, mplus_kernels/gather -------------------------------------------------------
   // out [R, *F] (dense rows); src_a [Na, *F], src_b [Nb, *F]; index [R] int64 in [0, Na + Nb):

@@ -24,7 +24,7 @@ from typing import Any
 
 OP_FAMILIES = ("memory_update", "attention", "retrieval", "gather")
 # modules of a family that define kernels, each with a compile_specs() (default: the family's triton_impl only)
-SPEC_MODULES = {"attention": ("triton_impl", "triton_backward")}
+SPEC_MODULES = {"attention": ("triton_impl", "triton_backward"), "retrieval": ("triton_impl", "triton_scores")}
 
 # Opt-in shared memory per block (bytes) and registers per SM.
 TARGETS = {

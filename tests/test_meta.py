@@ -148,3 +148,22 @@ def test_official_memory_loads_on_meta():
     assert model.ltm.size == [state[f"ltm.{layer}"].shape[0] for layer in range(3)]
     assert model.stm.k.device.type == "meta" and model.ltm.kv[0][0].device.type == "cpu"
     model(torch.tensor([[1, 2, 3]], device="meta"))
+
+
+def test_a_training_step_runs_on_meta_with_no_host_read():
+    """Issue 12: the training step (both passes, retrieval over the store and the step's own dropped rows, the
+    retriever scores and loss, checkpointed layers) and its backward on the GPU stand-in: a tensor left on the host
+    would raise a device mismatch, a host read of a device value would raise."""
+    from mplus import training
+
+    model = _model()
+    training.prepare(model)
+    model.eval()
+    model.inject(torch.randint(0, 100, (1, 20)))
+    model.to("meta")
+    ctx, target = torch.randint(0, 100, (1, 20), device="meta"), torch.randint(0, 100, (1, 10), device="meta")
+    out = training.training_step(model, [ctx, ctx], target, checkpointing=True, grad="all")
+    assert out.loss.device.type == "meta" and out.loss.shape == ()
+    out.loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.device.type == "meta" for p in trained)

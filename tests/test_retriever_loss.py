@@ -13,14 +13,15 @@ def _plain(queries, keys):
     return torch.sigmoid(queries @ keys.transpose(1, 2)).mean(1)
 
 
-def test_scores_and_gradients_match_autograd_of_the_plain_formula(monkeypatch):
+def test_reference_scores_and_gradients_match_autograd_of_the_plain_formula(monkeypatch):
+    """The blocked reference (the fused kernels: tests/test_retriever_scores.py)."""
     monkeypatch.setattr(sc, "BLOCK", 7)  # several recomputed blocks, one partial
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(3, 5, 16, generator=g), torch.randn(3, 23, 16, generator=g)
     upstream = torch.randn(3, 23, generator=g)
     a = [q.clone().requires_grad_(), k.clone().requires_grad_()]
     b = [q.clone().requires_grad_(), k.clone().requires_grad_()]
-    w, ref = sc.retriever_scores(*a), _plain(*b)
+    w, ref = sc.retriever_scores(*a, backend="reference"), _plain(*b)
     assert_close(w, ref, atol=1e-6, rtol=1e-6, name="scores")
     (w * upstream).sum().backward()
     (ref * upstream).sum().backward()
@@ -28,12 +29,12 @@ def test_scores_and_gradients_match_autograd_of_the_plain_formula(monkeypatch):
     assert_close(a[1].grad, b[1].grad, atol=1e-6, rtol=1e-5, name="d keys")
 
 
-def test_gradcheck_fp64(monkeypatch):
+def test_reference_gradcheck_fp64(monkeypatch):
     monkeypatch.setattr(sc, "BLOCK", 3)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(2, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(sc.retriever_scores, (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: sc.retriever_scores(a, b, backend="reference"), (q, k))
 
 
 def test_bce_loss_is_the_official_formula():

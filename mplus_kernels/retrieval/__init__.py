@@ -1,4 +1,5 @@
-"""Retriever scoring + top-K: reference, Triton kernels, C++ kernel, op registration."""
+"""Retriever scoring + top-K: reference, Triton kernels, C++ kernel, op registration; the training scores and loss
+(``scores``: importing it registers the fused op's backward and fake kernels)."""
 
 from .op import retrieve_topk
 from .reference import (
@@ -8,6 +9,7 @@ from .reference import (
     retrieve_topk_reference,
     select_topk_ascending,
 )
+from .scores import retriever_bce_loss, retriever_scores, retriever_scores_reference
 
 __all__ = [
     "official_retrieve_reference",
@@ -15,5 +17,8 @@ __all__ = [
     "retrieve_topk",
     "retrieve_topk_chunked",
     "retrieve_topk_reference",
+    "retriever_bce_loss",
+    "retriever_scores",
+    "retriever_scores_reference",
     "select_topk_ascending",
 ]
