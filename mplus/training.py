@@ -221,7 +221,6 @@ def training_step(
                 out = _forward(
                     model, mem, contexts, target.to(device), retriever_loss, run_layer, victims, document, grad
                 )
-            committed = 0
             if commit:
                 with torch.no_grad():
                     for delta, drop in zip(out.deltas, out.victims):
@@ -263,6 +262,11 @@ def _exact(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def _rows(t: Tensor, at: Tensor) -> Tensor:
+    """``t [L, N, d]`` rows at ``at [L, R]`` per layer → ``[L, R, d]`` (differentiable)."""
+    return t.gather(1, at[..., None].expand(-1, -1, t.shape[2]))
+
+
 def _checkpointed(fn: Callable, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
@@ -275,30 +279,28 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
     ages = mem.stm.logical("age").to(device)  # [L, N] float64, advanced as the training-age update advances them
     fresh = document is None
     positives = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=device) if fresh else document.to(device)
-    drops, deltas, dropped = [], [], []
+    drops, deltas, dropped_hidden, dropped_age = [], [], [], []
     new_ages = torch.arange(k - 1, -1, -1, dtype=ages.dtype, device=device)
+    j = len(contexts)
     for i, ids in enumerate(contexts):
-        keep_grad = grad == "all" or i == len(contexts) - 1
+        keep_grad = grad == "all" or i == j - 1
+        host_drop = victims[i] if victims is not None else draw_victims(hidden.shape[0], n, k, mem.generator)
+        drop = host_drop.to(device)
+        gone, keep = drop.long().sort(1).values, _survivors(n, drop)  # ascending: the order the store gets them in
         with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
             tails = lambda layer_idx, h=hidden: h[layer_idx, n - k :]  # noqa: E731
             delta, _ = model._encode(ids.to(device), tails, run_layer)
-            host_drop = victims[i] if victims is not None else draw_victims(hidden.shape[0], n, k, mem.generator)
-            drop = host_drop.to(device)
-            keep = _survivors(n, drop)
-            rows = lambda t, at: t.gather(1, at[..., None].expand(-1, -1, t.shape[2]))  # noqa: E731
-            dropped.append((rows(hidden, drop.long().sort(1).values), None))
-            hidden = torch.cat([rows(hidden, keep), delta.to(hidden.dtype)], 1)
+            dropped_hidden.append(_rows(hidden, gone))
+            hidden = torch.cat([_rows(hidden, keep), delta.to(hidden.dtype)], 1)
         ages = ages + k  # SPEC §4.7: every short-term age advances by 1 + max(new ages) before the drop
-        dropped[-1] = (dropped[-1][0], ages.gather(1, drop.long().sort(1).values))
+        # the rows this step drops are long-term candidates of the target (inference: they are in the cache), aged
+        # by the injections after theirs; the store's own rows by all of them (age_offset below)
+        dropped_age.append(ages.gather(1, gone) + k * (j - 1 - i))
         ages = torch.cat([ages.gather(1, keep), new_ages.expand(ages.shape[0], k)], 1)
         positives = track_document(positives, drop, new=fresh)
         drops.append(host_drop)  # on the host: the commit reads no device value
         deltas.append(delta.detach().to(hidden.dtype))
-    # the rows this step dropped are long-term candidates of the target (inference: they are in the cache), aged
-    # by the injections after theirs; the store's own rows by all of them
-    j = len(contexts)
-    extra_hidden = torch.cat([h for h, _ in dropped], 1)
-    extra_age = torch.cat([a + k * (j - 1 - i) for i, (_, a) in enumerate(dropped)], 1)
+    extra_hidden, extra_age = torch.cat(dropped_hidden, 1), torch.cat(dropped_age, 1)
     # merges the injections trigger (at the commit) may evict long-term rows: the target does not see those either
     alive = mem.ltm.after_pushes(j) if mem.ltm is not None else None
     logits, queries = _decode(model, mem, hidden, target, retriever_loss, run_layer, (extra_hidden, extra_age, k * j),

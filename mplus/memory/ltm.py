@@ -525,33 +525,36 @@ class LongTermMemory(nn.Module):
             if e:
                 keys2 = extra[0] if keys2 is None else torch.cat([keys2, extra[0].to(keys2.dtype)])
             if ids is not None:  # evicted rows are no candidates (the index order is kept: ties resolve alike)
-                both = torch.cat([keys1, keys2]) if keys2 is not None else keys1
-                chosen = both.index_select(0, ids.to(dev))
-                keys1, keys2 = chosen[: int((ids < n).sum())], chosen[int((ids < n).sum()) :]
-                keys2 = keys2 if keys2.shape[0] else None
+                split = int((ids < n).sum())
+                keys1 = keys1.index_select(0, ids[:split].to(dev))
+                keys2 = keys2.index_select(0, (ids[split:] - n).to(dev)) if split < ids.numel() else None
             index, scores = retrieve_topk(queries, keys1, k0, keys2=keys2, backend=backend)
             index = pick(index)
         # Everything below stays on the key device: ages are there, rows are gathered from the host by the device.
-        ages = self._gather(layer, "age", index, backend, torch.float64) + age_offset
+        # extra rows' indices point past the store: clamped for its gathers, then replaced by the extra rows' values
+        stored_index = index.clamp_max(max(n + m - 1, 0)) if e else index
+        extra_index = (index - (n + m)).clamp_min(0) if e else None
+        ages = self._gather(layer, "age", stored_index, backend, torch.float64) + age_offset
         if e:
-            ages = torch.where(index >= n + m, extra[1].to(dev, torch.float64)[(index - (n + m)).clamp_min(0)], ages)
+            ages = torch.where(index >= n + m, extra[1].to(dev, torch.float64)[extra_index], ages)
         order = torch.sort(ages, stable=True).indices.flip(0)
-        index, ages = index[order], ages[order]
+        index, ages, stored_index = index[order], ages[order], stored_index[order]
+        extra_index = extra_index[order] if e else None
         if scores is not None:
             scores = scores[order]
         out = Retrieved(index=index, hidden=None, age=ages, scores=scores)
         if with_hidden:
-            out.hidden = self._gather(layer, "hidden", index, backend)
+            out.hidden = self._gather(layer, "hidden", stored_index, backend)
             if e:
-                rows = extra[2].to(dev).index_select(0, (index - (n + m)).clamp_min(0))
+                rows = extra[2].to(dev).index_select(0, extra_index)
                 out.hidden = torch.where((index >= n + m)[:, None], rows, out.hidden.to(rows.dtype))
         if self.kv is not None and not e:
             out.k, out.v = (self._gather(layer, name, index, backend) for name in "kv")
         return out
 
     def _gather(self, layer: int, name: str, index: Tensor, backend: str | None, dtype=None) -> Tensor:
-        """``name`` (hidden, age, k, v) of the ``[store ; cache]`` rows at ``index`` (indices past them, extra
-        candidates of :meth:`retrieve`, give zeros there), on the key device."""
+        """``name`` (hidden, age, k, v) of the ``[store ; cache]`` rows at ``index``, on the key device (zeros when
+        both are empty: every index is then an extra candidate of :meth:`retrieve`)."""
         n, m = self.size[layer], self.cache_len
         if name == "hidden":
             src, cache = self.hidden[layer][:n], self.cache_hidden[layer, :m]
@@ -562,7 +565,7 @@ class LongTermMemory(nn.Module):
         dst = torch.empty((index.numel(), *src.shape[1:]), dtype=dtype or src.dtype, device=self.key_device)
         if n + m == 0:
             return dst.zero_()
-        return gather_rows_(dst, src, cache, index.clamp_max(n + m - 1), backend=backend)
+        return gather_rows_(dst, src, cache, index, backend=backend)
 
     # -------------------------------------------------------------------------------------------- save / load
     def memory_state(self) -> dict[str, Tensor]:
