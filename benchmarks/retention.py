@@ -8,17 +8,23 @@ step (:func:`mplus.training.training_step`), then evaluated through the inferenc
 * M+: the same STM (N rows, K per injection), plus the long-term memory (LTM) that keeps the dropped rows and a
   retriever that brings K0 of them back at every prefill.
 
-Data. A *fact chunk* (one injection, K tokens, so it writes exactly its own K rows) is P = K/3 triplets
-``[s k1 v1 s k2 v2 ...]``: one random *subject* token s, P distinct random keys, random values. Its *question* is the
-same triplets in a shuffled order; recall accuracy is the fraction of the question's values predicted right (argmax
-at the key before each value). Distractors are other fact chunks, with other subjects and keys. The subject is the
-chunk's "topic": every row of the chunk can carry it, which is what the retriever's mean-over-query-tokens score
-(SPEC.md §5.2, §7.3) can match; without it (random pairs only) the retriever's BCE stayed at ln 2 here.
+Data. A *fact chunk* (one injection, K tokens, so it writes exactly its own K rows) is P = K/2 pairs
+``[k1 v1 ... kP vP]``: P distinct keys of one *topic*, each followed by a random value. Its *question* is a prompt,
+the P keys in a shuffled order, then the answer, the pairs in the prompt's order; recall accuracy is the fraction of
+the answer's values predicted right (argmax at the key before each value). Distractors are other fact chunks, of
+other topics. The prompt is what retrieves (the prefill, SPEC.md §5.2), and the values to be predicted never reach
+the retriever. The keys of a topic start with embeddings sharing a direction (``topic_share`` of their variance):
+the stand-in for a pretrained model, whose words of one subject lie near each other, and what lets the retriever's
+mean-over-query-tokens score (SPEC.md §5.2, §7.3) rate *every* row of the fact high from *every* prompt token. With
+unrelated random keys a prompt token matches one row of the fact at best (a mean of 1/P): the retriever then brought
+back under 10 % of a fact's rows, and M+ held only a little longer than MemoryLLM. (A first design asked with a
+"subject" token repeated in every triplet ``[s k v]``: the base never learnt in-context recall on it, plateauing at
+1/P, a value of the fact picked at random.)
 
 Stages (the same data, steps and seeds for both models):
 
 0. base pretraining: the Llama alone (adapters off, no memory), batched, in-context recall on ``[fact ; question]``
-   with a curriculum over the number of triplets. A stand-in for the pretrained Llama the paper starts from (from
+   with a curriculum over the number of pairs. A stand-in for the pretrained Llama the paper starts from (from
    random init, batch-1 memory training did not learn recall at all within this budget). Both models start from it.
 1. memory training: every parameter trained (the base is tiny and synthetic), ``training_step`` with the paper's two
    kinds of steps: *fresh* (inject a fact chunk, ask about it) and *revisit* (inject an unrelated chunk, ask about
@@ -27,10 +33,10 @@ Stages (the same data, steps and seeds for both models):
 
 Evaluation: a fresh memory state (``model.new_memory(seed=...)``) warmed up with distractor injections; per trial
 ``inject(fact)``, then distractors; after n of them the question is asked (a forward never changes the memory, so
-one trial scores every n). The prefill is the question's first token, the subject alone (that is where M+
-retrieves its K0 rows), and the rest of the question is fed through the cache teacher-forced (no re-retrieval): the
-values to be predicted never reach the retriever. The reference curve ``(1 - K/N)^n`` is the probability that one
-given STM row survives n injections; the measured fraction of the fact's rows still in the STM is recorded too.
+one trial scores every n). The prefill is the prompt (that is where M+ retrieves its K0 rows), and the answer is fed
+through the cache teacher-forced (no re-retrieval); training asks the same way (``training_step(prompt_length=P)``).
+The reference curve ``(1 - K/N)^n`` is the probability that one given STM row survives n injections; the measured
+fraction of the fact's rows still in the STM is recorded too.
 
 ``python benchmarks/retention.py [--smoke] [--out docs/]`` writes ``retention.json`` and ``retention.png``. Torch runs
 on one thread by default (``--threads``): on this 2-core machine, shared with other jobs, two OpenMP threads made the
@@ -78,18 +84,20 @@ class Settings:
     lora_rank: int = 16
     selector_dim: int = 64  # ds (M+ only)
     # memory: K = num_tokens rows per injection, N = stm_blocks * K, K0 = ltm_blocks * K (M+ only)
-    num_tokens: int = 24
+    num_tokens: int = 16
     stm_blocks: int = 10
     ltm_blocks: int = 2
     update_ltm_frequency: int = 16  # merge the dropped-row cache into the LTM every 16 injections
     decay_frequency: float = 1.0
     initial_rf: float = 10.0  # a merged batch is evicted at its 10th merge: >= 144 injections after its drop
     # data
-    num_subjects: int = 512
-    num_keys: int = 1024
+    num_topics: int = 256  # a fact's keys are P of one topic's keys ...
+    keys_per_topic: int = 10
+    topic_share: float = 0.5  # ... whose embeddings share a direction: this share of their initial variance
     num_values: int = 256
+    topic_window: int = 200  # a training chunk's topic avoids those of the 200 chunks before it
     # stage 0: in-context pretraining of the base (no memory, batched)
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 3000
     pretrain_batch: int = 32
     pretrain_lr: float = 1e-3
     # stage 1: memory training
@@ -111,7 +119,11 @@ class Settings:
 
     @property
     def pairs(self) -> int:
-        return self.num_tokens // 3
+        return self.num_tokens // 2
+
+    @property
+    def num_keys(self) -> int:
+        return self.num_topics * self.keys_per_topic
 
     @property
     def stm_size(self) -> int:
@@ -119,7 +131,7 @@ class Settings:
 
     @property
     def vocab_size(self) -> int:
-        return 1 + self.num_subjects + self.num_keys + self.num_values  # 0 unused, subjects, keys, values
+        return 1 + self.num_keys + self.num_values  # 0 unused, keys, values
 
 
 SMOKE = Settings(
@@ -127,12 +139,13 @@ SMOKE = Settings(
     intermediate=128,
     lora_rank=4,
     selector_dim=32,
-    num_tokens=18,
+    num_tokens=8,
     stm_blocks=5,
     ltm_blocks=2,
     update_ltm_frequency=4,
-    num_subjects=64,
-    num_keys=256,
+    num_topics=32,
+    keys_per_topic=6,
+    topic_window=16,
     num_values=64,
     pretrain_steps=30,
     pretrain_batch=8,
@@ -182,12 +195,14 @@ def build_config(s: Settings, kind: str) -> MPlusConfig:
     )
 
 
-def init_weights(model: MPlusForCausalLM, seed: int) -> None:
+def init_weights(model: MPlusForCausalLM, s: Settings) -> None:
     """Random init, one generator per parameter seeded from its name, so the parameters both models share get the
     same values in both: embeddings N(0, 1), matrices N(0, 1/fan_in) (o_proj, down_proj also / 2L), norms 1, LoRA B 0
     (PEFT's init), BOS and new-memory embeddings N(0, 0.02^2). (GPT-2's N(0, 0.02^2) everywhere left this d=128 model
-    unable to learn even copying within the budget.)"""
-    layers = model.config.num_hidden_layers
+    unable to learn even copying within the budget.) A topic's keys share a random direction: ``topic_share`` of
+    each key embedding's variance, the stand-in for a pretrained model's embedding geometry, where the words of one
+    subject lie near each other."""
+    layers, seed = model.config.num_hidden_layers, s.seed
     with torch.no_grad():
         for name, p in model.named_parameters():
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -197,7 +212,10 @@ def init_weights(model: MPlusForCausalLM, seed: int) -> None:
             elif ".lora_B." in name:
                 value = torch.zeros_like(noise)
             elif "embed_tokens" in name:
-                value = noise
+                topics = torch.randn(s.num_topics, p.shape[1], generator=gen).repeat_interleave(s.keys_per_topic, 0)
+                value = noise.clone()
+                keys = slice(1, 1 + s.num_keys)
+                value[keys] = math.sqrt(s.topic_share) * topics + math.sqrt(1 - s.topic_share) * noise[keys]
             elif "o_proj" in name or "down_proj" in name:
                 value = noise / math.sqrt(p.shape[-1] * 2 * layers)
             elif p.dim() == 2:  # attention, MLP, LoRA A, retriever projectors, lm_head
@@ -210,7 +228,7 @@ def init_weights(model: MPlusForCausalLM, seed: int) -> None:
 def build_model(s: Settings, kind: str) -> MPlusForCausalLM:
     """A randomly initialised model, every parameter trainable."""
     model = MPlusForCausalLM(build_config(s, kind), dtype=torch.float32, max_length=2 * s.num_tokens)
-    init_weights(model, s.seed)
+    init_weights(model, s)
     training.prepare(model)  # train mode, training ages, LoRA + projectors trainable ...
     for p in model.parameters():  # ... and, the base being tiny and untrained, everything else too
         p.requires_grad_(True)
@@ -219,55 +237,52 @@ def build_model(s: Settings, kind: str) -> MPlusForCausalLM:
 
 # ------------------------------------------------------------------------------------------------------ data
 class FactStream:
-    """Fact chunks ``[s k1 v1 ... s kP vP]`` and their questions (the triplets shuffled)."""
+    """Fact chunks ``[k1 v1 ... kP vP]`` and their questions ``[prompt ; answer]``: the keys in a shuffled order,
+    then the pairs in that order."""
 
     def __init__(self, s: Settings, seed: int) -> None:
         self.s = s
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _pick(self, first: int, count: int, n: int, exclude: torch.Tensor | None) -> torch.Tensor:
-        allowed = torch.ones(count, dtype=torch.bool)
-        if exclude is not None and exclude.numel():
-            allowed[exclude.flatten() - first] = False
-        pool = allowed.nonzero().squeeze(1)
-        return first + pool[torch.randperm(pool.numel(), generator=self.gen)[:n]]
-
     def chunk(self, exclude: torch.Tensor | None = None, pairs: int | None = None) -> torch.Tensor:
-        """``[3P]`` int64 (P = ``pairs``, default K/3). Its subject and keys avoid those of the chunks ``exclude``
-        (``[..., 3P']``)."""
+        """``[2P]`` int64 (P = ``pairs``, default K/2): P distinct keys of one topic, a topic unlike those of the
+        chunks ``exclude`` (``[..., 2P']``), and P random values."""
         s = self.s
         pairs = s.pairs if pairs is None else pairs
-        subjects = keys = None
+        allowed = torch.ones(s.num_topics, dtype=torch.bool)
         if exclude is not None and exclude.numel():
-            triplets = exclude.reshape(-1, 3)
-            subjects, keys = triplets[:, 0].unique(), triplets[:, 1]
-        subject = self._pick(1, s.num_subjects, 1, subjects)
-        key = self._pick(1 + s.num_subjects, s.num_keys, pairs, keys)
-        value = 1 + s.num_subjects + s.num_keys + torch.randint(0, s.num_values, (pairs,), generator=self.gen)
-        return torch.stack([subject.expand(pairs), key, value], 1).flatten()
+            allowed[(exclude.reshape(-1, 2)[:, 0] - 1) // s.keys_per_topic] = False
+        pool = allowed.nonzero().squeeze(1)
+        topic = pool[int(torch.randint(0, pool.numel(), (), generator=self.gen))]
+        key = 1 + topic * s.keys_per_topic + torch.randperm(s.keys_per_topic, generator=self.gen)[:pairs]
+        value = 1 + s.num_keys + torch.randint(0, s.num_values, (pairs,), generator=self.gen)
+        return torch.stack([key, value], 1).flatten()
 
     def question(self, chunk: torch.Tensor) -> torch.Tensor:
-        """The chunk's triplets, shuffled: ``[3P]``."""
-        triplets = chunk.view(-1, 3)
-        return triplets[torch.randperm(triplets.shape[0], generator=self.gen)].flatten()
+        """``[3P]``: the prompt (the chunk's P keys, shuffled), then the answer (the pairs in the prompt's order)."""
+        pairs = chunk.view(-1, 2)
+        pairs = pairs[torch.randperm(pairs.shape[0], generator=self.gen)]
+        return torch.cat([pairs[:, 0], pairs.flatten()])
 
 
 def value_accuracy(logits: torch.Tensor, question: torch.Tensor, offset: int = 0) -> float:
-    """Fraction of the question's values predicted right: the value at 3i+2 from the logits at its key, 3i+1.
-    ``logits [1, T, V]`` are those of ``question[offset:]``."""
-    pred = logits[0, 1 - offset :: 3].argmax(-1)
-    return float((pred == question[2::3]).float().mean())
+    """Fraction of the answer's values predicted right: with ``P`` = len(question) / 3, the value at ``P + 2i + 1``
+    from the logits at its key, ``P + 2i``. ``logits [1, T, V]`` are those of ``question[offset:]``."""
+    p = question.shape[0] // 3
+    pred = logits[0, p - offset :: 2].argmax(-1)
+    return float((pred == question[p + 1 :: 2]).float().mean())
 
 
 def training_plan(s: Settings) -> dict[str, torch.Tensor]:
     """The training data, the same for both models: per step the injected chunk, the question, and the chunk asked
-    about (== the step: fresh; earlier: revisit). A chunk's subject and keys avoid those of the ``max_distance``
-    chunks before it, so no question is ambiguous."""
+    about (== the step: fresh; earlier: revisit). A chunk's topic, so its keys, avoid those of the ``topic_window``
+    chunks before it (longer than a row lives in the STM, or in most of M+'s long-term memory), so no question is
+    ambiguous."""
     stream = FactStream(s, s.seed + 1)
     gen = torch.Generator().manual_seed(s.seed + 2)
     chunks, asked = [], []
     for step in range(s.steps):
-        recent = torch.stack(chunks[-s.max_distance :]) if chunks else None
+        recent = torch.stack(chunks[-s.topic_window :]) if chunks else None
         chunks.append(stream.chunk(recent))
         frac = min(1.0, step / max(1, s.anneal * s.steps))
         p_fresh = s.fresh_start + (s.fresh_end - s.fresh_start) * frac
@@ -282,8 +297,8 @@ def training_plan(s: Settings) -> dict[str, torch.Tensor]:
 
 
 def eval_plan(s: Settings) -> dict[str, torch.Tensor]:
-    """The evaluation data, the same for both models: warm-up chunks, then per trial a fact (subject and keys unlike
-    the warm-up's), its question and ``max(eval_ns)`` distractors (subjects and keys unlike the fact's)."""
+    """The evaluation data, the same for both models: warm-up chunks, then per trial a fact (keys unlike the
+    warm-up's), its question and ``max(eval_ns)`` distractors (keys unlike the fact's)."""
     stream = FactStream(s, s.seed + 3)
     warm = torch.stack([stream.chunk() for _ in range(s.warmup_injections)]) if s.warmup_injections else None
     n_max = max(s.eval_ns)
@@ -308,9 +323,9 @@ def _mean(xs: list[float]) -> float | None:
 # -------------------------------------------------------------------------------------------------- training
 def pretrain_base(model: MPlusForCausalLM, s: Settings) -> dict:
     """Stage 0, the stand-in for a pretrained base: the Llama alone (adapters off; ``memory=None`` is plain causal
-    attention), batched, learns in-context recall on ``[fact ; question]`` (loss on the question's values), with
-    p ~ U{1..P} triplets per batch (a curriculum: with P triplets only, recall formed late and at a seed-dependent
-    step). Accuracy is logged on the batches of P triplets."""
+    attention), batched, learns in-context recall on ``[fact ; question]`` (loss on the answer's values), with
+    p ~ U{1..P} pairs per batch (a curriculum: with P pairs only, recall formed late and at a seed-dependent step).
+    Accuracy is logged on the batches of P pairs."""
     params = [p for n, p in model.named_parameters() if ".lora_" not in n]  # the adapters are off here
     opt = torch.optim.AdamW(params, lr=s.pretrain_lr)
     stream = FactStream(s, s.seed + 4)
@@ -322,16 +337,16 @@ def pretrain_base(model: MPlusForCausalLM, s: Settings) -> dict:
     for step in bar:
         pairs = int(torch.randint(1, s.pairs + 1, (), generator=gen))
         facts = [stream.chunk(pairs=pairs) for _ in range(s.pretrain_batch)]
-        ids = torch.stack([torch.cat([f, stream.question(f)]) for f in facts])  # [B, 6p]
-        half = 3 * pairs
-        cos, sin = model.rope_cos[: 2 * half], model.rope_sin[: 2 * half]
+        ids = torch.stack([torch.cat([f, stream.question(f)]) for f in facts])  # [B, 5p]: fact, prompt, answer
+        answer = 3 * pairs
+        cos, sin = model.rope_cos[: ids.shape[1]], model.rope_sin[: ids.shape[1]]
         pos = (torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None])
         with model.adapters.use(None):
             h = model.model.embed_tokens(ids)
             for layer in model.layers:
                 h = layer(h, pos, None, None)
-            logits = model.lm_head(model.model.norm(h[:, half + 1 :: 3])).float()  # at the question's keys
-        values = ids[:, half + 2 :: 3]
+            logits = model.lm_head(model.model.norm(h[:, answer::2])).float()  # at the answer's keys
+        values = ids[:, answer + 1 :: 2]
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), values.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -374,7 +389,9 @@ def train(model: MPlusForCausalLM, s: Settings, plan: dict[str, torch.Tensor], k
     bar = tqdm(range(total), desc=f"train {kind}", unit="step", leave=False)
     for step in bar:
         tgt, doc = questions[step][None], asked[step]
-        out = training.training_step(model, chunks[step][None], tgt, memory=memory, document=tracked.get(doc))
+        out = training.training_step(
+            model, chunks[step][None], tgt, memory=memory, document=tracked.get(doc), prompt_length=s.pairs
+        )  # the prompt (the keys) retrieves, as in the evaluation's prefill
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -421,7 +438,7 @@ def evaluate(model: MPlusForCausalLM, s: Settings, plan: dict[str, torch.Tensor]
     warm = model.new_memory(seed=s.seed + 20)  # a copy of the model's default state, which training never wrote
     for chunk in plan["warmup"]:
         model.inject(chunk[None], memory=warm)
-    ns, n_max, k = list(s.eval_ns), max(s.eval_ns), s.num_tokens
+    ns, n_max, k, p = list(s.eval_ns), max(s.eval_ns), s.num_tokens, s.pairs
     acc = {n: [] for n in ns}
     where = {n: {"in_stm": [], "in_ltm": [], "retrieved": []} for n in ns}
     start = time.perf_counter()
@@ -431,10 +448,10 @@ def evaluate(model: MPlusForCausalLM, s: Settings, plan: dict[str, torch.Tensor]
         delta = model.inject(plan["facts"][trial][None], memory=state)  # [L, K, d]: the fact's rows
         for n in range(n_max + 1):
             if n in acc:
-                # prefill = the subject alone (retrieval happens here), then the question teacher-forced
-                out = model(question[None, :1], memory=state)
-                logits = model(question[None, 1:], past_key_values=out.past_key_values).logits
-                acc[n].append(value_accuracy(logits, question, offset=1))
+                # prefill = the prompt, the keys (retrieval happens here), then the answer teacher-forced
+                out = model(question[None, :p], memory=state)
+                logits = model(question[None, p:], past_key_values=out.past_key_values).logits
+                acc[n].append(value_accuracy(logits, question, offset=p))
                 stm = state.stm.logical("hidden")
                 in_stm = sum(int(_rows_in(stm[i], delta[i]).sum()) for i in range(s.layers))
                 where[n]["in_stm"].append(in_stm / (s.layers * k))
@@ -485,6 +502,7 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(dense, [q**n for n in dense], "k--", lw=1, label=f"(1 - K/N)^n = {q:g}^n (one STM row survives)")
     ax.axhline(result["data"]["chance"], color="grey", ls=":", lw=1, label="chance")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(-0.15, max(ns) * 1.15)
     ax.set_xticks(ns)
     ax.set_xticklabels([str(n) for n in ns])
     ax.set_ylim(-0.02, 1.02)
@@ -496,7 +514,7 @@ def plot(result: dict, path: Path) -> None:
         f"{s['layers']} layers, d={s['hidden']}; {s['steps']} training steps" + (" (smoke)" if result["smoke"] else ""),
         fontsize=9,
     )
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="center left")  # the empty area: few injections, between the curves
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -562,22 +580,25 @@ def run(s: Settings, out_dir: Path, *, smoke: bool = False) -> dict:
         "settings": {**dataclasses.asdict(s), "eval_ns": list(s.eval_ns)},
         "machine": _machine(),
         "data": {
-            "fact": f"[s k1 v1 ... s k{s.pairs} v{s.pairs}]: one subject, {s.pairs} distinct keys, random values "
-            f"({s.num_tokens} tokens = one injection)",
-            "question": "the fact's triplets shuffled; scored: argmax at each key vs the value after it",
+            "fact": f"[k1 v1 ... k{s.pairs} v{s.pairs}]: {s.pairs} distinct keys of one topic ({s.num_topics} "
+            f"topics of {s.keys_per_topic} keys, embeddings initialised with a shared direction per topic: "
+            f"{s.topic_share:g} of the variance), random values ({s.num_tokens} tokens = one injection)",
+            "question": f"[prompt ; answer]: the fact's {s.pairs} keys shuffled, then the pairs in that order; scored: "
+            "argmax at each answer key vs the value after it",
             "pairs_per_fact": s.pairs,
             "vocab_size": s.vocab_size,
             "chance": 1 / s.num_values,
             "revisit_fraction": float((train_data["asked"] != torch.arange(s.steps)).float().mean()),
         },
         "protocol": {
-            "training": "stage 0: in-context pretraining of the base (adapters off, no memory, batched, triplet "
-            "curriculum); stage 1: mplus.training.training_step, fresh + revisit steps (document= tracked rows)",
+            "training": "stage 0: in-context pretraining of the base (adapters off, no memory, batched, curriculum "
+            "over the number of pairs); stage 1: mplus.training.training_step(prompt_length=P), fresh + revisit steps "
+            "(document= tracked rows)",
             "trainable": "all parameters (Llama weights, both LoRA adapters, retriever projectors, bos_embedding, "
             "new_memory_positional_emb); stage 0 trains the base weights only",
             "evaluation": "model.new_memory(seed) warmed with distractors; inject(fact); n distractor injects; prefill "
-            "with the question's first token (the subject: M+ retrieves here), then the rest of the question through "
-            "the cache, teacher-forced; memory ages: training mode (as in training)",
+            "with the prompt (the keys: M+ retrieves here, the values never reach the retriever), then the answer "
+            "through the cache, teacher-forced; memory ages: training mode (as in training)",
             "fact_rows_*": "fraction of the fact's K rows per layer found (bit for bit) in the STM, in the LTM + "
             "dropped-row cache, and among the K0 rows the prefill retrieved (averaged over layers and trials)",
         },
@@ -628,7 +649,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output folder (default: docs/)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of memory-training steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="JSON",
+                        help="only redraw the PNG (beside JSON) from a run's retention.json")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        result = json.loads(args.plot.read_text())
+        plot(result, args.plot.with_suffix(".png"))
+        print(result["summary"])
+        return result
     torch.set_num_threads(args.threads)
     s = SMOKE if args.smoke else Settings()
     if args.steps is not None:

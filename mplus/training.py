@@ -136,6 +136,7 @@ def training_step(
     victims: Sequence[Tensor] | None = None,
     document: Tensor | None = None,
     grad: Literal["last", "all"] = "last",
+    prompt_length: int | None = None,
 ) -> StepOutput:
     """One training step's forward: inject ``context`` (``[1, T]``, or a list of chunks: the earlier ones are
     injected without gradients, the paper's multi-chunk training, the last with them), then the language-model loss
@@ -160,6 +161,11 @@ def training_step(
             document is this step's context (its rows are the positives).
         grad: ``"last"``: only the last context chunk's injection keeps gradients (the paper's two-chunk and
             multi-chunk training); ``"all"``: every chunk's.
+        prompt_length: the first ``prompt_length`` target tokens are the prompt that retrieves: they alone are the
+            decoder retriever's queries, for the long-term retrieval and for its loss (SPEC.md §7.1's random
+            retriever length, with the length given). The step then computes what inference computes for a
+            prefill of ``target[:, :prompt_length]`` followed by the rest through its cache. Default: the whole
+            target (one prefill).
     """
     if not isinstance(model, MPlusForCausalLM):
         raise TypeError(f"training_step: model must be an MPlusForCausalLM, got {type(model).__name__}")
@@ -187,6 +193,14 @@ def training_step(
         )
     if grad not in ("last", "all"):
         raise ValueError(f"training_step: grad={grad!r}, expected 'last' or 'all'")
+    if prompt_length is None:
+        prompt_length = target.shape[1]
+    elif isinstance(prompt_length, bool) or not isinstance(prompt_length, int):
+        raise TypeError(f"training_step: prompt_length must be an int or None, got {type(prompt_length).__name__}")
+    elif not 1 <= prompt_length <= target.shape[1]:
+        raise ValueError(
+            f"training_step: prompt_length={prompt_length}, expected 1..{target.shape[1]} (the target's length)"
+        )
     shape = (cfg.num_hidden_layers, cfg.stm_size)
     if victims is not None:
         victims = list(victims)
@@ -218,9 +232,8 @@ def training_step(
         rng, committed = mem.rng_state(), 0
         try:
             with amp:
-                out = _forward(
-                    model, mem, contexts, target.to(device), retriever_loss, run_layer, victims, document, grad
-                )
+                args = (retriever_loss, run_layer, victims, document, grad, prompt_length)
+                out = _forward(model, mem, contexts, target.to(device), *args)
             if commit:
                 with torch.no_grad():
                     for delta, drop in zip(out.deltas, out.victims):
@@ -271,7 +284,9 @@ def _checkpointed(fn: Callable, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
-def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, document, grad) -> StepOutput:
+def _forward(
+    model, mem, contexts, target, retriever_loss, run_layer, victims, document, grad, prompt_length
+) -> StepOutput:
     cfg = model.config
     n, k = cfg.stm_size, cfg.num_tokens
     device = model.compute_device
@@ -303,8 +318,8 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
     extra_hidden, extra_age = torch.cat(dropped_hidden, 1), torch.cat(dropped_age, 1)
     # merges the injections trigger (at the commit) may evict long-term rows: the target does not see those either
     alive = mem.ltm.after_pushes(j) if mem.ltm is not None else None
-    logits, queries = _decode(model, mem, hidden, target, retriever_loss, run_layer, (extra_hidden, extra_age, k * j),
-                              alive)  # fmt: skip
+    dropped = (extra_hidden, extra_age, k * j)
+    logits, queries = _decode(model, mem, hidden, target, retriever_loss, run_layer, dropped, alive, prompt_length)
     lm_loss = nn.functional.cross_entropy(logits[0, :-1], target[0, 1:])
     dec_loss = enc_loss = None
     loss = lm_loss
@@ -325,13 +340,13 @@ def _forward(model, mem, contexts, target, retriever_loss, run_layer, victims, d
     return StepOutput(loss, lm_loss, dec_loss, enc_loss, logits, positives, drops, deltas)
 
 
-def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, run_layer, dropped, alive):
+def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, run_layer, dropped, alive, prompt: int):
     """The generation forward of ``target [1, T]`` over the functional short-term memory ``hidden [L, N, d]``
     (logical order) and the state's long-term store, differentiable in every memory row's K/V. ``dropped`` =
     ``(hidden [L, E, d], age [L, E], age_offset)``: the rows the step dropped, retrieved with the store's; ``alive``:
-    per layer, the candidates left after the merges the step triggers (``LongTermMemory.after_pushes``). Returns
-    the fp32 logits and, per layer, the decoder retriever's queries ``[T, ds]`` (with gradients when
-    ``retriever_loss``)."""
+    per layer, the candidates left after the merges the step triggers (``LongTermMemory.after_pushes``); ``prompt``:
+    how many leading target tokens retrieve. Returns the fp32 logits and, per layer, the decoder retriever's queries
+    ``[prompt, ds]`` (with gradients when ``retriever_loss``)."""
     cfg = model.config
     k0, n, t = cfg.num_ltm_tokens, cfg.stm_size, target.shape[1]
     device = model.compute_device
@@ -354,7 +369,7 @@ def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, ru
         for layer_idx, layer in enumerate(model.layers):
             ltm_rows = None
             if cfg.has_ltm:
-                xn = layer.input_layernorm(h[0]).detach()
+                xn = layer.input_layernorm(h[0, :prompt]).detach()
                 with torch.set_grad_enabled(retriever_loss and torch.is_grad_enabled()):
                     q = layer.self_attn.query_proj(xn)
                 queries.append(q)

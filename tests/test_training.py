@@ -91,6 +91,28 @@ def test_the_step_computes_what_inject_then_forward_computes(chunks, frequency, 
     assert_equal(model.stm.logical("hidden")[:, -k:], out.deltas[-1], name="newest rows")
 
 
+@pytest.mark.parametrize("frequency", [2, 10])
+@pytest.mark.parametrize("prompt", [1, 4])
+def test_a_prompt_length_step_computes_a_prefill_of_the_prompt_then_the_rest_through_its_cache(prompt, frequency):
+    """``prompt_length``: only the prompt's tokens retrieve, as in inference where a prefill of the prompt retrieves
+    and the continuation runs through its cache; the retriever's loss then scores with the prompt's queries only."""
+    model = _model() if frequency == 2 else _golden_with(update_ltm_frequency=frequency)
+    vocab = model.config.vocab_size
+    for seed in range(3):
+        model.inject(_ids(20, 100 + seed, vocab), victims=_victims(model, 100 + seed))
+    twin = copy.deepcopy(model)
+    context, victims, target = _ids(18, 1, vocab), _victims(model, 11), _ids(9, 50, vocab)
+    out = training.training_step(model, context, target, victims=[victims], prompt_length=prompt)
+    twin.inject(context, victims=victims)
+    head = twin(target[:, :prompt])
+    rest = twin(target[:, prompt:], past_key_values=head.past_key_values)
+    want = torch.cat([head.logits, rest.logits], 1)
+    assert_close(out.logits.detach(), want, atol=2e-5, rtol=2e-5, name="logits")
+    full = training.training_step(twin, context, target, victims=[victims], commit=False)
+    assert not torch.allclose(full.logits, out.logits, atol=1e-3)  # the prompt's retrieval is not the whole target's
+    assert not torch.allclose(full.retriever_loss, out.retriever_loss)
+
+
 def test_gradients_match_the_reference_kernels():
     """Every trained parameter's gradient through the fused ops (C++ attention forward/backward, merge, retriever
     scores) equals the one through the pure-PyTorch references differentiated by autograd."""
@@ -248,6 +270,9 @@ def test_bad_input_is_refused_and_the_memory_is_untouched():
         ({"grad": "some"}, ValueError, "grad='some'"),
         ({"autocast": "bf16"}, TypeError, "autocast must be a torch.dtype"),
         ({"retriever_loss": 1}, TypeError, "retriever_loss must be a bool"),
+        ({"prompt_length": 0}, ValueError, r"prompt_length=0, expected 1\.\.10"),
+        ({"prompt_length": 11}, ValueError, r"prompt_length=11, expected 1\.\.10"),
+        ({"prompt_length": 2.0}, TypeError, "prompt_length must be an int"),
     ]
     for kw, exc, match in cases:
         with pytest.raises(exc, match=match):
