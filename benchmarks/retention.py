@@ -297,8 +297,8 @@ def training_plan(s: Settings) -> dict[str, torch.Tensor]:
 
 
 def eval_plan(s: Settings) -> dict[str, torch.Tensor]:
-    """The evaluation data, the same for both models: warm-up chunks, then per trial a fact (keys unlike the
-    warm-up's), its question and ``max(eval_ns)`` distractors (keys unlike the fact's)."""
+    """The evaluation data, the same for both models: warm-up chunks, then per trial a fact (a topic, so keys,
+    unlike the warm-up's), its question and ``max(eval_ns)`` distractors (topics unlike the fact's)."""
     stream = FactStream(s, s.seed + 3)
     warm = torch.stack([stream.chunk() for _ in range(s.warmup_injections)]) if s.warmup_injections else None
     n_max = max(s.eval_ns)

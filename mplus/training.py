@@ -232,8 +232,18 @@ def training_step(
         rng, committed = mem.rng_state(), 0
         try:
             with amp:
-                args = (retriever_loss, run_layer, victims, document, grad, prompt_length)
-                out = _forward(model, mem, contexts, target.to(device), *args)
+                out = _forward(
+                    model,
+                    mem,
+                    contexts,
+                    target.to(device),
+                    retriever_loss,
+                    run_layer,
+                    victims,
+                    document,
+                    grad,
+                    prompt_length,
+                )
             if commit:
                 with torch.no_grad():
                     for delta, drop in zip(out.deltas, out.victims):

@@ -100,7 +100,7 @@ def test_a_prompt_length_step_computes_a_prefill_of_the_prompt_then_the_rest_thr
     vocab = model.config.vocab_size
     for seed in range(3):
         model.inject(_ids(20, 100 + seed, vocab), victims=_victims(model, 100 + seed))
-    twin = copy.deepcopy(model)
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
     context, victims, target = _ids(18, 1, vocab), _victims(model, 11), _ids(9, 50, vocab)
     out = training.training_step(model, context, target, victims=[victims], prompt_length=prompt)
     twin.inject(context, victims=victims)
@@ -108,7 +108,7 @@ def test_a_prompt_length_step_computes_a_prefill_of_the_prompt_then_the_rest_thr
     rest = twin(target[:, prompt:], past_key_values=head.past_key_values)
     want = torch.cat([head.logits, rest.logits], 1)
     assert_close(out.logits.detach(), want, atol=2e-5, rtol=2e-5, name="logits")
-    full = training.training_step(twin, context, target, victims=[victims], commit=False)
+    full = training.training_step(plain, context, target, victims=[victims])  # the same step, no prompt_length
     assert not torch.allclose(full.logits, out.logits, atol=1e-3)  # the prompt's retrieval is not the whole target's
     assert not torch.allclose(full.retriever_loss, out.retriever_loss)
 
