@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_WHEELS ?= /opt/wheels
 STAMP := $(VENV)/.mplus-deps
 BUILD_STAMP := $(VENV)/.mplus-build
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/isa/*.cpp csrc/cuda/*.cu)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/isa/*.cpp)
 RESULTS ?= bench-results
 PYTEST_ARGS ?=
 
@@ -47,11 +47,12 @@ clean:
 # make gpu-check: the one command for a machine with an NVIDIA GPU (README "Validating on a GPU"). It uses that
 # machine's own python3, torch, triton and transformers: no venv, nothing downloaded (PYTHON=... picks another
 # interpreter, GPU_CHECK_ARGS="--only bench" etc. a part). Builds the extension in place, then tests on CUDA, the
-# compile check and the GPU benchmarks, in under 10 minutes; results in gpu-check-results/.
+# compile check and the GPU benchmarks, in under 10 minutes; results in gpu-check-results/. The harness is
+# tools/gpu_check/ (a tool of this checkout, not in the wheel), run from the repository root.
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
 gpu-check:
-	$(PYTHON) -m mplus.gpu_check $(GPU_CHECK_ARGS)
+	$(PYTHON) -m tools.gpu_check $(GPU_CHECK_ARGS)
 
 # make gpu-check-wheels (on a machine with PyPI): the pure-Python wheels of pytest and its dependencies for Python 3.12,
 # in gpu-check-wheels/. Copied along to a GPU machine whose python lacks pytest, gpu-check unpacks them next to its

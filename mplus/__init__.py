@@ -7,6 +7,7 @@ from .memory.ltm import LongTermMemory, LTMBudgetError
 from .memory.state import MemoryState
 from .memory.transfer import TransferEngine
 from .model import MPlusCache, MPlusForCausalLM, StaleCacheError
+from .segments import MemorySegments, PendingSegment
 
 __all__ = [
     "DroppedRows",
@@ -19,6 +20,8 @@ __all__ = [
     "MPlusConfig",
     "MPlusForCausalLM",
     "MemoryKV",
+    "MemorySegments",
+    "PendingSegment",
     "ShortTermMemory",
     "StaleCacheError",
     "TransferEngine",

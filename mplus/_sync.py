@@ -64,6 +64,11 @@ class MemoryLock:
                     self._writer = None
                     self._cond.notify_all()
 
+    def held_for_writing(self) -> bool:
+        """Whether the calling thread holds the write lock."""
+        with self._cond:
+            return self._writer == threading.get_ident()
+
     def __getstate__(self) -> dict:  # copy.deepcopy / pickle: a copy gets its own, free lock
         return {}
 

@@ -4,7 +4,8 @@ M+ attention per layer (SPEC.md §3.1): the chunk's queries attend to a memory p
 retrieved long-term rows, the short-term rows) and to the chunk itself, bottom-right causal. The memory keys are kept
 *before* RoPE (one cache row per memory slot, :class:`MemoryKV`) and rotated inside the kernel by a per-row position,
 so updating a slot never invalidates the cached keys of the others, and no ``[memory ; chunk]`` concatenation, mask
-tensor or ``repeat_kv`` is ever built.
+tensor or ``repeat_kv`` is ever built. The memory comes as segments (:mod:`mplus.segments`: ``MemoryKV``,
+``MemorySegments``, ``PendingSegment``), attended apart and merged exactly through their LSE.
 
 The module keeps Llama's parameter names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so official M+ and Hugging
 Face state dicts load unchanged, and :meth:`FusedMemoryAttention.from_llama` wraps an existing ``LlamaAttention``
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +26,14 @@ from torch import Tensor, nn
 from mplus_kernels._utils import check_tensor
 from mplus_kernels.attention import memory_attention, merge_attention_states, rotate_half
 
+from .segments import Memory, MemoryKV, MemorySegments, PendingSegment, as_segments
+
 __all__ = [
     "FusedMemoryAttention",
     "KVCache",
     "MemoryKV",
+    "MemorySegments",
+    "PendingSegment",
     "mplus_attention_forward",
     "register_with_transformers",
     "rope_tables",
@@ -45,26 +49,6 @@ def rope_tables(inv_freq: Tensor, num_positions: int, attention_scaling: float =
     """
     angles = torch.arange(num_positions, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
-
-
-@dataclasses.dataclass
-class MemoryKV:
-    """One layer's memory as its attention sees it.
-
-    Attributes:
-        k: ``[B, M, Hkv, D]`` memory keys *before* RoPE (model dtype); a memory shared by the batch may be
-            ``x.expand(B, -1, -1, -1)`` (no copy).
-        v: ``[B, M, Hkv, D]`` memory values.
-        positions: ``[M]`` int32/int64, the RoPE position of each row (generation: BOS 0, long-term rows 1..K0,
-            short-term rows K0+1..K0+N in logical order — DESIGN.md §3), indexing the tables below.
-        rope_cos, rope_sin: ``[P, D/2]`` fp32 (see :func:`rope_tables`), ``P > max(positions)``.
-    """
-
-    k: Tensor
-    v: Tensor
-    positions: Tensor
-    rope_cos: Tensor
-    rope_sin: Tensor
 
 
 @dataclasses.dataclass
@@ -206,7 +190,7 @@ class FusedMemoryAttention(nn.Module):
         self,
         hidden_states: Tensor,
         position_embeddings: tuple[Tensor, Tensor],
-        memory: MemoryKV | Sequence[MemoryKV | Callable[[], MemoryKV]] | None = None,
+        memory: Memory = None,
         kv_cache: KVCache | None = None,
         return_lse: bool = False,
         cache_position: Tensor | None = None,
@@ -218,13 +202,14 @@ class FusedMemoryAttention(nn.Module):
             hidden_states: ``[B, T, d]`` the chunk (already through the input RMSNorm).
             position_embeddings: ``(cos, sin)``, each ``[B, T, D]`` (or ``[1, T, D]``), the chunk's RoPE in the Hugging
                 Face convention (``LlamaRotaryEmbedding`` output).
-            memory: the layer's memory (keys before RoPE), seen by every query; None for plain causal attention. A
-                segment may also be a list of B ``MemoryKV`` of batch 1 (each row its own memory). A
-                list holds disjoint memory segments (e.g. short-term slots; BOS + retrieved long-term rows): the first
-                is attended together with the chunk, each other one alone, and the partial results are merged exactly
-                through their LSE, so the segments are never concatenated. A segment may be a callable returning its
-                ``MemoryKV`` (one still being fetched): it is called only after the segments before it were attended,
-                and the list entry is replaced by its result.
+            memory: the layer's memory (keys before RoPE), seen by every query; None for plain causal attention.
+                One :class:`MemoryKV`, or disjoint segments in order — a :class:`MemorySegments` or a plain list
+                (e.g. short-term slots; BOS + retrieved long-term rows): the first is attended together with the
+                chunk, each other one alone, and the partial results are merged exactly through their LSE, so the
+                segments are never concatenated. A segment is a ``MemoryKV``, a list of B ``MemoryKV`` of batch 1
+                (each row its own memory), or a :class:`PendingSegment` (one still being fetched), resolved only
+                after the segments before it were attended; ``memory`` itself is never modified (the pending
+                segment caches what it resolved to). Anything else is a ``TypeError``.
             kv_cache: a preallocated cache of past chunk tokens; this chunk's rotated keys/values are appended and the
                 queries attend to all valid cache rows (bottom-right causal), then to nothing else of the past.
             return_lse: also return the natural-log LSE ``[B, Hq, T]`` fp32 (to merge with other partial attentions).
@@ -250,6 +235,7 @@ class FusedMemoryAttention(nn.Module):
             )
         if cache_position is not None:
             check_tensor("FusedMemoryAttention", "cache_position", cache_position)
+        segments = as_segments(memory)
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)
@@ -269,14 +255,13 @@ class FusedMemoryAttention(nn.Module):
             kv_len = (cache_position[-1:] + 1).to(torch.int32).expand(b).contiguous()
         elif kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        segments = [] if memory is None else [memory] if isinstance(memory, MemoryKV) else memory
         if not segments:
             out, lse = memory_attention(
                 q, k, v, softmax_scale=self.scaling, causal=True, backend=self.backend, kv_len=kv_len, kv_start=kv_start
             )
         for i, segment in enumerate(segments):
-            if callable(segment):
-                segment = segments[i] = segment()
+            if isinstance(segment, PendingSegment):  # reached only now: its fetch overlapped the segments before it
+                segment = segment.resolve()
             chunk_k, chunk_v, lens, start = (k, v, kv_len, kv_start) if i == 0 else (k[:, :0], v[:, :0], None, None)
             if isinstance(segment, MemoryKV):
                 o, s = self._attend(q, chunk_k, chunk_v, segment, lens, start)

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+ENCODER, DECODER = "default", "decoder_adapter"  # the official adapter names: update (inject), generation
+
 
 class AdapterState:
     """The adapter every :class:`LoRALinear` of a model applies (``None``: base weights only), per thread.

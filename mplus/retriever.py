@@ -8,14 +8,9 @@ checkpoint (``query_proj.0.weight``, ``query_proj.2.weight``; index 1 is the act
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama's RMSNorm: fp32 variance, normalised value cast back to the input dtype, then scaled."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+__all__ = ["Projector"]
 
 
 class Projector(nn.Sequential):
@@ -33,9 +28,3 @@ class Projector(nn.Sequential):
             )
         else:
             raise ValueError(f"Projector: num_selector_layers={num_layers} is not supported (1 or 2)")
-
-
-def retriever_keys(rows: Tensor, norm_weight: Tensor, key_proj: nn.Module, eps: float) -> Tensor:
-    """Keys of memory rows ``[..., d] → [..., ds]``: ``key_proj(input_layernorm(rows))``."""
-    with torch.no_grad():
-        return key_proj(rms_norm(rows, norm_weight, eps))

@@ -18,9 +18,10 @@ recomputes its sigmoids in the backward), so no ``[memory ; chunk]`` concatenati
   positives are the rows that hold the document (tracked through the drops, :func:`track_document`), negatives the
   rest;
 * with ``commit=True`` (default) the injections are then written into the memory state through the model's own
-  all-or-nothing update (the same victims, so the state holds exactly the functional memory the loss saw; the
-  dropped rows go to the long-term memory as in inference). The target's retrieval sees what inference would after
-  those injections: the store, its cache, the rows the step dropped, minus what the merges the step triggers evict.
+  all-or-nothing update (:func:`mplus.update.commit_update`; the same victims, so the state holds exactly the
+  functional memory the loss saw; the dropped rows go to the long-term memory as in inference). The target's
+  retrieval sees what inference would after those injections: the store, its cache, the rows the step dropped,
+  minus what the merges the step triggers evict.
   The memory is never left half-changed: a step that fails before its commit leaves the state (and its drop
   generator) as it was.
 
@@ -42,8 +43,12 @@ from torch.utils.checkpoint import checkpoint
 from mplus_kernels import draw_victims
 from mplus_kernels.retrieval.scores import retriever_bce_loss, retriever_scores
 
+from .llama import check_ids
+from .lora import DECODER
 from .memory.state import MemoryState
-from .model import DECODER, MPlusForCausalLM
+from .model import MPlusForCausalLM
+from .segments import layer_segments
+from .update import commit_update, encode
 
 __all__ = ["StepOutput", "param_groups", "prepare", "track_document", "trainable", "training_step"]
 
@@ -174,8 +179,9 @@ def training_step(
     if not contexts:
         raise ValueError("training_step: context holds no chunk (give a [1, T] tensor or a list of them)")
     for i, ids in enumerate(contexts):
-        model._check_ids(ids, f"training_step: context[{i}]" if len(contexts) > 1 else "training_step: context")
-    model._check_ids(target, "training_step: target")
+        what = f"training_step: context[{i}]" if len(contexts) > 1 else "training_step: context"
+        check_ids(ids, cfg.vocab_size, what)
+    check_ids(target, cfg.vocab_size, "training_step: target")
     if target.shape[1] < 2:
         raise ValueError(f"training_step: target {list(target.shape)} needs at least 2 tokens (next-token loss)")
     if retriever_loss is None:
@@ -212,7 +218,7 @@ def training_step(
     ):
         got = f"{document.dtype} {list(document.shape)}" if isinstance(document, Tensor) else type(document).__name__
         raise ValueError(f"training_step: document must be a bool tensor [L, N] = {list(shape)}, got {got}")
-    mem = model._memory_of(memory, "training_step", inject=True)
+    mem = model.resolve_memory(memory, "training_step", inject=True)
     if mem.stm.age_mode != "training":
         raise ValueError(
             "training_step: memory keeps reference (inference) ages; training uses the training ages of SPEC.md §4.7: "
@@ -247,7 +253,7 @@ def training_step(
             if commit:
                 with torch.no_grad():
                     for delta, drop in zip(out.deltas, out.victims):
-                        model._update_memory(mem, delta, drop)
+                        commit_update(model, mem, delta, drop)
                         committed += 1
         except BaseException as exc:
             if committed:  # each chunk's commit is all-or-nothing; the generator stays past the step's draws
@@ -314,7 +320,7 @@ def _forward(
         gone, keep = drop.long().sort(1).values, _survivors(n, drop)  # ascending: the order the store gets them in
         with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
             tails = lambda layer_idx, h=hidden: h[layer_idx, n - k :]  # noqa: E731
-            delta, _ = model._encode(ids.to(device), tails, run_layer)
+            delta, _ = encode(model, ids.to(device), tails, run_layer)
             dropped_hidden.append(_rows(hidden, gone))
             hidden = torch.cat([_rows(hidden, keep), delta.to(hidden.dtype)], 1)
         ages = ages + k  # SPEC §4.7: every short-term age advances by 1 + max(new ages) before the drop
@@ -360,7 +366,7 @@ def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, ru
     cfg = model.config
     k0, n, t = cfg.num_ltm_tokens, cfg.stm_size, target.shape[1]
     device = model.compute_device
-    pos = model._chunk_rope(cfg.memory_prefix_len, t)
+    pos = model.rope.chunk(cfg.memory_prefix_len, t)
     stm_pos = torch.arange(1 + k0, 1 + k0 + n, dtype=torch.int32, device=device)
     queries = []
 
@@ -369,9 +375,8 @@ def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, ru
         with model.adapters.use(DECODER):  # set inside: a checkpointed layer recomputes in the backward pass
             mk, mv = layer.memory_kv(stm_rows)
             bos = model.bos_embedding[layer_idx]
-            prefix_k, prefix_v = layer.memory_kv(bos if ltm_rows is None else torch.cat([bos, ltm_rows.to(bos.dtype)]))
-            prefix_pos = torch.arange(prefix_k.shape[0], dtype=torch.int32, device=device)
-            segments = [model._mem(mk, mv, stm_pos), model._mem(prefix_k, prefix_v, prefix_pos)]
+            prefix = layer.memory_kv(bos if ltm_rows is None else torch.cat([bos, ltm_rows.to(bos.dtype)]))
+            segments = layer_segments((mk, mv, stm_pos), prefix, model.rope_cos, model.rope_sin)  # as a prefill builds
             return layer(h, pos, segments, None)
 
     with model.adapters.use(DECODER):

@@ -4,7 +4,6 @@
 |-------------------|-------------------------------------|--------|
 | MPLUS_BACKEND     | auto (default), triton, cpp, reference | force one backend for every op (see `_backend.py`) |
 | TRITON_INTERPRET  | 0 (default) / 1                     | run Triton kernels on the CPU through the interpreter |
-| MPLUS_BUILD_CUDA  | unset (auto) / 0 / 1                 | read by `setup.py` only: build `csrc/cuda` or not |
 | MPLUS_CPU_ISA     | auto (default), baseline, avx2, avx512 | ISA level of the C++ CPU kernels (unsupported: refused) |
 | MPLUS_DEBUG_CHECKS | 0 (default) / 1                    | wrappers also check device tensors' values (a sync) |
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 import mplus
 from mplus.checkpoint import memory_state, save_memory
 from mplus.config import MPlusConfig
+from mplus.memory.serialization import ltm_tensors
 from mplus.model import MPlusForCausalLM
 from mplus_kernels.testing import assert_close, assert_equal
 
@@ -190,7 +191,7 @@ def test_hub_id_is_resolved_with_the_hub_keywords(monkeypatch, golden_logits):
         calls.append((repo_id, kwargs))
         return str(MODEL_DIR)
 
-    monkeypatch.setattr("mplus.checkpoint.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("mplus.checkpoint.hub.snapshot_download", fake_snapshot_download)
     model = _load(REPO, revision="v1.0", cache_dir="/somewhere", token="hf_test")
     assert_equal(model(IDS).logits, golden_logits, name="logits")
     assert calls == [
@@ -229,7 +230,7 @@ def test_hub_errors_are_named(monkeypatch, error, match):
     def failing(repo_id, **kwargs):
         raise _http_error(getattr(errors, error), 404 if error != "HfHubHTTPError" else 500)
 
-    monkeypatch.setattr("mplus.checkpoint.snapshot_download", failing)
+    monkeypatch.setattr("mplus.checkpoint.hub.snapshot_download", failing)
     with pytest.raises(ValueError, match=match):
         _load(REPO, revision="v9")
 
@@ -287,7 +288,7 @@ def _injected(contexts: int, kernels: str = "reference") -> MPlusForCausalLM:
 def _assert_memory_saved(saved: MPlusForCausalLM, again: MPlusForCausalLM) -> None:
     assert_equal(again.stm.logical("hidden"), saved.stm.logical("hidden"), name="STM rows (logical order)")
     assert_equal(again.stm.age, torch.zeros_like(saved.stm.age), name="STM ages (not in the layout: zero)")
-    have, want = again.ltm.memory_state(), saved.ltm.memory_state()
+    have, want = ltm_tensors(again.ltm), ltm_tensors(saved.ltm)
     for layer in range(saved.config.num_hidden_layers):
         for prefix in ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.", "ltm_k.", "ltm_v."):
             assert_equal(have[f"{prefix}{layer}"], want[f"{prefix}{layer}"], name=f"{prefix}{layer}")
@@ -357,7 +358,7 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("mplus.checkpoint.save_file", half_written)
+    monkeypatch.setattr("mplus.checkpoint.official.save_file", half_written)
     with pytest.raises(OSError, match=f"save_pretrained: cannot write {directory}: OSError: disk full"):
         _injected(2).save_pretrained(directory)
     assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"], "no temporary file is left"

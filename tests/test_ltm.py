@@ -6,11 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from _golden import GOLDEN, load_state
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mplus import ShortTermMemory
-from mplus.memory.ltm import LongTermMemory, LTMBudgetError, _compact_, _runs
-from mplus.retriever import Projector, retriever_keys, rms_norm
+from mplus.llama import rms_norm
+from mplus.memory.buffers import compact_, row_runs
+from mplus.memory.ltm import LongTermMemory, LTMBudgetError
+from mplus.memory.serialization import load_ltm_tensors, ltm_tensors
+from mplus.retriever import Projector
 from mplus_kernels.testing import assert_close, assert_equal
 
 L, D, DS, K, K0 = 3, 64, 16, 8, 16
@@ -53,7 +56,7 @@ def _load_official(ltm: LongTermMemory, state: dict) -> None:
     sd["update_step"] = state["update_step"]
     for layer in range(L):
         sd[f"ltm_ages.{layer}"] = sd[f"ltm_ages.{layer}"].double().trunc()
-    ltm.load_memory_state(sd)
+    load_ltm_tensors(ltm, sd)
 
 
 def _compare(ltm: LongTermMemory, golden: dict, step: int) -> None:
@@ -94,7 +97,7 @@ def test_golden_replay_of_five_injections(checkpoint, zero_copy, capacity):
         views = ltm.cache_views(K) if zero_copy else None
         out = stm.update(golden["delta_memory"][0], victims=golden["drop_dropped_indices"], dropped=views)
         keys = torch.stack(
-            [retriever_keys(out.hidden[layer], _norm(checkpoint, layer), key_proj[layer], EPS) for layer in range(L)]
+            [key_proj[layer](rms_norm(out.hidden[layer], _norm(checkpoint, layer), EPS)) for layer in range(L)]
         )
         merged = ltm.push_dropped(
             keys, written=zero_copy, hidden=None if zero_copy else out.hidden, age=None if zero_copy else out.age
@@ -160,9 +163,9 @@ def test_compaction_moves_runs_in_place():
     buf = torch.arange(20.0).reshape(10, 2)
     keep = torch.tensor([2, 3, 4, 7, 9])
     expected = buf[keep].clone()
-    _compact_(buf, _runs(keep))
+    compact_(buf, row_runs(keep))
     assert_equal(buf[:5], expected, name="compacted rows")
-    assert _runs(torch.tensor([0, 1, 2, 5, 6, 9])) == [(0, 3), (5, 2), (9, 1)]
+    assert row_runs(torch.tensor([0, 1, 2, 5, 6, 9])) == [(0, 3), (5, 2), (9, 1)]
 
 
 def test_growth_is_amortised_and_budget_is_enforced():
@@ -191,12 +194,12 @@ def test_save_load_round_trip(tmp_path, checkpoint):
         sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = torch.randn(n, 2, 4), torch.randn(n, 2, 4)
         sd[f"ltm_ages.{layer}"] = sd[f"ltm_ages.{layer}"].double()
     sd["cached_dropped_k"], sd["cached_dropped_v"] = torch.randn(L, 8, 2, 4), torch.randn(L, 8, 2, 4)
-    ltm.load_memory_state(sd)
+    load_ltm_tensors(ltm, sd)
     path = tmp_path / "ltm.safetensors"
-    ltm.save(str(path))
+    save_file(ltm_tensors(ltm), str(path))  # a store's file: the mplus memory file's ltm_store.* part
     again = _store(kv_shape=(2, 4))
-    again.load(str(path))
-    a, b = ltm.memory_state(), again.memory_state()
+    load_ltm_tensors(again, load_file(str(path)))
+    a, b = ltm_tensors(ltm), ltm_tensors(again)
     assert a.keys() == b.keys()
     for key in a:
         assert_equal(b[key], a[key], name=key)
@@ -205,7 +208,7 @@ def test_save_load_round_trip(tmp_path, checkpoint):
 def test_bad_input_leaves_the_store_unchanged():
     ltm = _store()
     _load_official(ltm, load_state(1))
-    before = ltm.memory_state()
+    before = ltm_tensors(ltm)
     with pytest.raises(ValueError, match=r"keys must be \[L=3, k, ds=16\]"):
         ltm.push_dropped(torch.zeros(3, 8, 15), hidden=torch.zeros(3, 8, D), age=torch.zeros(3, 8))
     with pytest.raises(ValueError, match="overflow the cache"):
@@ -216,6 +219,6 @@ def test_bad_input_leaves_the_store_unchanged():
         ltm.retrieve(0, torch.zeros(2, DS), num_retrieved=-1)
     with pytest.raises(ValueError, match=r"append_rows_: hidden"):
         ltm.append_rows_(0, torch.zeros(2, D + 1), torch.zeros(2, DS), torch.zeros(2), torch.zeros(2))
-    after = ltm.memory_state()
+    after = ltm_tensors(ltm)
     for key in before:
         assert_equal(after[key], before[key], name=key)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from mplus.checkpoint import load_memory, load_official_memory, memory_state, save_memory
 from mplus.lora import AdapterState
 from mplus.memory.ltm import LTMBudgetError
+from mplus.memory.serialization import load_ltm_tensors
 from mplus.model import DECODER, ENCODER, MPlusForCausalLM, StaleCacheError
 from mplus_kernels.testing import assert_equal
 
@@ -419,7 +420,7 @@ ERROR_CASES = [
         "max_length=0 must be an int > 0",
     ),  # fmt: skip
     ("ltm.push_dropped(None)", lambda m: m.ltm.push_dropped(None), TypeError, "push_dropped: keys must be a torch"),
-    ("ltm.load_memory_state(None)", lambda m: m.ltm.load_memory_state(None), TypeError, "must be a dict of tensors"),
+    ("load_ltm_tensors(ltm, None)", lambda m: load_ltm_tensors(m.ltm, None), TypeError, "must be a dict of tensors"),
     (
         "ltm.append_rows_(None)",
         lambda m: m.ltm.append_rows_(0, None, None, None, None),
@@ -427,7 +428,6 @@ ERROR_CASES = [
         "append_rows_: hidden must be a torch.Tensor",
     ),  # fmt: skip
     ("stm.update(None)", lambda m: m.stm.update(None), TypeError, "update: new_hidden must be a torch.Tensor"),
-    ("stm.slots_of(None)", lambda m: m.stm.slots_of(None), TypeError, "logical_positions must be a torch.Tensor"),
     ("stm.logical('x')", lambda m: m.stm.logical("x"), ValueError, "has no 'x' cache"),
     ("TransferEngine.submit(None)", lambda m: m.transfer.submit("job", None), TypeError, "fn must be a callable"),
     ("attention(None)", lambda m: m.layers[0].self_attn(None, None), TypeError, "hidden_states must be a torch"),

@@ -26,6 +26,7 @@ def _placement(model: MPlusForCausalLM) -> dict[str, tuple[torch.device, torch.d
     """Every tensor of the model and its memory, by name, with its device and dtype."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
     out = {n.removeprefix("memory."): (t.device, t.dtype) for n, t in tensors}  # the default state: model.memory
+    out = {n: where for n, where in out.items() if not n.startswith("ltm.")}  # the store's buffers, named below
     ltm = model.ltm
     for name in ("hidden", "keys", "age", "rf"):
         for layer, t in enumerate(getattr(ltm, name)):

@@ -14,6 +14,7 @@ from _golden import GOLDEN, load_state
 from safetensors.torch import load_file
 
 from mplus.checkpoint import load_memory, load_official_memory, save_memory
+from mplus.memory.serialization import ltm_tensors
 from mplus.model import MPlusForCausalLM
 from mplus_kernels.testing import assert_close, assert_equal
 
@@ -262,11 +263,11 @@ def test_from_pretrained_names_a_broken_config(tmp_path):
 )
 def test_bad_input_leaves_memory_unchanged(ids, match):
     model = _model()
-    before = model.stm.hidden.clone(), model.ltm.memory_state()
+    before = model.stm.hidden.clone(), ltm_tensors(model.ltm)
     with pytest.raises(ValueError, match=match):
         model.inject(ids)
     assert_equal(model.stm.hidden, before[0], name="STM")
-    after = model.ltm.memory_state()
+    after = ltm_tensors(model.ltm)
     for key, value in before[1].items():
         assert_equal(after[key], value, name=key)
 

@@ -1,6 +1,6 @@
-"""Issue 12, item 4: the retention experiment's pipeline (benchmarks/retention.py) end to end at its smoke size:
+"""Issue 12, item 4: the retention experiment's pipeline (experiments/retention.py) end to end at its smoke size:
 base pretraining, memory training of both models with the training step, evaluation through inject/forward, the
-JSON and the PNG. (The full run is a benchmark, never run by the tests.)"""
+JSON and the PNG. (The full run is an experiment, never run by the tests.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "experiments"))  # a script, not a package
 
 import retention  # noqa: E402
 import torch  # noqa: E402

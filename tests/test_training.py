@@ -318,15 +318,15 @@ def test_a_failed_commit_of_a_later_chunk_keeps_the_chunks_before_it_and_says_so
     vocab = model.config.vocab_size
     twin = copy.deepcopy(model)
     contexts, victims = [_ids(20, 1, vocab), _ids(20, 2, vocab)], [_victims(model, 1), _victims(model, 2)]
-    real, calls = model._update_memory, []
+    real, calls = training.commit_update, []
 
-    def second_fails(mem, delta, drop):
+    def second_fails(m, mem, delta, drop):
         calls.append(drop)
         if len(calls) == 2:
             raise RuntimeError("no room")
-        return real(mem, delta, drop)
+        return real(m, mem, delta, drop)
 
-    monkeypatch.setattr(model, "_update_memory", second_fails)
+    monkeypatch.setattr(training, "commit_update", second_fails)
     with pytest.raises(RuntimeError, match="no room") as info:
         training.training_step(model, contexts, _ids(10, 3, vocab), victims=victims)
     assert "committing context chunk 1 of 2 failed" in "\n".join(info.value.__notes__)

@@ -30,6 +30,7 @@ namespace {
 
 using namespace ::mplus::attn;
 #include "vec.h"
+#include "parallel.h"
 
 // Micro-tiles sized to the register file (32 zmm / 16 ymm, xmm), measured best at the benchmark's shape (D 128) on an
 // AVX-512 + AMX Xeon core: S/dP kScoreRows × kScoreVecs accumulators plus the kScoreVecs key vectors and the broadcast
@@ -65,18 +66,6 @@ inline void with_count(int n, const F& f) {
     if (n < N) return with_count<N - 1>(n, f);
   }
   f(std::integral_constant<int, N>{});
-}
-
-// Runs body(task) for every task in [0, n) on the intra-op threads, handing tasks out one at a time (the machines
-// this runs on are shared, and a static split of the range would wait for its most preempted thread); each thread
-// first builds its own state with make(). Which thread runs a task changes nothing in its result.
-template <typename Make, typename Body>
-void parallel_tasks(int64_t n, const Make& make, const Body& body) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    auto state = make();
-    for (int64_t task = next++; task < n; task = next++) body(state, task);
-  });
 }
 
 // Transposes the kLanes x kLanes block v (v[i][l] <-> v[l][i]) in log2(kLanes) steps of shuffles: step S swaps bit

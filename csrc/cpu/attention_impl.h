@@ -27,6 +27,7 @@ namespace {
 
 using namespace ::mplus::attn;
 #include "vec.h"
+#include "parallel.h"
 #include "attention_kernels.h"
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -38,16 +39,6 @@ constexpr int64_t kSplitKeys = 1024, kMaxSplits = 64;     // decode split-KV: ke
 static_assert(kKeyBlock % kQkKeys == 0 && kDecodeBlock % kLanes == 0, "tile sizes must divide the blocks");
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Runs body(task) for every task in [0, n) on the intra-op threads, handing tasks out one at a time: the machines
-// this runs on are shared, and a static split of the range would wait for its most preempted thread.
-template <typename F>
-void parallel_tasks(int64_t n, const F& body) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t task = next++; task < n; task = next++) body(task);
-  });
-}
 
 // Writes one finished query row: out = acc / l, lse = ln(l) + m ln 2; a row that saw no key gets 0 and -inf.
 template <typename T>
@@ -245,17 +236,15 @@ void prefill(const Problem& P) {
   while (nq > 1 && P.B * P.Hkv * ((P.Tq + nq - 1) / nq) < 2 * threads) nq = (nq + 1) / 2;
   const int64_t nblk = (P.Tq + nq - 1) / nq;
   nq = (P.Tq + nblk - 1) / nblk;
-  const int64_t tasks = P.B * P.Hkv * nblk;
-  std::atomic<int64_t> next{0};  // as parallel_tasks, with one scratch per thread
-  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    Scratch ws(PrefillTask<T>::scratch_size(P.G * nq, P.D));
-    for (int64_t task = next++; task < tasks; task = next++) {
-      // Last query blocks first: they see the most chunk keys (longest tasks first balances the threads).
-      const int64_t qb = nblk - 1 - task % nblk, h = task / nblk % P.Hkv, b = task / nblk / P.Hkv;
-      const int64_t t0 = qb * nq;
-      PrefillTask<T>(P, ws.p, b, h, t0, std::min(nq, P.Tq - t0)).run();
-    }
-  });
+  parallel_tasks(
+      P.B * P.Hkv * nblk,
+      [&] { return Scratch(PrefillTask<T>::scratch_size(P.G * nq, P.D)); },  // one scratch per thread
+      [&](Scratch& ws, int64_t task) {
+        // Last query blocks first: they see the most chunk keys (longest tasks first balances the threads).
+        const int64_t qb = nblk - 1 - task % nblk, h = task / nblk % P.Hkv, b = task / nblk / P.Hkv;
+        const int64_t t0 = qb * nq;
+        PrefillTask<T>(P, ws.p, b, h, t0, std::min(nq, P.Tq - t0)).run();
+      });
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

@@ -53,31 +53,6 @@ static_assert(kSmall.nv * kSmall.mr + kSmall.nv + 1 + (MPLUS_ISA_LEVEL == 0) <= 
                   kLarge.nv * kLarge.mr + kLarge.nv + 1 + (MPLUS_ISA_LEVEL == 0) <= kVectorRegisters,
               "a micro-tile must fit the register file");
 
-// x86's max(a, b) / min(a, b): b where either is NaN. One instruction; GCC compiles the a > b ? a : b of vec.h's
-// vmax to a compare and a blend (it keeps the signed-zero semantics of the ?:).
-inline vf max_x86(vf a, vf b) {
-#if MPLUS_ISA_LEVEL >= 2
-  return _mm512_max_ps(a, b);
-#elif MPLUS_ISA_LEVEL == 1
-  return _mm256_max_ps(a, b);
-#elif defined(__SSE2__)
-  return _mm_max_ps(a, b);
-#else
-  return a > b ? a : b;
-#endif
-}
-inline vf min_x86(vf a, vf b) {
-#if MPLUS_ISA_LEVEL >= 2
-  return _mm512_min_ps(a, b);
-#elif MPLUS_ISA_LEVEL == 1
-  return _mm256_min_ps(a, b);
-#elif defined(__SSE2__)
-  return _mm_min_ps(a, b);
-#else
-  return a < b ? a : b;
-#endif
-}
-
 // sigmoid(x) = 1 / (1 + 2^z), z = -x * log2(e) clamped to [-100, 100] (beyond, sigmoid is 0 or 1 in fp32, and 2^z
 // stays a normal float); 2^z by vec.h's exp2_in_range (~2 ulp), then a true division. Absolute error ~1e-7 for every
 // x (vec.h's exp2v is for arguments <= 0 only). NaN stays NaN.

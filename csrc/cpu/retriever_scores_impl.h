@@ -50,30 +50,6 @@ static_assert(kDotMR * kDotNV + kDotNV + 1 + (MPLUS_ISA_LEVEL == 0) <= kVectorRe
               "a micro-tile must fit the register file");
 static_assert(kBlock % kProdMR == 0, "product tiles must cover a block exactly");
 
-// x86's max(a, b) / min(a, b): b where either is NaN (so a NaN argument stays NaN through the clamps below).
-inline vf max_x86(vf a, vf b) {
-#if MPLUS_ISA_LEVEL >= 2
-  return _mm512_max_ps(a, b);
-#elif MPLUS_ISA_LEVEL == 1
-  return _mm256_max_ps(a, b);
-#elif defined(__SSE2__)
-  return _mm_max_ps(a, b);
-#else
-  return a > b ? a : b;
-#endif
-}
-inline vf min_x86(vf a, vf b) {
-#if MPLUS_ISA_LEVEL >= 2
-  return _mm512_min_ps(a, b);
-#elif MPLUS_ISA_LEVEL == 1
-  return _mm256_min_ps(a, b);
-#elif defined(__SSE2__)
-  return _mm_min_ps(a, b);
-#else
-  return a < b ? a : b;
-#endif
-}
-
 // e = exp(-x) = 2^z, z = -x log2(e) clamped to [-100, 100] (beyond, s is 0 or 1 in fp32 and 2^z stays normal), by
 // vec.h's exp2_in_range (~2 ulp). NaN stays NaN.
 inline vf exp_neg(vf x) {

@@ -64,6 +64,31 @@ inline vf load(const float* p) {
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+// x86's max(a, b) / min(a, b): b where either is NaN, so a NaN x stays NaN through min_x86(hi, max_x86(lo, x)) (the
+// sigmoid clamps of the retriever kernels). One instruction; GCC compiles the a > b ? a : b of vmax to a compare and a
+// blend (it keeps the signed-zero semantics of the ?:).
+inline vf max_x86(vf a, vf b) {
+#if MPLUS_ISA_LEVEL >= 2
+  return _mm512_max_ps(a, b);
+#elif MPLUS_ISA_LEVEL == 1
+  return _mm256_max_ps(a, b);
+#elif defined(__SSE2__)
+  return _mm_max_ps(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+inline vf min_x86(vf a, vf b) {
+#if MPLUS_ISA_LEVEL >= 2
+  return _mm512_min_ps(a, b);
+#elif MPLUS_ISA_LEVEL == 1
+  return _mm256_min_ps(a, b);
+#elif defined(__SSE2__)
+  return _mm_min_ps(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
 // Lanes [0, n) of a, the rest 0 (n in [0, kLanes]).
 inline vf keep_first(vf a, int n) {
   constexpr vi idx = index_vector([](int i) { return i; });

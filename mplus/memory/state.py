@@ -9,22 +9,58 @@ by one model (``model.inject(ids, memory=state)``, ``model.generate(ids, memory=
 Placement: a state is an ``nn.Module``. The model's default state (``model.memory``) follows ``model.to(...)``; any
 other state moves with ``state.to(device)`` (or ``state.to(device, what="generation")``: only what generation reads),
 and ``state.offload()`` brings it back to (pinned) host memory. Switching states is O(1): a call names its state.
+
+**Every change goes through the state, in two phases** (docs/architecture.md, "The update transaction"):
+``plan = state.plan_update(...)`` (or ``state.plan_load(...)``) does every check, allocation and random draw and
+touches nothing; ``state.commit(plan)`` does only writes that cannot fail. Both run inside ``with state.mutate():``,
+which holds the write lock and advances ``version`` once when the block committed something. So a bad argument, a
+budget, a full cache or a failed allocation leaves the memory, its generator and its version exactly as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from mplus_kernels import draw_victims
+
 from .._sync import MemoryLock
-from .ltm import LongTermMemory
-from .stm import ShortTermMemory
+from . import serialization
+from .ltm import LongTermMemory, PushPlan, StoreContents
+from .stm import DroppedRows, ShortTermMemory, STMUpdate
 
 FORMAT = "mplus.memory/1"
 GENERATION_STM = ("k", "v", "pos")  # what generation reads of the STM (with the LTM's keys, ages and host rows)
+
+
+@dataclasses.dataclass
+class UpdatePlan:
+    """One checked update of a state (:meth:`MemoryState.plan_update`): what :meth:`MemoryState.commit` writes."""
+
+    state: MemoryState
+    version: int  # the state's version when planned: a plan commits on that version only
+    stm: STMUpdate
+    keys: Tensor | None  # [L, K, ds] retriever keys of the dropped rows (M+)
+    push: PushPlan | None  # the dropped rows' record in the long-term memory (M+)
+    in_place: bool  # the dropped rows land straight in the long-term cache (the STM is on the host)
+    rng: Tensor | None  # the generator's state after the victims were drawn (None: victims were given)
+
+
+@dataclasses.dataclass
+class LoadPlan:
+    """A checked replacement of a whole state (:meth:`MemoryState.plan_load`)."""
+
+    state: MemoryState
+    version: int
+    stm: dict[str, Tensor]  # the short-term buffers' new values, by buffer name
+    ltm: StoreContents | None
+    grown: dict  # the long-term buffers grown for it (allocated, not installed)
+    rng: Tensor | None  # the generator's new state (None: unchanged)
 
 
 class MemoryState(nn.Module):
@@ -52,6 +88,107 @@ class MemoryState(nn.Module):
         self.generator = generator
         self.version = 0
         self.lock = MemoryLock()
+        self._dirty = False  # a commit since the innermost mutate() began: its exit advances the version
+
+    # ------------------------------------------------------------------------------------------- transactions
+    @contextlib.contextmanager
+    def mutate(self, *, advance: bool = True) -> Iterator[MemoryState]:
+        """The write lock, for one change: the version advances once at the end when a commit happened inside (also
+        when the block then raised: what was committed stays committed, and caches built before are stale).
+        ``advance=False`` only for a state being built (``from_pretrained``): no cache can have read it yet."""
+        with self.lock.write():
+            try:
+                yield self
+            finally:
+                if self._dirty:
+                    self._dirty = False
+                    self.version += int(advance)
+
+    def plan_update(
+        self,
+        delta: Tensor,
+        new_k: Tensor | None,
+        new_v: Tensor | None,
+        *,
+        victims: Tensor | None = None,
+        keys_of: Callable[[Tensor], Tensor] | None = None,
+        backend: str | None = None,
+    ) -> UpdatePlan:
+        """Plan writing the delta rows ``delta [L, K, d]`` (with their generation K/V ``new_k``/``new_v [L, K, Hkv,
+        D]``) as the K newest short-term rows, dropping ``victims [L, K]`` (logical positions; default: drawn from
+        the state's generator as the official code draws them). ``keys_of(rows [L, K, d]) -> [L, K, ds]``: the
+        retriever keys of the rows about to be dropped (M+: they join the long-term memory's cache).
+
+        Every check (the victims, room in the long-term cache, the budget of the merge the update triggers), every
+        allocation (the grown store, the dropped rows' buffers) and the draw happen here; nothing changes (the
+        generator is put back: :meth:`commit` advances it)."""
+        stm, ltm, rows = self.stm, self.ltm, delta.shape[1] if delta.dim() == 3 else 0
+        rng = None
+        if victims is None:
+            before = self.rng_state()
+            try:
+                victims = draw_victims(stm.num_layers, stm.size, rows, self.generator)
+                rng = self.rng_state()
+            finally:
+                self.set_rng_state(before)
+        in_place = ltm is not None and stm.hidden.device.type == "cpu"
+        push = ltm.plan_push(rows) if ltm is not None else None
+        if in_place:  # on the host the dropped rows land straight in the long-term cache (zero copy)
+            dropped = ltm.cache_views(rows)
+        else:  # from a device they come out in device memory; the commit copies them to the (pinned) host cache
+            slots = [("hidden", stm.hidden), ("age", stm.age), ("k", stm.k), ("v", stm.v)]
+            dropped = {name: torch.empty_like(t[:, :rows]) for name, t in slots if t is not None}
+        plan = stm.plan_update(delta, victims=victims, new_k=new_k, new_v=new_v, dropped=dropped, backend=backend)
+        keys = None
+        if ltm is not None:
+            if keys_of is None:
+                raise ValueError("plan_update: keys_of is needed: the dropped rows join the long-term memory")
+            keys = keys_of(stm.dropped_rows(victims))
+        return UpdatePlan(self, self.version, plan, keys, push, in_place, rng)
+
+    def plan_load(
+        self, stm: dict[str, Tensor], ltm: StoreContents | None, rng: Tensor | None, where: str
+    ) -> LoadPlan:
+        """Plan replacing the state: ``stm`` short-term buffers by name (checked by the caller:
+        :func:`mplus.memory.serialization.check_stm_tensors`; those not given are kept), ``ltm`` the long-term
+        contents (checked: :func:`~mplus.memory.serialization.ltm_contents`; None: the store is kept), ``rng`` the
+        generator's state (None: kept). The room the
+        store needs is allocated here (``LTMBudgetError`` names ``where``); nothing changes."""
+        if ltm is not None and self.ltm is None:
+            raise ValueError(f"{where}: long-term contents for a state without a long-term memory (MemoryLLM)")
+        grown = self.ltm.plan_load(ltm, where) if ltm is not None else {}
+        return LoadPlan(self, self.version, stm, ltm, grown, rng)
+
+    def commit(self, plan: UpdatePlan | LoadPlan) -> DroppedRows | None:
+        """Write a plan of this state, inside :meth:`mutate`, on the version it was planned on. Writes only: nothing
+        can fail part-way. Returns an update's dropped rows."""
+        if plan.state is not self or plan.version != self.version:
+            made = "another state" if plan.state is not self else f"version {plan.version}"
+            raise RuntimeError(
+                f"MemoryState.commit: the plan was made for {made}, this state is at version {self.version}: plan again"
+            )
+        if not self.lock.held_for_writing():
+            raise RuntimeError("MemoryState.commit: commit inside `with state.mutate():` (the write lock)")
+        self._dirty = True
+        if isinstance(plan, LoadPlan):
+            if plan.ltm is not None:
+                self.ltm.commit_load(plan.ltm, plan.grown)
+            for name, t in plan.stm.items():
+                getattr(self.stm, name).copy_(t)
+            if plan.rng is not None:
+                self.set_rng_state(plan.rng)
+            return None
+        dropped = self.stm.commit_update(plan.stm)
+        ltm = self.ltm
+        if ltm is not None:
+            if plan.in_place:
+                ltm.commit_push(plan.push, plan.keys, written=True)
+            else:
+                kv = (dropped.k, dropped.v) if ltm.kv_shape is not None else None
+                ltm.commit_push(plan.push, plan.keys, hidden=dropped.hidden, age=dropped.age, kv=kv)
+        if plan.rng is not None:
+            self.set_rng_state(plan.rng)
+        return dropped
 
     # ------------------------------------------------------------------------------------------------ the RNG
     def rng_state(self) -> Tensor:
@@ -110,13 +247,7 @@ class MemoryState(nn.Module):
     def nbytes(self) -> dict[str, int]:
         """Bytes held per placement: ``{"device": ..., "host": ...}`` (capacity buffers of the long-term store)."""
         out = {"device": 0, "host": 0}
-        tensors = [t for t in self.stm._buffers.values() if t is not None]
-        if self.ltm is not None:
-            ltm = self.ltm
-            tensors += [*ltm.hidden, *ltm.keys, *ltm.age, *ltm.rf, ltm.cache_hidden, ltm.cache_keys, ltm.cache_age]
-            if ltm.kv is not None:
-                tensors += [t for pair in ltm.kv for t in pair] + list(ltm.cache_kv)
-        for t in tensors:
+        for t in self.buffers():
             out["host" if t.device.type == "cpu" else "device"] += t.numel() * t.element_size()
         return out
 
@@ -164,6 +295,15 @@ class MemoryState(nn.Module):
             }  # fmt: skip
         return desc
 
+    def mismatch(self, other: MemoryState) -> str | None:
+        """What makes ``other`` a state of another shape than this one (None: the same; budgets may differ)."""
+        own, theirs = self.describe(), other.describe()
+        shape = lambda d: d and {k: v for k, v in d.items() if k != "budget_bytes"}  # noqa: E731
+        for part in ("stm", "ltm"):
+            if shape(own[part]) != shape(theirs[part]):
+                return f"{part}: {theirs[part]}, this model: {own[part]}"
+        return None
+
     @classmethod
     def empty(cls, desc: dict) -> MemoryState:
         """An all-zero state of the shape :meth:`describe` gave (then filled by a load)."""
@@ -188,30 +328,22 @@ class MemoryState(nn.Module):
         return cls(stm, ltm, generator=torch.Generator() if desc.get("own_generator") else None)
 
     def save(self, path: str) -> None:
-        """The whole state in one safetensors file (the names of ``mplus.checkpoint.save_memory``, which
-        :meth:`load` and ``load_memory`` both read), with its description as metadata."""
-        from ..checkpoint import save_state
-
-        save_state(self, path, metadata={"mplus.memory": json.dumps(self.describe())})
+        """The whole state in one safetensors file (:mod:`mplus.memory.serialization`), with its description as
+        metadata; :meth:`load` and ``mplus.checkpoint.load_memory`` read it."""
+        serialization.save_file_of(self, path)
 
     @classmethod
     def load(cls, path: str, like: MemoryState | nn.Module | None = None) -> MemoryState:
         """A new state from a file of :meth:`save` (its metadata gives the shape) or of ``save_memory`` (give
         ``like``: a model or a state of the same shape). The file is checked whole before the state is returned."""
-        from ..checkpoint import load_state, read_memory_file
-
-        sd, metadata = read_memory_file(path, "MemoryState.load")
+        sd, metadata = serialization.read_file(path, "MemoryState.load")
         if like is not None:
             template = like.memory if hasattr(like, "memory") and isinstance(like.memory, MemoryState) else like
             if not isinstance(template, MemoryState):
                 raise TypeError(f"MemoryState.load: like must be a model or a MemoryState, got {type(like).__name__}")
             state = MemoryState.empty(template.describe())
-        elif "mplus.memory" in metadata:
-            state = MemoryState.empty(json.loads(metadata["mplus.memory"]))
         else:
-            raise ValueError(
-                f"MemoryState.load: {path} has no mplus.memory description (a save_memory file): pass like=model"
-            )
-        load_state(state, sd, f"MemoryState.load({path})")
+            state = MemoryState.empty(serialization.description_of(metadata, path))
+        serialization.load_tensors(state, sd, f"MemoryState.load({path})")
         state.version = 0
         return state

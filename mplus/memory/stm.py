@@ -13,7 +13,6 @@ leaves the ages float64 and the positions int32.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -26,6 +25,18 @@ from mplus_kernels.memory_update import logical_view, validate_memory_update
 from .._placement import FixedDtypeBuffers
 
 AgeMode = Literal["reference", "training"]
+
+
+@dataclasses.dataclass
+class STMUpdate:
+    """One update, checked (:meth:`ShortTermMemory.plan_update`): what :meth:`ShortTermMemory.commit_update` writes."""
+
+    victims: Tensor  # [L, K] logical positions to drop
+    slots: list[Tensor]  # the slot buffers written: hidden, age[, k, v]
+    fresh: list[Tensor]  # their new rows [L, K, ...]
+    dropped: list[Tensor] | None  # where the dropped rows land (None: allocated by the kernel)
+    age_step: Tensor | None  # training ages: every age advances by this first (1 + max new age); None: frozen ages
+    backend: str | None
 
 
 @dataclasses.dataclass
@@ -76,10 +87,11 @@ class ShortTermMemory(FixedDtypeBuffers):
         if kv_shape is not None:
             k = torch.zeros(num_layers, n, *kv_shape, dtype=kv_dtype or hidden.dtype, device=device)
             v = torch.zeros_like(k)
-        # Not in the model's state_dict: the memory is saved and loaded as a memory state (mplus.checkpoint).
+        # Registered buffers: state_dict(), .to() and to_empty() see the memory (the model's own state_dict leaves it
+        # out: weights and memory are saved apart, see MPlusForCausalLM).
         for name, t in [("hidden", hidden.contiguous()), ("age", age.to(device).contiguous()), ("pos", pos),
                         ("order", pos.clone()), ("k", k), ("v", v)]:  # fmt: skip
-            self.register_buffer(name, t, persistent=False)
+            self.register_buffer(name, t)
         self.age_mode = age_mode
 
     # moves and casts apply to every buffer, but ages stay float64 (a cast would round them); positions stay int32
@@ -100,10 +112,72 @@ class ShortTermMemory(FixedDtypeBuffers):
             raise ValueError(f"ShortTermMemory has no {name!r} cache")
         return logical_view(t, self.order)
 
-    def slots_of(self, logical_positions: Tensor) -> Tensor:
-        """Slots ``[L, len]`` holding the given logical positions (e.g. the last K rows: ``arange(N-K, N)``)."""
-        check_tensor("slots_of", "logical_positions", logical_positions)
-        return self.order[:, logical_positions.to(self.order.device).long()]
+    def _rows_of(self, new_hidden: Tensor) -> int:
+        """K, the rows per layer of ``new_hidden [L, K, d]`` (checked)."""
+        num_layers, n, d = self.num_layers, self.size, self.hidden.shape[2]
+        if (
+            check_tensor("update", "new_hidden", new_hidden).dim() != 3
+            or new_hidden.shape[0] != num_layers
+            or new_hidden.shape[2] != d
+        ):
+            raise ValueError(f"update: new_hidden must be [L={num_layers}, K, d={d}], got {list(new_hidden.shape)}")
+        if new_hidden.shape[1] > n:
+            k = new_hidden.shape[1]
+            raise ValueError(f"update: new_hidden brings K={k} rows, more than the N={n} slots per layer")
+        return new_hidden.shape[1]
+
+    def plan_update(
+        self,
+        new_hidden: Tensor,
+        *,
+        victims: Tensor,
+        new_age: Tensor | None = None,
+        new_k: Tensor | None = None,
+        new_v: Tensor | None = None,
+        dropped: dict[str, Tensor] | None = None,
+        backend: str | None = None,
+    ) -> STMUpdate:
+        """Check an update that drops the logical positions ``victims [L, K]`` and appends ``new_hidden [L, K, d]``
+        (and ``new_k``/``new_v``, exactly when the STM caches K/V) as the K newest logical rows. ``new_age``
+        defaults to ``K-1, …, 0`` (the official ages of a new chunk). ``dropped`` may hold caller-owned output
+        buffers ``{"hidden", "age"[, "k", "v"]}`` of shape ``[L, K, ...]`` (e.g. ``LongTermMemory.cache_views(K)``),
+        so the dropped rows land where they are kept, with no extra copy. Raises on any invalid argument; changes
+        nothing."""
+        num_layers, k = self.num_layers, self._rows_of(new_hidden)
+        if (new_k is None) != (self.k is None) or (new_v is None) != (self.v is None):
+            raise ValueError("update: new_k/new_v must be given exactly when the STM keeps a K/V cache")
+        if new_age is None:
+            new_age = torch.arange(k - 1, -1, -1, dtype=self.age.dtype, device=self.age.device)
+        new_age = new_age.to(self.age.device, self.age.dtype)
+        if new_age.dim() == 1:
+            new_age = new_age.expand(num_layers, k)
+        slots, fresh = [self.hidden, self.age], [new_hidden, new_age]
+        if self.k is not None:
+            slots += [self.k, self.v]
+            fresh += [new_k, new_v]
+        outs = None
+        if dropped is not None:
+            outs = [dropped["hidden"], dropped["age"]] + ([dropped["k"], dropped["v"]] if self.k is not None else [])
+        validate_memory_update(self.pos, self.order, victims, slots, fresh, outs)  # every check, before any write
+        age_step = 1 + new_age.max() if self.age_mode == "training" and k > 0 else None
+        return STMUpdate(victims, slots, fresh, outs, age_step, backend)
+
+    def dropped_rows(self, victims: Tensor) -> Tensor:
+        """The rows ``[L, K, d]`` an update dropping ``victims [L, K]`` (logical positions) removes, in ascending
+        logical order (a read: nothing changes)."""
+        v = victims.to(self.order.device).long().sort(dim=1).values
+        index = self.order.gather(1, v).long()[..., None].expand(-1, -1, self.hidden.shape[2])
+        return self.hidden.gather(1, index)
+
+    def commit_update(self, plan: STMUpdate) -> DroppedRows:
+        """Write a planned update (writes only: every check was :meth:`plan_update`'s). Returns the dropped rows."""
+        if plan.age_step is not None:
+            self.age += plan.age_step
+        out = memory_update_(
+            self.pos, self.order, plan.victims, plan.slots, plan.fresh, dropped=plan.dropped, backend=plan.backend
+        )
+        v_sorted = plan.victims.to(torch.int64).sort(dim=1).values
+        return DroppedRows(out[0], out[1], v_sorted, *(out[2:4] if self.k is not None else ()))
 
     def update(
         self,
@@ -116,54 +190,17 @@ class ShortTermMemory(FixedDtypeBuffers):
         generator: torch.Generator | None = None,
         dropped: dict[str, Tensor] | None = None,
         backend: str | None = None,
-        prepare: Callable[[Tensor], None] | None = None,
     ) -> DroppedRows:
-        """Drop K rows per layer and append ``new_hidden [L, K, d]`` as the K newest logical rows.
-
-        ``victims [L, K]`` gives the logical positions to drop; when None they are drawn as the official code does
-        (``draw_victims``: per layer ``torch.randperm(N)`` on ``generator``, default torch's global CPU generator).
-        ``new_age`` defaults to ``K-1, …, 0`` (the official ages of a new chunk). ``dropped`` may hold caller-owned
-        output buffers ``{"hidden", "age"[, "k", "v"]}`` of shape ``[L, K, ...]`` (e.g.
-        ``LongTermMemory.cache_views(K)``), so the dropped rows land where they are kept, with no extra copy.
-        The state is unchanged when an argument is invalid. ``prepare``, when given, is called with the rows about
-        to be dropped (``[L, K, d]``, ascending logical order) after every check and before the first write: the
-        caller's own checks and compute on them (the model: retriever keys, room in the long-term memory) can fail
-        with the STM still unchanged.
+        """Drop K rows per layer and append ``new_hidden [L, K, d]``: :meth:`plan_update` then
+        :meth:`commit_update`. ``victims [L, K]`` gives the logical positions to drop; when None they are drawn as
+        the official code does (``draw_victims``: per layer ``torch.randperm(N)`` on ``generator``, default torch's
+        global CPU generator). The state is unchanged when an argument is invalid. (A model's memory changes through
+        its :class:`~mplus.memory.state.MemoryState`, which also records the dropped rows in the long-term memory.)
         """
-        num_layers, n = self.num_layers, self.size
-        d = self.hidden.shape[2]
-        if (
-            check_tensor("update", "new_hidden", new_hidden).dim() != 3
-            or new_hidden.shape[0] != num_layers
-            or new_hidden.shape[2] != d
-        ):
-            raise ValueError(f"update: new_hidden must be [L={num_layers}, K, d={d}], got {list(new_hidden.shape)}")
-        k = new_hidden.shape[1]
-        if k > n:
-            raise ValueError(f"update: new_hidden brings K={k} rows, more than the N={n} slots per layer")
-        if (new_k is None) != (self.k is None) or (new_v is None) != (self.v is None):
-            raise ValueError("update: new_k/new_v must be given exactly when the STM keeps a K/V cache")
-        if new_age is None:
-            new_age = torch.arange(k - 1, -1, -1, dtype=self.age.dtype, device=self.age.device)
-        new_age = new_age.to(self.age.device, self.age.dtype)
-        if new_age.dim() == 1:
-            new_age = new_age.expand(num_layers, k)
+        k = self._rows_of(new_hidden)
         if victims is None:
-            victims = draw_victims(num_layers, n, k, generator)
-        slots = [self.hidden, self.age]
-        fresh = [new_hidden, new_age]
-        if self.k is not None:
-            slots += [self.k, self.v]
-            fresh += [new_k, new_v]
-        outs = None
-        if dropped is not None:
-            outs = [dropped["hidden"], dropped["age"]] + ([dropped["k"], dropped["v"]] if self.k is not None else [])
-        if prepare is not None or (self.age_mode == "training" and k > 0):
-            v, _ = validate_memory_update(self.pos, self.order, victims, slots, fresh, outs)  # before any write
-            if prepare is not None:
-                prepare(self.hidden.gather(1, self.order.gather(1, v).long()[..., None].expand(-1, -1, d)))
-        if self.age_mode == "training" and k > 0:
-            self.age += 1 + new_age.max()
-        out = memory_update_(self.pos, self.order, victims, slots, fresh, dropped=outs, backend=backend)
-        v_sorted = victims.to(torch.int64).sort(dim=1).values
-        return DroppedRows(out[0], out[1], v_sorted, *(out[2:4] if self.k is not None else ()))
+            victims = draw_victims(self.num_layers, self.size, k, generator)
+        plan = self.plan_update(
+            new_hidden, victims=victims, new_age=new_age, new_k=new_k, new_v=new_v, dropped=dropped, backend=backend
+        )
+        return self.commit_update(plan)

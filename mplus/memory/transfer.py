@@ -12,17 +12,17 @@ memory and the chunk; the two partial attentions are merged through their LSE (`
   (No machine of this project has a GPU: the CUDA branch is written to the stream/event contract but not run here.)
 * meta (the stand-in for a GPU): the job runs inline; nothing moves.
 
-``timeline`` records (name, thread, start, end) of every job and of caller spans marked with ``span(name)``, so
-overlap can be seen and tested.
+With ``record_timeline=True``, ``timeline`` records a :class:`Span` (name, thread, start, end on
+``time.perf_counter``) per job, so its overlap with the caller's own work (timed on the same clock) can be seen and
+tested.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -31,13 +31,12 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class Span:
+    """One timed job: its name, the thread that ran it, start and end on ``time.perf_counter``."""
+
     name: str
     thread: str
     start: float
     end: float
-
-    def overlaps(self, other: Span) -> bool:
-        return self.start < other.end and other.start < self.end
 
 
 def _walk(result: Any, visit: Callable[[torch.Tensor], Any]) -> Any:
@@ -80,8 +79,8 @@ class TransferEngine:
 
     Args:
         device: where results are needed. ``cpu``: results stay on the host. ``cuda``: every tensor in a job's result
-            is copied to the device on a side stream (from pinned memory when the job used :meth:`staging`).
-        record_timeline: keep a :class:`Span` per job and per caller ``span``.
+            is copied to the device on a side stream (asynchronously from host tensors in pinned memory).
+        record_timeline: keep a :class:`Span` per job in ``timeline``.
         threaded: on the CPU, run jobs on the worker thread (False: inline, e.g. for Triton kernels under the
             interpreter, which patches ``triton.language`` per launch and so cannot run kernels on two threads).
     """
@@ -99,40 +98,15 @@ class TransferEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mplus-transfer") if threaded else None
         self._closed = False
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._staging: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
         self.record_timeline = record_timeline
         self.timeline: list[Span] = []
-
-    # ----------------------------------------------------------------------------------------------- buffers
-    def staging(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reusable host buffer (pinned when the engine targets CUDA), one per ``(key, shape, dtype)``.
-
-        Reuse is safe for one job in flight per key: ``wait()`` the previous job that used the key first."""
-        if self._closed:
-            raise RuntimeError("TransferEngine: staging after close()")
-        k = (key, tuple(shape), dtype)
-        with self._lock:
-            buf = self._staging.get(k)
-            if buf is None:
-                buf = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
-                self._staging[k] = buf
-        return buf
 
     # ---------------------------------------------------------------------------------------------- timeline
     def _record(self, name: str, start: float, end: float) -> None:
         if self.record_timeline:
             with self._lock:
                 self.timeline.append(Span(name, threading.current_thread().name, start, end))
-
-    @contextlib.contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        """Mark a stretch of the caller's own work in the timeline."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._record(name, start, time.perf_counter())
 
     # ------------------------------------------------------------------------------------------------- jobs
     def _to_device(self, result: Any) -> Any:

@@ -38,7 +38,7 @@ through the cache teacher-forced (no re-retrieval); training asks the same way (
 The reference curve ``(1 - K/N)^n`` is the probability that one given STM row survives n injections; the measured
 fraction of the fact's rows still in the STM is recorded too.
 
-``python benchmarks/retention.py [--smoke] [--out docs/]`` writes ``retention.json`` and ``retention.png``. Torch runs
+``python experiments/retention.py [--smoke] [--out docs/]`` writes ``retention.json`` and ``retention.png``. Torch runs
 on one thread by default (``--threads``): on this 2-core machine, shared with other jobs, two OpenMP threads made the
 tiny ops up to 30x slower (threads spinning against each other); one thread loses nothing at these sizes.
 """

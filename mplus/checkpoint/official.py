@@ -1,0 +1,258 @@
+"""The official checkpoint layout (SPEC.md §2) ↔ :class:`~mplus.model.MPlusForCausalLM`: names only.
+
+The official state dict has the module parameters under Llama/PEFT names (which ``MPlusForCausalLM`` reproduces,
+so they load by name) plus the memory: ``memory`` [L, N, d], ``ltm.{l}``, ``ltm_keys.{l}``, ``ltm_ages.{l}``,
+``ltm_recall_frequencies.{l}`` (and the inference form's ``memory_ages``, ``cached_dropped_*``, ``update_step``).
+Everything is validated before anything is assigned: a missing or mis-shaped tensor is a ``ValueError`` naming it,
+and the memory changes through its state (``plan_load`` then ``commit``), all or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+import warnings
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..memory.serialization import ltm_contents, ltm_tensors
+from .hub import CONFIG_NAME, WEIGHTS_NAME
+
+MEMORY_KEYS = ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
+IGNORED = ("rotary_emb.inv_freq",)
+
+
+def load_official_state(model, tensors: dict[str, Tensor]) -> None:
+    """Assign an official state dict to ``model`` (weights, STM, LTM) after validating every tensor."""
+    cfg = model.config
+    L, N, d = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size  # noqa: N806
+    own = model.state_dict()
+    expected = {k: v.shape for k, v in own.items() if k != "inv_freq"}
+    expected["memory"] = torch.Size([L, N, d])
+    problems = []
+    for key, shape in expected.items():
+        if key not in tensors:
+            problems.append(f"missing {key} {list(shape)}")
+        elif tensors[key].shape != shape:
+            problems.append(f"{key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
+    ltm_sizes = []
+    if model.ltm is not None:
+        for layer in range(L):
+            names = [f"{p}{layer}" for p in MEMORY_KEYS]
+            absent = [n for n in names if n not in tensors]
+            if absent:
+                problems.append(f"missing {absent}")
+                continue
+            s = tensors[names[0]].shape[0]
+            want = {names[0]: (s, d), names[1]: (s, cfg.selector_hidden_dim), names[2]: (s,), names[3]: (s,)}
+            problems += [
+                f"{n} has shape {list(tensors[n].shape)}, expected {list(w)}"
+                for n, w in want.items()
+                if tuple(tensors[n].shape) != w
+            ]
+            ltm_sizes.append(s)
+    if "initialized" in tensors and int(tensors["initialized"].reshape(-1)[0]) == 0:
+        problems.append("initialized = 0: this MemoryLLM memory was never filled (training-time state)")
+    known = set(expected) | {f"{p}{layer}" for p in MEMORY_KEYS for layer in range(L)} | {"initialized"}
+    unknown = [k for k in tensors if k not in known and not k.endswith(IGNORED)]
+    problems += [f"unexpected tensor {k}" for k in unknown]
+    if problems:
+        raise ValueError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+
+    dtype = model.lm_head.weight.dtype
+    model.load_state_dict({k: tensors[k].to(dtype) for k in own if k != "inv_freq"}, strict=False)
+    # the memory, through its state: the short-term rows in identity slot order with ages 0, their K/V and the
+    # long-term rows' under the weights just loaded; a model being built starts at memory version 0
+    stm = _stm_of(model, tensors["memory"].to(dtype), torch.zeros(L, N, dtype=torch.float64))
+    contents = None
+    if model.ltm is not None:
+        sd = _official_ltm_state(model, {**{k: tensors[k] for k in tensors if k.startswith(MEMORY_KEYS)},
+                                         "update_step": torch.zeros(1, dtype=torch.int64)})  # fmt: skip
+        contents = ltm_contents(model.ltm, sd, "from_pretrained")
+    with model.memory.mutate(advance=False):
+        model.memory.commit(model.memory.plan_load(stm, contents, None, "from_pretrained"))
+@torch.no_grad()
+def model_kv(model, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Generation-adapter K/V (before RoPE) of memory rows of one layer."""
+    with model.adapters.use("decoder_adapter"):
+        return model.layers[layer].memory_kv(rows)
+
+
+def _stm_of(model, hidden: Tensor, ages: Tensor) -> dict[str, Tensor]:
+    """The short-term buffers of logical rows ``hidden [L, N, d]`` with ``ages [L, N]``: identity slot order, and
+    each slot's K/V under the generation adapter."""
+    L, N = hidden.shape[:2]  # noqa: N806
+    kv = [model_kv(model, layer, hidden[layer].to(model.compute_device)) for layer in range(L)]
+    identity = torch.arange(N, dtype=torch.int32).expand(L, N)
+    return {"hidden": hidden, "age": ages, "pos": identity, "order": identity,
+            "k": torch.stack([k for k, _ in kv]), "v": torch.stack([v for _, v in kv])}  # fmt: skip
+
+
+@torch.no_grad()
+def refresh_memory_kv(model) -> None:
+    """Recompute the short-term slots' cached K/V from their hidden rows (after writing ``model.stm.hidden`` by
+    hand): a change of the memory, so it advances its version."""
+    state = model.memory
+    with state.mutate():
+        kv = [model_kv(model, layer, state.stm.hidden[layer]) for layer in range(model.config.num_hidden_layers)]
+        stm = {"k": torch.stack([k for k, _ in kv]), "v": torch.stack([v for _, v in kv])}
+        state.commit(state.plan_load(stm, None, None, "refresh_memory_kv"))
+
+
+def official_state(model) -> dict[str, Tensor]:
+    """The model in the official checkpoint layout (SPEC.md §2), on the host: the weights under the names
+    :func:`load_official_state` expects, ``memory`` (the short-term rows in logical order), each layer's long-term
+    rows, keys, ages and recall frequencies (ages and frequencies as float64: exact, and the official loader casts
+    them), and MemoryLLM's ``initialized = 1``. What the layout has no place for is left out
+    (:func:`save_checkpoint`). Tensors may be views of the live memory: hold ``model.memory_lock.read()`` while
+    they are used."""
+    with model.memory_lock.read():
+        sd = {k: v.detach() for k, v in model.state_dict().items() if k != "inv_freq"}
+        sd["memory"] = model.stm.logical("hidden")
+        if model.ltm is not None:
+            ltm = ltm_tensors(model.ltm)
+            sd.update({f"{p}{layer}": ltm[f"{p}{layer}"] for p in MEMORY_KEYS for layer in range(model.ltm.num_layers)})
+        else:  # MemoryLLM's buffer: 0 would make the official code treat the memory as never filled
+            sd["initialized"] = torch.ones(1, dtype=torch.uint8)
+        return {k: v.cpu().contiguous() for k, v in sd.items()}
+
+
+def official_config(model) -> dict:
+    """``config.json`` of the official layout: the config's fields, as a ``LlamaConfig`` (``model_type: llama``)
+    with the official names (``rope_scaling``, ``architectures``) so that the official code reads it too."""
+    fields = model.config.to_dict()
+    fields["model_type"] = "llama"  # the official checkpoints are LlamaConfig + memory fields (AutoConfig reads llama)
+    fields["architectures"] = model.config.architectures or ["MPlus" if model.config.has_ltm else "MemoryLLM"]
+    rope = fields.pop("rope_parameters", None) or {}
+    fields["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} or None  # rope_theta is top-level
+    fields["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    fields.setdefault("use_cache", True)  # a LlamaConfig field of the official files (transformers 5 drops it)
+    return fields
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    model, directory: str | os.PathLike, *, safe_serialization: bool = True, max_shard_size: int | str | None = None
+) -> None:
+    """Write ``model`` to ``directory`` in the official layout: ``config.json`` (:func:`official_config`) and one
+    ``model.safetensors`` (:func:`official_state`: weights + the current memory). ``from_pretrained(directory)``
+    gives back bit-identical weights, the short-term rows in logical order and the long-term store.
+
+    The layout has no place for (the official model does not save them either): the short-term ages and slot
+    layout (reloaded as ages 0 in identity order), the rows dropped since the last merge into the long-term memory
+    and ``update_step`` (a ``UserWarning`` says when rows are lost), per-row K/V caches (recomputed on load) and
+    torch's RNG state. :func:`save_memory` keeps the whole memory state.
+
+    Each file is written to a temporary name in ``directory`` and renamed over the old one only when complete:
+    a failed save leaves no half-written ``model.safetensors`` or ``config.json`` in place of a good one.
+    ``safe_serialization`` must be True and ``max_shard_size`` None (one safetensors file, no shards)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"save_pretrained: save_directory must be a path (str or os.PathLike), got {directory!r}")
+    directory = os.fspath(directory)
+    if safe_serialization is not True:
+        raise ValueError(f"save_pretrained: safe_serialization={safe_serialization!r}: mplus writes safetensors only")
+    if max_shard_size is not None:
+        raise ValueError(
+            f"save_pretrained: max_shard_size={max_shard_size!r}: mplus writes one model.safetensors (no shards)"
+        )
+    if model.compute_device.type == "meta":
+        raise ValueError(f"save_pretrained: the model is on the meta device, which holds nothing to save ({directory})")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_pretrained: {directory} is a file, not a directory")
+    os.makedirs(directory, exist_ok=True)
+    stamp = uuid.uuid4().hex[:8]  # hidden names that match neither *.safetensors nor *.json (readers skip them)
+    staged = {name: os.path.join(directory, f".{name}.{stamp}.partial") for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    with model.memory_lock.read():  # official_state's tensors are views of the live memory: no inject until written
+        if model.ltm is not None and model.ltm.cache_len:
+            warnings.warn(
+                f"save_pretrained: the {model.ltm.cache_len} rows per layer dropped since the last merge into the "
+                f"long-term memory (and update_step={model.ltm.update_step}) have no place in the official layout "
+                "and are not saved; save_memory(model, path) keeps the whole memory state",
+                stacklevel=3,
+            )
+        tensors, fields = official_state(model), official_config(model)
+        try:
+            save_file(tensors, staged[WEIGHTS_NAME], metadata={"format": "pt"})
+            _fsync(staged[WEIGHTS_NAME])
+            with open(staged[CONFIG_NAME], "w") as f:
+                f.write(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            for name, tmp in staged.items():
+                os.replace(tmp, os.path.join(directory, name))
+        except Exception as exc:  # safetensors' own error type for I/O failures
+            raise OSError(f"save_pretrained: cannot write {directory}: {type(exc).__name__}: {exc}") from None
+        finally:
+            for tmp in staged.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+
+
+@torch.no_grad()
+def load_official_memory(model, state: dict[str, Tensor]) -> None:
+    """Set the memory from an official *inference-form* state (``memory``, ``memory_ages``, ``ltm.*``,
+    ``cached_dropped_*``, ``update_step``), as the official model holds it after ``put_ltm_to_numpy`` and
+    injections; K/V caches are recomputed with the generation adapter. All or nothing: everything is computed and
+    checked before the model's memory is written (``ValueError`` naming the tensor)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"load_official_memory: state must be a dict of tensors, got {type(state).__name__}")
+    cfg, dtype = model.config, model.lm_head.weight.dtype
+    L, N, d = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size  # noqa: N806
+    where = "load_official_memory"
+    for key, shape in [("memory", (L, N, d)), ("memory_ages", (L, N))]:
+        t = state.get(key)
+        if key == "memory_ages" and t is None:
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            what = "missing" if t is None else f"{getattr(t, 'dtype', type(t))} {list(getattr(t, 'shape', []))}"
+            raise ValueError(f"{where}: {key} is {what}, expected a floating tensor {list(shape)}")
+    hidden = state["memory"].to(dtype)
+    ages = state.get("memory_ages", torch.zeros(L, N, dtype=torch.float64)).double()
+    stm = _stm_of(model, hidden, ages)
+    sd = _official_ltm_state(model, state) if model.ltm is not None else {}
+    memory = model.memory
+    with memory.mutate():
+        contents = ltm_contents(model.ltm, sd, where) if model.ltm is not None else None
+        memory.commit(memory.plan_load(stm, contents, None, where))
+def _official_ltm_state(model, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The long-term store's state (``LongTermMemory.memory_state`` names) of an official inference-form state."""
+    cfg, dtype = model.config, model.lm_head.weight.dtype
+    L = cfg.num_hidden_layers  # noqa: N806
+    missing = [f"{p}{layer}" for layer in range(L) for p in MEMORY_KEYS if f"{p}{layer}" not in state]
+    missing += [] if "update_step" in state else ["update_step"]
+    if missing:
+        raise ValueError(f"load_official_memory: missing {missing}")
+    sd: dict[str, Tensor] = {}
+    for layer in range(L):
+        rows = state[f"ltm.{layer}"].to(dtype)
+        sd[f"ltm.{layer}"], sd[f"ltm_keys.{layer}"] = rows, state[f"ltm_keys.{layer}"].to(dtype)
+        sd[f"ltm_ages.{layer}"] = state[f"ltm_ages.{layer}"].double().trunc()
+        sd[f"ltm_recall_frequencies.{layer}"] = state[f"ltm_recall_frequencies.{layer}"].double()
+        if rows.dim() == 2 and rows.shape[1] == cfg.hidden_size:  # else check_memory_state names the shape
+            sd[f"ltm_k.{layer}"], sd[f"ltm_v.{layer}"] = model_kv(model, layer, rows.to(model.compute_device))
+    if "cached_dropped_memories" in state:  # after a merge the official cache is None (stale keys ignored)
+        rows = state["cached_dropped_memories"].to(dtype)
+        sd["cached_dropped_memories"], sd["cached_dropped_keys"] = rows, state["cached_dropped_keys"].to(dtype)
+        sd["cached_dropped_memory_ages"] = state["cached_dropped_memory_ages"].double()
+        if rows.dim() == 3 and rows.shape[0] == L and rows.shape[2] == cfg.hidden_size:
+            kv = [model_kv(model, layer, rows[layer].to(model.compute_device)) for layer in range(L)]
+            sd["cached_dropped_k"], sd["cached_dropped_v"] = (
+                torch.stack([a for a, _ in kv]),
+                torch.stack([b for _, b in kv]),
+            )
+    else:
+        ds, hkv, dh = cfg.selector_hidden_dim, cfg.num_key_value_heads, cfg.head_dim
+        sd["cached_dropped_memories"] = torch.empty(L, 0, cfg.hidden_size, dtype=dtype)
+        sd["cached_dropped_keys"] = torch.empty(L, 0, ds, dtype=dtype)
+        sd["cached_dropped_memory_ages"] = torch.empty(L, 0, dtype=torch.float64)
+        sd["cached_dropped_k"] = sd["cached_dropped_v"] = torch.empty(L, 0, hkv, dh, dtype=dtype)
+    sd["update_step"] = state["update_step"]
+    return sd
