@@ -36,7 +36,11 @@ setup(
     description="Fused kernels and a thin model for the M+ / MemoryLLM latent-memory LLM",
     packages=find_packages(include=["mplus", "mplus.*", "mplus_kernels", "mplus_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors", "transformers", "huggingface_hub", "tqdm"],
+    # gguf + accelerate: transformers reads GGUF checkpoints (from_base(..., gguf_file=...)) through them
+    install_requires=[
+        "torch>=2.4", "numpy", "safetensors", "transformers", "huggingface_hub", "tqdm", "gguf", "accelerate",
+    ],  # fmt: skip
+    entry_points={"console_scripts": ["mplus = mplus.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,4 +1,5 @@
-"""``FusedMemoryAttention``: a drop-in Llama attention whose queries see a latent memory, on the mplus kernel.
+"""``FusedMemoryAttention``: Llama attention whose queries see a latent memory, on the mplus kernel; and
+``FusedLlamaAttention``, its drop-in form for transformers' ``LlamaAttention``.
 
 M+ attention per layer (SPEC.md §3.1): the chunk's queries attend to a memory prefix that every query sees (BOS, the
 retrieved long-term rows, the short-term rows) and to the chunk itself, bottom-right causal. The memory keys are kept
@@ -7,12 +8,13 @@ so updating a slot never invalidates the cached keys of the others, and no ``[me
 tensor or ``repeat_kv`` is ever built. The memory comes as segments (:mod:`mplus.segments`: ``MemoryKV``,
 ``MemorySegments``, ``PendingSegment``), attended apart and merged exactly through their LSE.
 
-The module keeps Llama's parameter names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so official M+ and Hugging
-Face state dicts load unchanged, and :meth:`FusedMemoryAttention.from_llama` wraps an existing ``LlamaAttention``
-without copying its weights.
+The modules keep Llama's parameter names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so official M+ and Hugging
+Face state dicts load unchanged. :meth:`FusedMemoryAttention.from_llama` wraps an existing ``LlamaAttention`` without
+copying its weights into a :class:`FusedLlamaAttention`, which takes ``LlamaAttention``'s place in a stock
+``LlamaDecoderLayer`` (its calling convention, its cache, its masks).
 
-Importing this module also registers the ``"mplus"`` attention implementation with transformers, so a stock
-``LlamaForCausalLM`` runs plain causal attention through the mplus kernel with ``attn_implementation="mplus"``.
+Importing this module registers the ``"mplus"`` attention implementation with transformers (:mod:`mplus.hf_attention`),
+so a stock ``LlamaForCausalLM`` runs its attention through the mplus kernel with ``attn_implementation="mplus"``.
 """
 
 from __future__ import annotations
@@ -26,15 +28,24 @@ from torch import Tensor, nn
 from mplus_kernels._utils import check_tensor
 from mplus_kernels.attention import memory_attention, merge_attention_states, rotate_half
 
+from .hf_attention import (
+    attend_with_mask,
+    mplus_attention_forward,
+    mplus_attention_mask,
+    refuse_unsupported,
+    register_with_transformers,
+)
 from .segments import Memory, MemoryKV, MemorySegments, PendingSegment, as_segments
 
 __all__ = [
+    "FusedLlamaAttention",
     "FusedMemoryAttention",
     "KVCache",
     "MemoryKV",
     "MemorySegments",
     "PendingSegment",
     "mplus_attention_forward",
+    "mplus_attention_mask",
     "register_with_transformers",
     "rope_tables",
 ]
@@ -104,6 +115,19 @@ class KVCache:
 class FusedMemoryAttention(nn.Module):
     """Llama attention (GQA, RoPE, no dropout) over ``[memory ; chunk]`` through ``mplus_kernels.memory_attention``.
 
+    Two calling conventions, one per class, so that no call is ever read two ways:
+
+    * this class: the M+ convention of mplus' own model (``mplus.llama.DecoderLayer`` calls
+      ``self_attn(h, (cos, sin), memory, kv_cache, cache_position=..., kv_start=...)``) — :meth:`forward` below,
+      returning the output tensor (and the LSE when asked);
+    * :class:`FusedLlamaAttention` (what :meth:`from_llama` returns): transformers' ``LlamaAttention`` convention
+      (keyword arguments ``hidden_states``, ``position_embeddings``, ``attention_mask``, ``past_key_values``, ...,
+      returning ``(attn_output, None)``), a drop-in for ``layer.self_attn`` of a stock ``LlamaForCausalLM``. It keeps
+      this class's M+ forward as :meth:`FusedLlamaAttention.attend`.
+
+    Telling the conventions apart by the keywords a call happens to carry would make the return type depend on them
+    (a tensor or a tuple) and read a positional ``attention_mask`` as a memory; a class per convention cannot.
+
     Args:
         hidden_size: model width d (Llama-3.1-8B: 4096).
         num_heads: query heads Hq (32). num_kv_heads: key/value heads Hkv (8), ``Hq % Hkv == 0``.
@@ -160,11 +184,14 @@ class FusedMemoryAttention(nn.Module):
         )
 
     @classmethod
-    def from_llama(cls, attn: nn.Module, *, backend: str | None = None) -> FusedMemoryAttention:
-        """Wrap a ``LlamaAttention``: the new module *shares* its projection modules (no weight copy)."""
+    def from_llama(cls, attn: nn.Module, *, backend: str | None = None) -> FusedLlamaAttention:
+        """Wrap a ``LlamaAttention`` into its drop-in :class:`FusedLlamaAttention` (transformers' calling
+        convention; the M+ one as :meth:`FusedLlamaAttention.attend`): the new module *shares* its projection modules
+        (no weight copy), its ``layer_idx`` (the cache layer it updates), ``scaling``, ``is_causal`` and
+        ``attention_dropout``."""
         q_out, hidden = attn.q_proj.weight.shape
         head_dim = attn.head_dim
-        new = cls.__new__(cls)
+        new = FusedLlamaAttention.__new__(FusedLlamaAttention)
         nn.Module.__init__(new)
         new.hidden_size = hidden
         new.num_heads = q_out // head_dim
@@ -174,6 +201,8 @@ class FusedMemoryAttention(nn.Module):
         new.scaling = float(getattr(attn, "scaling", head_dim**-0.5))
         new.backend = backend
         new.q_proj, new.k_proj, new.v_proj, new.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        new.is_causal = bool(getattr(attn, "is_causal", True))
+        new.attention_dropout = float(getattr(attn, "attention_dropout", 0.0))
         return new
 
     def project_memory(self, memory_hidden: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,28 +252,12 @@ class FusedMemoryAttention(nn.Module):
         Returns:
             ``[B, T, d]`` (after ``o_proj``), and ``lse [B, Hq, T]`` when ``return_lse``.
         """
-        hidden_states = check_tensor("FusedMemoryAttention", "hidden_states", hidden_states)
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.q_proj.in_features:
-            raise ValueError(
-                f"FusedMemoryAttention: hidden_states must be [B, T, d={self.q_proj.in_features}], got "
-                f"{list(hidden_states.shape)}"
-            )
-        if not isinstance(position_embeddings, (tuple, list)) or len(position_embeddings) != 2:
-            raise TypeError(
-                "FusedMemoryAttention: position_embeddings must be the pair (cos, sin) of [B, T, D] tensors"
-            )
+        self._check_inputs(hidden_states, position_embeddings)
         if cache_position is not None:
             check_tensor("FusedMemoryAttention", "cache_position", cache_position)
         segments = as_segments(memory)
-        b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)
-        cos, sin = position_embeddings
-        cos = cos.to(q.dtype).unsqueeze(2)  # [B, T, 1, D]
-        sin = sin.to(q.dtype).unsqueeze(2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self._rotated_qkv(hidden_states, position_embeddings)
+        b, t = q.shape[:2]
         kv_len = None
         if cache_position is not None:
             if kv_cache is None:
@@ -278,6 +291,30 @@ class FusedMemoryAttention(nn.Module):
         y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         return (y, lse) if return_lse else y
 
+    def _check_inputs(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> None:
+        check_tensor(type(self).__name__, "hidden_states", hidden_states)
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.q_proj.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: hidden_states must be [B, T, d={self.q_proj.in_features}], got "
+                f"{list(hidden_states.shape)}"
+            )
+        if not isinstance(position_embeddings, (tuple, list)) or len(position_embeddings) != 2:
+            raise TypeError(
+                f"{type(self).__name__}: position_embeddings must be the pair (cos, sin) of [B, T, D] tensors"
+            )
+
+    def _rotated_qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """``hidden_states [B, T, d]`` → ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]``, q and k rotated by
+        ``position_embeddings`` (cos, sin ``[B or 1, T, D]``, the Hugging Face convention); checked inputs."""
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)
+        cos, sin = position_embeddings
+        cos = cos.to(q.dtype).unsqueeze(2)  # [B, T, 1, D]
+        sin = sin.to(q.dtype).unsqueeze(2)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
     def _attend(self, q, k, v, segment: MemoryKV, kv_len, kv_start) -> tuple[Tensor, Tensor]:
         return memory_attention(
             q, k, v, segment.k, segment.v, segment.positions, segment.rope_cos, segment.rope_sin,
@@ -291,54 +328,63 @@ class FusedMemoryAttention(nn.Module):
         )
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# transformers integration: attn_implementation="mplus"
-# --------------------------------------------------------------------------------------------------------------------
-def mplus_attention_forward(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[Tensor, None]:
-    """A transformers attention function (``AttentionInterface``) running ``mplus_kernels.memory_attention``.
+class FusedLlamaAttention(FusedMemoryAttention):
+    """The drop-in for transformers' ``LlamaAttention`` on the mplus kernel (made by
+    :meth:`FusedMemoryAttention.from_llama`, or ``FusedLlamaAttention.from_config(config, layer_idx)``).
 
-    ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` (Hugging Face layout, already rotated; GQA native) →
-    ``(out [B, Tq, Hq, D], None)``. Bottom-right causal when the module is causal, so prefill and cached decoding
-    are both right. No padding: the registered mask function passes a mask only when some token is padded, and that
-    raises here.
+    Put in ``layer.self_attn`` of a stock ``LlamaForCausalLM`` (any ``attn_implementation``), it takes the layer's
+    call — keyword arguments ``hidden_states``, ``position_embeddings``, ``attention_mask``, ``past_key_values`` (or
+    the older ``past_key_value``), ``cache_position``, ``position_ids``, ``use_cache``, ``**kwargs`` — updates the
+    transformers ``Cache`` through its ``update`` (dynamic or static) and returns ``(attn_output, None)``, with
+    ``LlamaAttention`` + SDPA's results. The mask is read as :func:`mplus.hf_attention.read_attention_mask` reads it:
+    the compact masks of ``attn_implementation="mplus"`` (fastest), or the 4-D masks sdpa and eager build (checked
+    once per forward: one host sync), each run as a key range per row (left padding) or as packed sequences, and
+    refused when it is anything else. With a static cache the valid keys end at the cache's length (its
+    ``get_seq_length``, a device tensor): nothing is read on the host. Refused like ``attn_implementation="mplus"``:
+    ``output_attentions``, dropout in training, sliding windows and the rest (``ValueError`` naming the argument).
+
+    ``cache_position``, ``position_ids`` and ``use_cache`` are accepted and not read: the positions are in
+    ``position_embeddings``, and the cache and the mask say which keys each query sees.
+
+    The M+ convention (memory segments, :class:`KVCache`, LSE) stays available as :meth:`attend`, the inherited
+    :meth:`FusedMemoryAttention.forward`.
     """
-    if attention_mask is not None:
-        raise ValueError(
-            f"attn_implementation='mplus' supports unpadded batches only, got an attention mask "
-            f"{list(attention_mask.shape)}; drop the padding or use attn_implementation='sdpa'"
-        )
-    if dropout:
-        raise ValueError(f"attn_implementation='mplus' has no attention dropout, got dropout={dropout}")
-    is_causal = kwargs.get("is_causal")
-    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    out, _ = memory_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=causal
-    )
-    return out, None
 
+    is_causal: bool = True
+    attention_dropout: float = 0.0
 
-def register_with_transformers() -> None:
-    """Register ``"mplus"`` with transformers' attention and mask registries (idempotent; a no-op without
-    transformers)."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-    except ImportError:
-        return
-    AttentionInterface.register("mplus", mplus_attention_forward)
-    # FlashAttention's mask rule: None when nothing is padded (the kernel is causal by itself), else the 2-D padding
-    # mask, which mplus_attention_forward rejects. Without a registered mask function transformers would pass None
-    # even for padded batches.
-    AttentionMaskInterface.register("mplus", flash_attention_mask)
+    attend = FusedMemoryAttention.forward  # the M+ convention under its own name (forward is transformers' here)
 
-
-register_with_transformers()
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values=None,
+        cache_position: Tensor | None = None,  # accepted for callers of older transformers
+        position_ids: Tensor | None = None,  # the positions are in position_embeddings
+        use_cache: bool | None = None,  # the cache object decides
+        past_key_value=None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        """``hidden_states [B, T, d]`` (after the input RMSNorm), ``position_embeddings`` (cos, sin) → ``(out [B, T,
+        d], None)``; ``past_key_values``: a transformers ``Cache`` (updated at ``layer_idx``), or None."""
+        refuse_unsupported(self.attention_dropout if self.training else 0.0, kwargs)
+        if position_embeddings is None:
+            raise ValueError(f"{type(self).__name__}: position_embeddings (cos, sin) are required (as LlamaAttention)")
+        self._check_inputs(hidden_states, position_embeddings)
+        q, k, v = self._rotated_qkv(hidden_states, position_embeddings)
+        cache = past_key_values if past_key_values is not None else past_key_value
+        cache_len = None
+        if cache is not None:  # the cache keeps transformers' [B, Hkv, T, D] layout; the kernel takes the views
+            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            cache_len = cache.get_seq_length(self.layer_idx)  # a static cache: a device tensor, not read here
+        is_causal = kwargs.get("is_causal")
+        out = attend_with_mask(
+            q, k, v, attention_mask, softmax_scale=self.scaling, backend=self.backend, cache_len=cache_len,
+            causal=bool(self.is_causal if is_causal is None else is_causal),
+            cu_seq_lens=(kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")),
+        )  # fmt: skip
+        b, t = q.shape[:2]
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), None

@@ -29,8 +29,9 @@ class MPlusConfig(PretrainedConfig):
         head_dim: int | None = None,
         hidden_act: str = "silu",
         rms_norm_eps: float = 1e-5,
-        rope_theta: float = 500000.0,
+        rope_theta: float | None = None,
         rope_scaling: dict[str, Any] | None = None,
+        rope_parameters: dict[str, Any] | None = None,
         max_position_embeddings: int = 131072,
         attention_bias: bool = False,
         mlp_bias: bool = False,
@@ -61,9 +62,18 @@ class MPlusConfig(PretrainedConfig):
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.hidden_act = hidden_act
         self.rms_norm_eps = rms_norm_eps
-        self.rope_theta = rope_theta
-        # transformers 5 keeps RoPE scaling in `rope_parameters` (`rope_scaling` is its deprecated alias)
-        self.rope_parameters = rope_scaling
+        # RoPE: transformers 5 keeps the base and the scaling together in `rope_parameters` (`rope_theta` inside it,
+        # `rope_scaling` its deprecated alias); transformers-4 configs and the official checkpoints have a top-level
+        # `rope_theta` and `rope_scaling`. Both are read; the base is Llama-3's 500000 only when neither gives one.
+        rope = dict(rope_parameters if rope_parameters is not None else rope_scaling or {})
+        theta = rope.get("rope_theta")
+        if theta is not None and rope_theta is not None and float(theta) != float(rope_theta):
+            raise ValueError(
+                f"MPlusConfig: rope_theta={rope_theta} disagrees with rope_parameters['rope_theta']={theta}; give one"
+            )
+        self.rope_theta = float(theta if theta is not None else rope_theta if rope_theta is not None else 500000.0)
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        self.rope_parameters = {**rope, "rope_theta": self.rope_theta}
         self.max_position_embeddings = max_position_embeddings
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias

@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin
+from transformers.generation import GenerationMode
+
+from mplus_kernels._utils import host_values
 
 from .attention import KVCache
-from .llama import check_ids
+from .llama import RopeRows, check_ids
 from .lora import DECODER
 from .memory.state import MemoryState
 from .segments import MemorySegments, PendingSegment, layer_segments, prefix_segment
@@ -34,7 +37,10 @@ __all__ = [
     "MPlusCache",
     "MPlusGenerationMixin",
     "StaleCacheError",
+    "UNSUPPORTED_KEYWORDS",
     "check_cache",
+    "check_labels",
+    "forward_keywords",
     "left_padding",
     "prefill_segments",
     "read_locks",
@@ -43,6 +49,31 @@ __all__ = [
 ]
 
 States = MemoryState | list[MemoryState]
+
+# transformers' model keywords mplus cannot honour, taken only unset (None / False: what callers pass by default) by
+# forward and generate; refused by name, never silently ignored
+UNSUPPORTED_KEYWORDS = {
+    "output_attentions": "the fused memory attention never materialises attention weights",
+    "position_ids": "positions follow the memory (each row's tokens sit after the memory prefix and its padding)",
+    "cache_position": "the cache knows its length (decode_step takes cache_position for compiled decoding)",
+    "inputs_embeds": "mplus embeds token ids itself (give input_ids)",
+}
+# what generate passes on to forward (transformers' model keywords; the rest of generate's are its generation config's)
+GENERATE_KEYWORDS = ("input_ids", "attention_mask", "memory", "past_key_values", "use_cache", "output_hidden_states")
+BEAM_MODES = (
+    GenerationMode.BEAM_SEARCH,
+    GenerationMode.BEAM_SAMPLE,
+    GenerationMode.GROUP_BEAM_SEARCH,
+    GenerationMode.CONSTRAINED_BEAM_SEARCH,
+)
+REFUSED_MODES = {
+    GenerationMode.ASSISTED_GENERATION: "assisted decoding (assistant_model, prompt_lookup_num_tokens, "
+    "assistant_early_exit, use_mtp): it rolls the cache back to the tokens it accepts, which MPlusCache does not do",
+    GenerationMode.CONTRASTIVE_SEARCH: "contrastive search (penalty_alpha with top_k > 1): its candidates need the "
+    "cache copied per candidate",
+    GenerationMode.DOLA_GENERATION: "DoLa decoding (dola_layers): it reads early layers' hidden states through the "
+    "head, which mplus's forward does not offer",
+}
 
 
 class StaleCacheError(RuntimeError):
@@ -61,6 +92,7 @@ class MPlusCache:
     memory_version: int | list[int] | None = None  # their versions at the prefill (None: not prefilled yet)
     kv_start: Tensor | None = None  # [B] int32: each row's left padding (its first valid cache row); None: none
     pads: list[int] | None = None  # the same on the host
+    use_memory: bool = True  # False: prefilled with model.use_memory = False (no memory segments, positions from 0)
     is_compileable = False  # read by transformers' generate (no automatic torch.compile of the decode step)
 
     @property
@@ -127,7 +159,7 @@ def check_cache(cache: MPlusCache, what: str) -> None:
     if cache.memory_version is None:
         raise ValueError(f"{what}: past_key_values was never prefilled: run model(prompt_ids, past_key_values=cache)")
     versions = [m.version for m in cache.memory] if isinstance(cache.memory, list) else cache.memory.version
-    if cache.memory_version != versions:
+    if cache.use_memory and cache.memory_version != versions:  # a cache that bypassed the memory never goes stale
         raise StaleCacheError(
             f"{what}: this generation cache was built on memory version {cache.memory_version}, but the memory "
             f"has changed since (now version {versions}: inject or load_memory); its memory segments "
@@ -196,9 +228,70 @@ def settle_segments(segments: MemorySegments, batch: int) -> tuple[MemorySegment
     return segments.resolved(), retrieved
 
 
+# transformers' forward keywords beyond mplus's own: the loss keywords a Trainer passes, and those taken only unset
+# (UNSUPPORTED_KEYWORDS); anything else is refused by name
+LOSS_KEYWORDS = ("num_items_in_batch", "shift_labels")
+
+
+def forward_keywords(kwargs: dict) -> tuple[bool | None, dict]:
+    """``forward``'s ``**kwargs`` checked: ``(return_dict, loss keywords)``; a keyword mplus would have to ignore
+    is a ``ValueError`` naming it, an unknown one a ``TypeError``."""
+    kwargs = dict(kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is not None and not isinstance(return_dict, bool):
+        raise TypeError(f"forward: return_dict must be a bool or None, got {type(return_dict).__name__}")
+    loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KEYWORDS if name in kwargs}
+    for name, why in UNSUPPORTED_KEYWORDS.items():
+        value = kwargs.pop(name, None)
+        if value is not None and value is not False:
+            raise ValueError(f"forward: {name} is not supported: {why}")
+    if kwargs:
+        raise TypeError(
+            f"forward: unexpected keyword argument(s) {sorted(kwargs)} (mplus refuses what it would ignore; see "
+            "MPlusForCausalLM.forward)"
+        )
+    return return_dict, loss_kwargs
+
+
+def check_labels(labels: Tensor, input_ids: Tensor, vocab_size: int, logits_to_keep: int) -> None:
+    """``labels`` like ``input_ids`` (``[B, T]`` integers), each in ``[0, vocab_size)`` or -100 (ignored)."""
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        got = f"{labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"forward: labels must be an int64 or int32 tensor [B, T] like input_ids, got {got}")
+    if labels.shape != input_ids.shape:
+        raise ValueError(
+            f"forward: labels is {list(labels.shape)}, input_ids {list(input_ids.shape)}: give one per token"
+        )
+    if logits_to_keep:
+        raise ValueError(f"forward: labels need every position's logits, not logits_to_keep={logits_to_keep}")
+    if host_values(labels):
+        bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            raise ValueError(f"forward: labels must be in [0, {vocab_size}) or -100 (ignored), got {labels[bad][0]}")
+
+
 class MPlusGenerationMixin(GenerationMixin):
     """Generation for :class:`~mplus.model.MPlusForCausalLM` (the model provides ``forward``, ``resolve_memories``,
     ``rope``, ``layers``, ``adapters``, ``max_length``)."""
+
+    def new_cache(self, max_tokens: int | None = None, batch_size: int = 1) -> MPlusCache:
+        """An empty generation cache of ``batch_size`` sequences of up to ``max_tokens`` prompt (padding included) +
+        generated tokens each (default ``max_length``)."""
+        cap = self.max_length if max_tokens is None else max_tokens
+        if not isinstance(cap, int) or cap <= 0:
+            raise ValueError(f"new_cache: max_tokens={max_tokens!r} must be an int > 0 (or None: max_length)")
+        if cap > self.max_length:
+            raise ValueError(f"new_cache: {cap} tokens exceed max_length={self.max_length} (set it at load time)")
+        cfg = self.config
+        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"new_cache: batch_size={batch_size!r} must be an int > 0")
+        layers = [
+            KVCache.empty(batch_size, cap, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        return MPlusCache(layers, [MemorySegments() for _ in layers], [None] * len(layers))
+
 
     @torch.no_grad()
     def decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
@@ -253,10 +346,17 @@ class MPlusGenerationMixin(GenerationMixin):
 
         return step
 
+    def cache_rope(self, cache: MPlusCache) -> RopeRows:
+        """The RoPE rows of ``cache``'s tokens: after the memory prefix, or from position 0 when the cache was
+        prefilled with the memory bypassed (``model.use_memory = False``: positions as in the base model)."""
+        prefix = self.config.memory_prefix_len if cache.use_memory else 0
+        return RopeRows(self.rope_cos, self.rope_sin, prefix, self.max_length)
+
     @torch.no_grad()
     def _decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:
         kv_start = past_key_values.kv_start
-        pos = self.rope.at(self.config.memory_prefix_len + cache_position, kv_start)
+        rope = self.cache_rope(past_key_values)
+        pos = rope.at(rope.prefix + cache_position, kv_start)
         h = self.model.embed_tokens(input_ids)
         for layer_idx, layer in enumerate(self.layers):
             memories = past_key_values.memories[layer_idx]
@@ -264,10 +364,18 @@ class MPlusGenerationMixin(GenerationMixin):
         return self.lm_head(self.model.norm(h[:, -1])).float()
 
     @torch.no_grad()
-    def generate(self, inputs: Tensor | None = None, *args, memory: States | None = None, **kwargs):
+    def generate(
+        self, inputs: Tensor | None = None, generation_config=None, *args, memory: States | None = None, **kwargs
+    ):
         """Transformers' ``generate`` over ``memory`` (a :class:`MemoryState` shared by the batch, default the
         model's own; or a list of B states, one per row), holding their locks for reading for the whole call: an
-        ``inject`` from another thread waits until this generation is done (and never changes a memory under it)."""
+        ``inject`` from another thread waits until this generation is done (and never changes a memory under it).
+
+        Greedy decoding and sampling (``num_return_sequences`` samples over the same memory, a list of states
+        repeated row by row), streamers, stopping criteria and logits processors work as for any causal LM. Refused by
+        name rather than ignored: beam search (``num_beams > 1``: every beam would need its own memory state),
+        assisted, contrastive and DoLa decoding, ``cache_implementation`` and caches other than :class:`MPlusCache`,
+        ``prefill_chunk_size``, ``output_attentions``, ``position_ids`` and unknown model keywords."""
         if self.compute_device.type == "meta":
             raise ValueError(
                 "generate: the model is on the meta device, which holds no values (generate reads the tokens it picks);"
@@ -275,10 +383,63 @@ class MPlusGenerationMixin(GenerationMixin):
             )
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         # the prompts [B, T] (the memory is the context: no empty one)
-        check_ids(ids, self.config.vocab_size, "generate", batch=True)
+        check_ids(
+            ids, self.config.vocab_size, "generate", batch=True, name="inputs" if inputs is not None else "input_ids"
+        )
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, MPlusCache):
+            raise TypeError(
+                f"generate: past_key_values must be an MPlusCache (or None: generate makes one), got "
+                f"{type(cache).__name__}: mplus attends its memory through its own cache"
+            )
+        # checked here too: transformers diverts cache_implementation="paged" before any hook mplus has
+        _refuse_cache_implementation(kwargs.get("cache_implementation"))
+        _refuse_cache_implementation(getattr(generation_config, "cache_implementation", None))
         mem = self.resolve_memories(memory, ids.shape[0], "generate")
         with read_locks(mem):
-            return super().generate(inputs, *args, memory=mem, **kwargs)
+            return super().generate(inputs, generation_config, *args, memory=mem, **kwargs)
+
+    def _get_deprecated_gen_repo(self, generation_mode, trust_remote_code, custom_generate=None):
+        """transformers' first hook that sees the decoding mode (before it sends contrastive search or DoLa to a
+        Hub repository): the modes mplus does not support are refused here, by name."""
+        _refuse_mode(generation_mode)
+        return super()._get_deprecated_gen_repo(generation_mode, trust_remote_code, custom_generate)
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs) -> None:
+        """transformers' hook with the final generation config: the options mplus supports."""
+        _refuse_mode(generation_mode)
+        _refuse_cache_implementation(generation_config.cache_implementation)
+        if generation_config.prefill_chunk_size is not None:
+            raise ValueError(
+                f"generate: prefill_chunk_size={generation_config.prefill_chunk_size} is not supported: the prefill "
+                "retrieves long-term rows with the whole prompt's queries (a chunk would retrieve with its own)"
+            )
+        if generation_config.output_attentions:
+            raise ValueError(
+                f"generate: output_attentions is not supported: {UNSUPPORTED_KEYWORDS['output_attentions']}"
+            )
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """transformers' hook: the model keywords generate would pass on; what mplus would ignore is refused."""
+        for name, value in model_kwargs.items():
+            if value is None or value is False or name in GENERATE_KEYWORDS:
+                continue
+            if name in UNSUPPORTED_KEYWORDS:
+                raise ValueError(f"generate: {name} is not supported: {UNSUPPORTED_KEYWORDS[name]}")
+            raise ValueError(
+                f"generate: keyword argument {name!r} is neither a generation option nor one mplus's forward takes "
+                f"({', '.join(GENERATE_KEYWORDS)})"
+            )
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: Tensor | None = None, **model_kwargs):  # fmt: skip
+        """``num_return_sequences`` copies of each row: a list of states (one per row) is repeated likewise (the
+        states are shared, never copied)."""
+        memory = model_kwargs.get("memory")
+        if expand_size > 1 and isinstance(memory, list):
+            model_kwargs["memory"] = [m for m in memory for _ in range(expand_size)]  # as repeat_interleave
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """A request that cannot fit is refused before the prefill (not at the step that would overflow). The cache
@@ -295,4 +456,26 @@ class MPlusGenerationMixin(GenerationMixin):
         if past_key_values is not None and past_key_values.length:
             input_ids = input_ids[:, past_key_values.length :]
         inputs = {"input_ids": input_ids, "past_key_values": past_key_values, "logits_to_keep": 1}
-        return inputs | {"attention_mask": kwargs.get("attention_mask"), "memory": kwargs.get("memory")}
+        passed = {name: kwargs.get(name) for name in ("attention_mask", "memory")}
+        return inputs | passed | {"output_hidden_states": bool(kwargs.get("output_hidden_states"))}
+
+
+def _refuse_mode(mode: GenerationMode) -> None:
+    """Greedy decoding and sampling only: a beam (and every other mode) would need the memory and cache per
+    candidate."""
+    if mode in BEAM_MODES:
+        raise ValueError(
+            f"generate: beam search (num_beams > 1: {mode.value}) is not supported: every beam would need its own "
+            "copy of the memory state and a cache reordered at each step; use num_beams=1 (greedy, or "
+            "do_sample=True with num_return_sequences=n for n samples over the memory)"
+        )
+    if mode in REFUSED_MODES:
+        raise ValueError(f"generate: {REFUSED_MODES[mode]}; it is not supported")
+
+
+def _refuse_cache_implementation(name: str | None) -> None:
+    if name is not None:
+        raise ValueError(
+            f"generate: cache_implementation={name!r} is not supported: mplus generates with its own cache "
+            "(MPlusCache: the memory prefix is attended in place, never copied per step); leave it unset"
+        )

@@ -181,12 +181,21 @@ class RopeRows:
         return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
 
 
-def check_ids(ids: Tensor, vocab_size: int, what: str, batch: bool = False) -> None:
-    """Refuse anything but integer token ids ``[1, T]`` (``[B, T]`` with ``batch``), T ≥ 1, in ``[0, vocab_size)``
-    (the range is read only where that needs no host sync; ``MPLUS_DEBUG_CHECKS=1`` reads device ids too)."""
+ID_DTYPES = (torch.int64, torch.int32)  # what the embedding takes (bool and uint8 would index it wrongly or fail)
+
+
+def check_ids(ids: Tensor, vocab_size: int, what: str, batch: bool = False, name: str = "") -> None:
+    """Refuse anything but integer token ids ``[1, T]`` (``[B, T]`` with ``batch``): a torch.Tensor of int64 or
+    int32, T ≥ 1, in ``[0, vocab_size)`` (the range is read only where that needs no host sync;
+    ``MPLUS_DEBUG_CHECKS=1`` reads device ids too). ``name``: the argument the errors name (e.g. ``input_ids``)."""
     shape = "[B, T]" if batch else "[1, T]"
-    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point:
-        raise ValueError(f"{what}: expected integer token ids {shape}, got {getattr(ids, 'shape', type(ids))}")
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in ID_DTYPES:
+        kind = type(ids)
+        got = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, Tensor) else f"a {kind.__module__}.{kind.__name__}"
+        raise ValueError(
+            f"{what}: expected integer token ids {name + ' ' if name else ''}{shape} (a torch.Tensor of int64 or "
+            f"int32), got {got}"
+        )
     if ids.shape[0] == 0:
         raise ValueError(f"{what}: empty batch (B = 0)")
     if ids.shape[0] != 1 and not batch:

@@ -11,6 +11,7 @@ documented fixes; ``kernels="reference"`` runs every op on its pure-PyTorch refe
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Literal
 
@@ -24,7 +25,8 @@ from mplus_kernels import _backend
 from . import update
 from ._placement import FixedDtypeBuffers, leave_out_of_state_dict
 from ._sync import MemoryLock
-from .attention import KVCache, rope_tables
+from .attention import rope_tables
+from .base import from_base as _from_base
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import MPlusConfig
 from .generation import (
@@ -32,6 +34,8 @@ from .generation import (
     MPlusGenerationMixin,
     StaleCacheError,
     check_cache,
+    check_labels,
+    forward_keywords,
     left_padding,
     prefill_segments,
     read_locks,
@@ -45,7 +49,6 @@ from .memory.ltm import LongTermMemory
 from .memory.state import MemoryState
 from .memory.transfer import TransferEngine
 from .retriever import Projector
-from .segments import MemorySegments
 from .update import CHUNK_SIZE, MIN_CHUNK, split_chunks
 
 # names other modules and user code import from here (kept since the model was one file)
@@ -63,9 +66,9 @@ __all__ = [
 Semantics = Literal["fast", "reference"]
 _TRANSFER_LOCK = threading.Lock()
 
-
 class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin):
-    """M+ (or MemoryLLM) on Llama. Build with :meth:`from_pretrained` from an official checkpoint directory.
+    """M+ (or MemoryLLM) on Llama. Build with :meth:`from_pretrained` from an official checkpoint directory, or with
+    :meth:`from_base` from a pretrained Llama (a new, untrained M+).
 
     Args:
         config: :class:`MPlusConfig`.
@@ -129,6 +132,9 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
             )
         # the default memory state: the checkpoint's memory loads here; it follows model.to(...)
         self.memory = MemoryState(stm, ltm)
+        # False: generation bypasses the memory (no memory segments, positions from 0: the base Llama; from_base's
+        # LoRA B = 0 then reproduces the base model). Read at each prefill; the cache keeps it for its decode steps
+        self.use_memory = True
         self._set_rope()
         # the model's state_dict holds its weights: the memory is user data, saved per state (MemoryState.save)
         leave_out_of_state_dict(self, "memory")
@@ -210,21 +216,8 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
             return self.memory
         if not isinstance(memory, MemoryState):
             raise TypeError(f"{what}: memory must be a MemoryState (model.new_memory()), got {type(memory).__name__}")
-        if memory is self.memory:
-            return memory
-        mismatch = self.memory.mismatch(memory)
-        if mismatch:
-            raise ValueError(f"{what}: memory is a state of another config ({mismatch})")
-        if memory.device != self.compute_device:
-            raise ValueError(
-                f"{what}: memory's short-term K/V is on {memory.device}, the model on {self.compute_device}: "
-                "memory.to(device) first"
-            )
-        if inject and memory.placed_for_generation_only():
-            raise ValueError(
-                f"{what}: memory was placed for generation only (to(..., what='generation')): inject also reads and "
-                "writes the short-term rows, ages and slot order; memory.to(device) first"
-            )
+        if memory is not self.memory:
+            memory.check_usable(self.memory, self.compute_device, what, inject=inject)
         return memory
 
     @property
@@ -284,48 +277,72 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
         )
 
     # ------------------------------------------------------------------------------------------ generation
-    def new_cache(self, max_tokens: int | None = None, batch_size: int = 1) -> MPlusCache:
-        """An empty generation cache of ``batch_size`` sequences of up to ``max_tokens`` prompt (padding included) +
-        generated tokens each (default ``max_length``)."""
-        cap = self.max_length if max_tokens is None else max_tokens
-        if not isinstance(cap, int) or cap <= 0:
-            raise ValueError(f"new_cache: max_tokens={max_tokens!r} must be an int > 0 (or None: max_length)")
-        if cap > self.max_length:
-            raise ValueError(f"new_cache: {cap} tokens exceed max_length={self.max_length} (set it at load time)")
-        cfg = self.config
-        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"new_cache: batch_size={batch_size!r} must be an int > 0")
-        layers = [
-            KVCache.empty(batch_size, cap, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
-            for _ in range(cfg.num_hidden_layers)
-        ]
-        return MPlusCache(layers, [MemorySegments() for _ in layers], [None] * len(layers))
-
-    @torch.no_grad()
     def forward(
         self,
         input_ids: Tensor,
         past_key_values: MPlusCache | None = None,
         attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         use_cache: bool = True,
         memory: MemoryState | list[MemoryState] | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """Generation-mode forward (SPEC.md §5). ``input_ids [B, T]``; with an empty (or no) cache this is the
         prefill: each sequence retrieves its long-term rows. ``logits_to_keep``: only the last n positions (0 = all).
+
+        ``labels [B, T]``: the language-model loss, as transformers' ``LlamaForCausalLM`` computes it
+        (``self.loss_function``: shifted inside, ``-100`` ignored, ``num_items_in_batch`` / ``shift_labels`` honoured).
+        The forward never records gradients: it attends the memory through K/V cached once per slot, so a gradient
+        from it would miss the memory path. Its loss is an evaluation loss (a Trainer's ``evaluate``); training is
+        :func:`mplus.training.training_step`, and labels in train mode with gradients on (a Trainer's training step)
+        are refused. Other keywords: ``return_dict`` (False: a tuple), ``output_attentions=False``; anything else
+        (``position_ids``, ``cache_position``, ``inputs_embeds``, ``output_attentions=True``, unknown names) is refused
+        by name rather than ignored.
 
         Batches share the model's memory. ``attention_mask [B, T]`` at the prefill gives each row's left padding
         (Hugging Face's convention for generation): a row's positions start after its padding, its padding is
         invisible to every query and excluded from its retrieval queries, so each row computes what it would alone.
-        Later calls (decoding) ignore the mask: the cache keeps the padding. ``position_ids`` are not used
-        (positions follow the memory). ``memory``: the :class:`MemoryState` the prefill reads (default: the model's
+        Later calls (decoding) ignore the mask: the cache keeps the padding. Positions follow the memory (no
+        ``position_ids``). ``memory``: the :class:`MemoryState` the prefill reads (default: the model's
         own), or a list of B states, one per row (each row attends its own short-term memory and retrieves from its
         own long-term store, exactly as alone; no memory is copied); the cache then belongs to them (later calls
         may repeat them or leave them out)."""
-        check_ids(input_ids, self.config.vocab_size, "forward", batch=True)
+        check_ids(input_ids, self.config.vocab_size, "forward", batch=True, name="input_ids")
+        return_dict, loss_kwargs = forward_keywords(kwargs)
+        if labels is not None:
+            check_labels(labels, input_ids, self.config.vocab_size, logits_to_keep)
+            if torch.is_grad_enabled() and self.training:
+                raise RuntimeError(
+                    "forward: labels in train mode with gradients on (a training step): this forward records no "
+                    "gradients (it reads the memory through its cached K/V); train with "
+                    "mplus.training.training_step, or evaluate under model.eval() / torch.no_grad()"
+                )
+        logits, cache, hiddens = self._generation_forward(
+            input_ids, past_key_values, attention_mask, logits_to_keep, memory
+        )
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        out = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(hiddens) if output_hidden_states else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    @torch.no_grad()
+    def _generation_forward(
+        self,
+        input_ids: Tensor,
+        past_key_values: MPlusCache | None,
+        attention_mask: Tensor | None,
+        logits_to_keep: int,
+        memory: MemoryState | list[MemoryState] | None,
+    ) -> tuple[Tensor, MPlusCache, list[Tensor]]:
+        """The forward itself (input checked): fp32 logits, the cache, every layer's input hidden states."""
         if past_key_values is not None and not isinstance(past_key_values, MPlusCache):
             raise TypeError(
                 f"forward: past_key_values must be an MPlusCache (model.new_cache(), or the one a prefill returned), "
@@ -344,38 +361,66 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
             cache = past_key_values if past_key_values is not None else self.new_cache(batch_size=b)
             if cache.batch_size != b:
                 raise ValueError(f"forward: input_ids has B={b} rows, past_key_values holds {cache.batch_size}")
+            cap = cache.layers[0].k.shape[1]
+            if cache.length + t > cap:  # before any layer writes its cache rows
+                where = f"max_length={self.max_length} (load the model with a larger max_length)"
+                if cap != self.max_length:
+                    where = f"the cache's {cap} rows (model.new_cache(max_tokens=...))"
+                raise ValueError(f"forward: {t} tokens after {cache.length} cached (prompt + generated) exceed {where}")
             prefill = cache.length == 0
             if prefill:
                 cache.memory = mem
                 cache.memory_version = [m.version for m in mem] if isinstance(mem, list) else mem.version
+                cache.use_memory = bool(self.use_memory)  # read once, at the prefill: the cache keeps it
                 cache.pads = left_padding(attention_mask, b, t)
                 cache.kv_start = None
                 if cache.pads is not None:
                     cache.kv_start = torch.tensor(cache.pads, dtype=torch.int32, device=self.compute_device)
             else:
                 check_cache(cache, "forward")
-            pos = self.rope.rows(cache.length, t, cache.kv_start)
+            pos = self.cache_rope(cache).rows(cache.length, t, cache.kv_start)
             hiddens = []
             with self.adapters.use(DECODER):
                 h = self.model.embed_tokens(input_ids.to(self.compute_device))
                 for layer_idx, layer in enumerate(self.layers):
                     hiddens.append(h)
                     segments = cache.memories[layer_idx]
-                    if prefill:
+                    if prefill and cache.use_memory:
                         segments = prefill_segments(self, layer_idx, layer, h, cache)
                     h = layer(h, pos, segments, cache.layers[layer_idx], kv_start=cache.kv_start)
-                    if prefill:  # the layer resolved its long-term rows: the cache keeps them, and what was retrieved
+                    if prefill and cache.use_memory:  # the layer resolved its long-term rows: the cache keeps them
                         cache.memories[layer_idx], cache.retrieved[layer_idx] = settle_segments(segments, b)
                 h = self.model.norm(h)
         hiddens.append(h)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
-        return CausalLMOutputWithPast(
-            logits=logits,
-            past_key_values=cache if use_cache else None,
-            hidden_states=tuple(hiddens) if output_hidden_states else None,
-        )
+        return logits, cache, hiddens
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_base(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        kind: Literal["mplus", "memoryllm"] = "mplus",
+        gguf_file: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        max_length: int = 2048,
+        semantics: Semantics = "fast",
+        kernels: Literal["fused", "reference"] = "fused",
+        init_context: str | Tensor | list[int] | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        **memory_sizes,
+    ) -> MPlusForCausalLM:
+        """A new, untrained M+ (``kind="mplus"``) or MemoryLLM (``"memoryllm"``) on a pretrained Llama (a folder, a
+        Hub id, or ``gguf_file`` in one), initialised as the official training code initialises it; with
+        ``model.use_memory = False`` it computes what the base computes. Arguments: :func:`mplus.base.from_base`
+        (``memory_sizes``: :func:`mplus.base.memory_config`)."""
+        return _from_base(
+            cls, path_or_id, kind=kind, gguf_file=gguf_file, dtype=dtype, max_length=max_length, semantics=semantics,
+            kernels=kernels, init_context=init_context, seed=seed, device=device, **memory_sizes,
+        )  # fmt: skip
+
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> MPlusForCausalLM:  # type: ignore[override]
         """Load an official M+ / MemoryLLM checkpoint (``config.json`` + safetensors, SPEC.md §2): a directory, or a
@@ -384,14 +429,19 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
 
         Keywords: ``dtype`` (or its Hugging Face spelling ``torch_dtype``), ``device`` (or ``device_map`` naming one
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"auto"`` = cuda when available, or ``{"": device}``), the
-        Hub's (``revision``, ``cache_dir``, ``local_files_only``, ``token``), and the constructor's (``semantics``,
-        ``kernels``, ``max_length``, ``ltm_capacity``)."""
+        Hub's (``revision``, ``subfolder``, ``cache_dir``, ``force_download``, ``local_files_only``, ``token``),
+        ``config`` (an :class:`MPlusConfig` instead of ``config.json``: how ``AutoModelForCausalLM`` calls it), and
+        the constructor's (``semantics``, ``kernels``, ``max_length``, ``ltm_capacity``). transformers' other
+        keywords are taken when harmless (``trust_remote_code``, ``low_cpu_mem_usage``, ...) and refused by name when
+        mplus cannot honour them (``attn_implementation="sdpa"``, ``variant``, ...): see
+        :data:`mplus.checkpoint.IGNORED_KEYWORDS` and :data:`mplus.checkpoint.REFUSED_KEYWORDS`."""
         return load_checkpoint(cls, path, **kwargs)
 
     def save_pretrained(  # type: ignore[override]
         self, save_directory: str, *, safe_serialization: bool = True, max_shard_size: int | str | None = None
     ) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in the official layout: the weights and the current memory
-        as far as that layout holds it (not the short-term ages, the dropped-row cache, the RNG: ``save_memory``
-        keeps those). :meth:`from_pretrained` reads it back. See :func:`mplus.checkpoint.save_checkpoint`."""
+        """Write ``config.json`` + ``model.safetensors`` in the official layout (names and dtypes; ``model_type:
+        "mplus"`` so that transformers' Auto classes build this class): the weights and the current memory as far as
+        that layout holds it (not the short-term ages, the dropped-row cache, the RNG: ``save_memory`` keeps those).
+        :meth:`from_pretrained` reads it back. See :func:`mplus.checkpoint.save_checkpoint`."""
         save_checkpoint(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)

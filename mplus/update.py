@@ -71,7 +71,7 @@ def inject(
 
     ``memory``: the :class:`MemoryState` to write (default: the model's own, ``model.memory``).
     """
-    check_ids(context_ids, model.config.vocab_size, "inject")
+    check_ids(context_ids, model.config.vocab_size, "inject", name="context_ids")
     mem = model.resolve_memory(memory, "inject", inject=True)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"inject: chunk_size={chunk_size!r} must be an int > 0")
@@ -96,9 +96,7 @@ def inject(
             stacklevel=4,  # the caller of model.inject (past this function, torch.no_grad's wrapper, model.inject)
         )
     if victims is not None:  # checked where they are: on the host (a device tensor is read once, here)
-        if not isinstance(victims, Tensor):
-            raise TypeError(f"inject: victims must be an integer tensor [L, K], got {type(victims).__name__}")
-        victims = victims.cpu() if victims.device.type != "meta" else victims
+        victims = _checked_victims(victims, model.config)
     if len(chunks) == 1:
         with mem.lock.write() if update_memory else mem.lock.read():
             delta, hiddens = _inject_chunk(model, mem, context_ids, update_memory, victims)
@@ -115,6 +113,27 @@ def inject(
                 )
                 raise
     return delta
+
+
+def _checked_victims(victims: Tensor, cfg) -> Tensor:
+    """``inject``'s ``victims``, checked here (not by the memory update op, whose argument names are its own):
+    integers ``[L, K]``, each layer K distinct logical positions in ``[0, N)``; on the host (a meta tensor, a device
+    stand-in, is passed on unread)."""
+    shape = (cfg.num_hidden_layers, cfg.num_tokens)
+    if not isinstance(victims, Tensor) or victims.dtype.is_floating_point or victims.dtype == torch.bool:
+        got = f"{victims.dtype}" if isinstance(victims, Tensor) else type(victims).__name__
+        raise TypeError(f"inject: victims must be an integer tensor [L, K] = {list(shape)}, got {got}")
+    if tuple(victims.shape) != shape:
+        raise ValueError(f"inject: victims must be [L={shape[0]}, K={shape[1]}], got {list(victims.shape)}")
+    if victims.device.type == "meta":
+        return victims
+    host = victims.cpu()
+    v, n = host.long(), cfg.stm_size
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
+        raise ValueError(f"inject: victims holds positions outside [0, N={n}) (logical short-term rows)")
+    if shape[1] > 1 and bool((v.sort(1).values.diff(dim=1) == 0).any()):
+        raise ValueError("inject: victims repeats a position within a layer (each layer drops K distinct rows)")
+    return host
 
 
 def _inject_chunk(

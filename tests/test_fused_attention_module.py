@@ -1,6 +1,7 @@
 """``mplus.attention.FusedMemoryAttention`` against a hand-written Llama attention over ``[memory ; chunk]`` with an
-explicit mask, weight sharing with ``LlamaAttention``, official/HF state-dict names, the KV cache, and the
-``attn_implementation="mplus"`` registration with transformers."""
+explicit mask, weight sharing with ``LlamaAttention`` (``from_llama``'s drop-in, its M+ convention as ``.attend``),
+official/HF state-dict names, the KV cache, and the ``attn_implementation="mplus"`` registration with transformers
+(tiny random models; the real-model checks are in test_hf_attention.py)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def test_matches_handwritten_attention_over_memory_and_chunk(backend, b, m, t):
     fused = FusedMemoryAttention.from_llama(attn, backend=backend)
     with torch.no_grad():
         memory = _memory_kv(fused, rotary, mem_hidden, mem_pos, m + t)
-        got = fused(hidden, rotary(hidden, chunk_pos[None].expand(b, -1)), memory=memory)
+        got = fused.attend(hidden, rotary(hidden, chunk_pos[None].expand(b, -1)), memory=memory)
         expected = _handwritten(attn, rotary, hidden, chunk_pos, mem_hidden, mem_pos)
     assert got.shape == (b, t, cfg.hidden_size)
     assert_close(got, expected, atol=2e-5, rtol=2e-5, name=f"{backend} module vs hand-written")
@@ -121,7 +122,7 @@ def test_bf16_module_close_to_fp32_handwritten(backend):
     fused = FusedMemoryAttention.from_llama(attn, backend=backend)
     with torch.no_grad():
         memory = _memory_kv(fused, rotary, mem_hidden, mem_pos, 28)
-        got = fused(hidden, rotary(hidden, chunk_pos[None]), memory=memory)
+        got = fused.attend(hidden, rotary(hidden, chunk_pos[None]), memory=memory)
         expected = _handwritten(attn, rotary, hidden, chunk_pos, mem_hidden, mem_pos)
     assert got.dtype == torch.bfloat16
     rel = (got.float() - expected).norm() / expected.norm()
@@ -136,10 +137,15 @@ def test_without_memory_equals_llama_attention(backend):
     hidden = torch.randn(2, 10, cfg.hidden_size)
     pos = torch.arange(10)[None].expand(2, -1)
     mask = torch.full((10, 10), float("-inf")).triu(1)[None, None]
+    fused = FusedMemoryAttention.from_llama(attn, backend=backend)
     with torch.no_grad():
         expected, _ = attn(hidden, position_embeddings=rotary(hidden, pos), attention_mask=mask)
-        got = FusedMemoryAttention.from_llama(attn, backend=backend)(hidden, rotary(hidden, pos))
+        got = fused.attend(hidden, rotary(hidden, pos))
+        # the drop-in convention, with eager's additive causal mask
+        dropped_in, weights = fused(hidden_states=hidden, position_embeddings=rotary(hidden, pos), attention_mask=mask)
     assert_close(got, expected, atol=2e-5, rtol=2e-5, name="no-memory module vs LlamaAttention")
+    assert_close(dropped_in, expected, atol=2e-5, rtol=2e-5, name="drop-in forward vs LlamaAttention")
+    assert weights is None
 
 
 def test_from_llama_shares_weights():
@@ -154,9 +160,9 @@ def test_from_llama_shares_weights():
     hidden = torch.randn(1, 4, cfg.hidden_size)
     pe = rotary(hidden, torch.arange(4)[None])
     with torch.no_grad():
-        before = fused(hidden, pe)
+        before = fused.attend(hidden, pe)
         attn.o_proj.weight.mul_(2.0)  # an in-place change of the Llama weights is seen by the fused module
-        after = fused(hidden, pe)
+        after = fused.attend(hidden, pe)
     assert_close(after, 2 * before, atol=1e-5, rtol=1e-5, name="after scaling o_proj")
 
 
@@ -174,7 +180,7 @@ def test_state_dict_with_official_names_loads_unchanged(bias):
     pe = LlamaRotaryEmbedding(cfg)(hidden, torch.arange(5)[None])
     shared = FusedMemoryAttention.from_llama(model.model.layers[1].self_attn, backend="reference")
     with torch.no_grad():
-        assert_close(fused(hidden, pe), shared(hidden, pe), atol=0, rtol=0, name="loaded vs shared")
+        assert_close(fused(hidden, pe), shared.attend(hidden, pe), atol=0, rtol=0, name="loaded vs shared")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -188,13 +194,15 @@ def test_kv_cache_prefill_then_decode_equals_one_pass(backend):
     fused = FusedMemoryAttention.from_llama(attn, backend=backend)
     with torch.no_grad():
         memory = _memory_kv(fused, rotary, mem_hidden, mem_pos, 22)
-        full, full_lse = fused(hidden, rotary(hidden, chunk_pos[None].expand(2, -1)), memory=memory, return_lse=True)
+        full, full_lse = fused.attend(
+            hidden, rotary(hidden, chunk_pos[None].expand(2, -1)), memory=memory, return_lse=True
+        )
         cache = KVCache.empty(2, 16, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.float32)
         steps = [slice(0, 6), slice(6, 7), slice(7, 8), slice(8, 9)]
         outs, lses = [], []
         for s in steps:
             pe = rotary(hidden[:, s], chunk_pos[s][None].expand(2, -1))
-            y, lse = fused(hidden[:, s], pe, memory=memory, kv_cache=cache, return_lse=True)
+            y, lse = fused.attend(hidden[:, s], pe, memory=memory, kv_cache=cache, return_lse=True)
             outs.append(y)
             lses.append(lse)
     assert cache.length == 9
@@ -239,16 +247,20 @@ def test_transformers_registry_same_logits_as_sdpa(tiny_llama, backend, monkeypa
 
 def test_transformers_registry_generate_and_padding(tiny_llama, monkeypatch):
     """Cached greedy decoding (queries of one token against the cache, bottom-right causal) gives sdpa's tokens; a
-    padded batch is refused instead of being silently attended."""
+    left-padded batch runs with each row's first valid key (kv_start) and equals sdpa on its real tokens; right padding
+    is refused instead of being silently attended."""
     monkeypatch.setenv("MPLUS_BACKEND", "triton")
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
     with torch.no_grad():
         tiny_llama.set_attn_implementation("sdpa")
         expected = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False)
+        expected_padded = tiny_llama(ids.expand(2, -1), attention_mask=mask).logits
         tiny_llama.set_attn_implementation("mplus")
         got = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False)
         assert torch.equal(got, expected), f"{got} != {expected}"
-        mask = torch.ones(2, 7, dtype=torch.long)
-        mask[1, :2] = 0
-        with pytest.raises(ValueError, match="supports unpadded batches only"):
-            tiny_llama(ids.expand(2, -1), attention_mask=mask)
+        padded = tiny_llama(ids.expand(2, -1), attention_mask=mask).logits
+        assert_close(padded[mask.bool()], expected_padded[mask.bool()], atol=1e-4, rtol=1e-4, name="left-padded")
+        with pytest.raises(ValueError, match="is not left padding"):
+            tiny_llama(ids.expand(2, -1), attention_mask=mask.flip(1))

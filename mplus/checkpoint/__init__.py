@@ -8,6 +8,7 @@ A checkpoint is a directory or a Hugging Face Hub model id (``owner/name``). :fu
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from ..config import MPlusConfig
 from ..memory import serialization
 from ..memory.state import MemoryState
-from .hub import CONFIG_NAME, read_tensors, resolve_checkpoint
+from .hub import CONFIG_NAME, read_files, read_tensors, resolve_checkpoint, weight_files
 from .official import (
     load_official_memory,
     load_official_state,
@@ -29,6 +30,8 @@ from .official import (
 )
 
 __all__ = [
+    "IGNORED_KEYWORDS",
+    "REFUSED_KEYWORDS",
     "load_checkpoint",
     "load_memory",
     "load_official_memory",
@@ -72,6 +75,94 @@ def _single_device(device, device_map) -> torch.device | None:
         raise ValueError(f"from_pretrained: device {device!r} is not a device ({exc})") from None
 
 
+# transformers' from_pretrained keywords (what AutoModelForCausalLM and pipeline pass, and common user ones) that are
+# harmless for mplus: taken whatever their value, and ignored
+IGNORED_KEYWORDS = {
+    "trust_remote_code": "mplus runs no code from a checkpoint",
+    "low_cpu_mem_usage": "mplus builds the model once on the host and loads the weights into it",
+    "weights_only": "safetensors files hold no code",
+    "code_revision": "no remote code",
+    "_from_auto": "set by AutoModelForCausalLM",
+    "_from_pipeline": "set by pipeline()",
+    "_commit_hash": "set by older transformers",
+}
+# ... and those mplus cannot honour: taken unset (None or False) only, refused by name otherwise
+REFUSED_KEYWORDS = {
+    "variant": "mplus reads model.safetensors (or its shards) only",
+    "gguf_file": "mplus reads safetensors checkpoints only",
+    "quantization_config": "mplus does not quantize (dtype= picks the precision)",
+    "output_loading_info": "a load either matches the checkpoint exactly or raises, naming each problem",
+    "ignore_mismatched_sizes": "every tensor must match the config (a mismatch is an error naming it)",
+    "max_memory": "mplus places the whole model on one device (device=)",
+    "offload_folder": "mplus places the whole model on one device (device=)",
+    "offload_state_dict": "mplus places the whole model on one device (device=)",
+    "offload_buffers": "mplus places the whole model on one device (device=)",
+    "tp_plan": "mplus places the whole model on one device (device=)",
+    "tp_size": "mplus places the whole model on one device (device=)",
+    "device_mesh": "mplus places the whole model on one device (device=)",
+    "distributed_config": "mplus places the whole model on one device (device=)",
+    "key_mapping": "mplus reads the official names (SPEC.md §2) only",
+    "state_dict": "mplus reads the weights from the checkpoint's files",
+    "proxies": "huggingface_hub reads proxies from the environment (HTTPS_PROXY)",
+    "use_kernels": "mplus runs its own kernels (kernels=)",
+    "generation_config": "set model.generation_config after loading",
+}
+
+
+def _checked_keywords(cls, kwargs: dict) -> dict:
+    """The constructor's keywords out of ``from_pretrained``'s ``kwargs``: transformers' harmless keywords dropped,
+    the ones mplus cannot honour and unknown names refused by name (a ``ValueError``, not the constructor's
+    ``TypeError``)."""
+    kwargs = dict(kwargs)
+    for name in IGNORED_KEYWORDS:
+        kwargs.pop(name, None)
+    adapter = kwargs.pop("adapter_kwargs", None) or {}
+    if not isinstance(adapter, dict) or adapter.get("_adapter_model_path") is not None:
+        raise ValueError("from_pretrained: a PEFT adapter folder is not an mplus checkpoint (mplus holds its LoRA)")
+    attn = kwargs.pop("attn_implementation", None)
+    if attn not in (None, "mplus"):
+        raise ValueError(
+            f"from_pretrained: attn_implementation={attn!r}: an mplus model attends [memory ; chunk] with its fused "
+            'memory attention, the one implementation it has; leave it unset (or "mplus")'
+        )
+    if kwargs.pop("use_safetensors", None) is False:
+        raise ValueError("from_pretrained: use_safetensors=False: mplus reads safetensors checkpoints only")
+    for name, why in REFUSED_KEYWORDS.items():
+        value = kwargs.pop(name, None)
+        if value is not None and value is not False:
+            raise ValueError(f"from_pretrained: {name} is not supported: {why}")
+    own = {
+        name
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.kind == inspect.Parameter.KEYWORD_ONLY and name != "dtype"
+    }
+    unknown = sorted(set(kwargs) - own)
+    if unknown:
+        raise ValueError(
+            f"from_pretrained: unknown keyword argument(s) {unknown}; mplus takes dtype/torch_dtype, device/"
+            f"device_map, config, the Hub's (revision, subfolder, cache_dir, force_download, local_files_only, token) "
+            f"and the model's ({', '.join(sorted(own))})"
+        )
+    return kwargs
+
+
+def _checked_dtype(dtype, torch_dtype) -> torch.dtype | str | None:
+    """``dtype`` (or its Hugging Face spelling ``torch_dtype``): a floating torch.dtype, its name, "auto" or None."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
+    dtype = dtype if dtype is not None else torch_dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
+    if not (dtype is None or isinstance(dtype, torch.dtype) or (isinstance(dtype, str) and dtype == "auto")):
+        raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch.dtype (e.g. torch.bfloat16) or 'auto'")
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ValueError(
+            f"from_pretrained: dtype={dtype} is not a floating dtype: the weights and the memory are floats "
+            "(torch.float32, torch.bfloat16, torch.float16)"
+        )
+    return dtype
+
+
 def load_checkpoint(
     cls,
     path: str | os.PathLike,
@@ -80,26 +171,47 @@ def load_checkpoint(
     torch_dtype: torch.dtype | None = None,
     device: torch.device | str | int | None = None,
     device_map: str | dict | None = None,
+    config: MPlusConfig | None = None,
     revision: str | None = None,
+    subfolder: str = "",
     cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
     local_files_only: bool = False,
     token: bool | str | None = None,
     **kwargs,
 ):
     """Build ``cls`` from a checkpoint directory or Hub model id (:func:`resolve_checkpoint`) on the host, then move
-    it to its device (state included)."""
-    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-        raise ValueError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
-    dtype = dtype if dtype is not None else torch_dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
-    if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
-        raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch.dtype (e.g. torch.bfloat16) or 'auto'")
+    it to its device (state included). ``config``: an :class:`MPlusConfig` used instead of the checkpoint's
+    ``config.json`` (``AutoModelForCausalLM`` passes the one it read). transformers' other keywords are taken when
+    harmless (:data:`IGNORED_KEYWORDS`) and refused by name when mplus cannot honour them
+    (:data:`REFUSED_KEYWORDS`); the rest go to the constructor."""
+    dtype = _checked_dtype(dtype, torch_dtype)
+    kwargs = _checked_keywords(cls, kwargs)
+    if config is not None and not isinstance(config, MPlusConfig):
+        raise ValueError(
+            f"from_pretrained: config must be an MPlusConfig (or None: the checkpoint's config.json), got "
+            f"{type(config).__name__}"
+        )
     target = _single_device(device, device_map)
     directory = resolve_checkpoint(
-        path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
-    )
+        path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+        subfolder=subfolder, force_download=force_download,
+    )  # fmt: skip
     config_path = os.path.join(directory, CONFIG_NAME)
+    if config is None:
+        config = MPlusConfig(**_config_fields(config_path, path))
+    files = weight_files(directory)
+    tensors = read_files(files)
+    if dtype is None or dtype == "auto":
+        dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else torch.float32
+    model = cls(config, dtype=dtype, **kwargs)
+    model.eval()
+    source = files[0] if len(files) == 1 else f"the {len(files)} safetensors files of {directory}"
+    load_official_state(model, tensors, f"from_pretrained: {source}")
+    return model if target is None else model.to(target)
+
+
+def _config_fields(config_path: str, path) -> dict:
     try:
         with open(config_path) as f:
             fields = json.load(f)
@@ -109,14 +221,7 @@ def load_checkpoint(
         raise ValueError(f"from_pretrained: {config_path} is not valid JSON: {exc}") from None
     if not isinstance(fields, dict):
         raise ValueError(f"from_pretrained: {config_path} must hold a JSON object, got {type(fields).__name__}")
-    config = MPlusConfig(**fields)
-    tensors = read_tensors(directory)
-    if dtype is None or dtype == "auto":
-        dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else torch.float32
-    model = cls(config, dtype=dtype, **kwargs)
-    model.eval()
-    load_official_state(model, tensors)
-    return model if target is None else model.to(target)
+    return fields
 
 
 def _state_of(obj, fn: str) -> MemoryState:

@@ -25,7 +25,24 @@ HUB_PATTERNS = ("*.json", "*.safetensors")  # all a checkpoint needs from a Hub 
 
 
 def read_tensors(path: str) -> dict[str, Tensor]:
-    """Every tensor of the checkpoint directory ``path``, in the files the Hugging Face loaders read:
+    """Every tensor of the checkpoint directory ``path``, in the files the Hugging Face loaders read
+    (:func:`weight_files`)."""
+    return read_files(weight_files(path))
+
+
+def read_files(files: list[str]) -> dict[str, Tensor]:
+    """Every tensor of the safetensors ``files``; a file that is not one is a ``ValueError`` naming it."""
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(f))
+        except Exception as exc:  # safetensors raises its own error types on a truncated or foreign file
+            raise ValueError(f"from_pretrained: {f} is not a safetensors file ({type(exc).__name__}: {exc})") from None
+    return tensors
+
+
+def weight_files(path: str) -> list[str]:
+    """The files of the checkpoint directory ``path`` that hold its weights, as the Hugging Face loaders find them:
     ``model.safetensors`` when present, else the shards ``model.safetensors.index.json`` lists, else every
     ``*.safetensors`` file (other names, e.g. a ``save_memory`` file, are not weights when one of the first two is)."""
     single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_INDEX_NAME)
@@ -47,13 +64,7 @@ def read_tensors(path: str) -> dict[str, Tensor]:
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    tensors: dict[str, Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(f))
-        except Exception as exc:  # safetensors raises its own error types on a truncated or foreign file
-            raise ValueError(f"from_pretrained: {f} is not a safetensors file ({type(exc).__name__}: {exc})") from None
-    return tensors
+    return files
 
 
 def resolve_checkpoint(
@@ -63,12 +74,29 @@ def resolve_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: bool | str | None = None,
+    subfolder: str = "",
+    force_download: bool = False,
 ) -> str:
     """The local directory of checkpoint ``path``: ``path`` itself when it is a directory, else the snapshot of the
     Hub model id ``path`` (``owner/name`` at ``revision``, default ``main``) in the Hub cache (``cache_dir``, default
-    ``HF_HUB_CACHE``), downloaded (``config.json`` and ``*.safetensors`` only) unless it is there or the Hub is off
-    (``HF_HUB_OFFLINE=1``, ``local_files_only=True``). ``revision``, ``cache_dir`` and ``token`` are not used for a
-    directory. A string that is neither, or an id that resolves to nothing, is a ``ValueError`` naming it."""
+    ``HF_HUB_CACHE``), downloaded (``config.json`` and ``*.safetensors`` only) unless it is there (or
+    ``force_download``) or the Hub is off (``HF_HUB_OFFLINE=1``, ``local_files_only=True``). ``revision``,
+    ``cache_dir``, ``token`` and ``force_download`` are not used for a directory. ``subfolder``: the checkpoint is
+    that folder of the directory or repository. A string that is neither, or an id that resolves to nothing, is a
+    ``ValueError`` naming it."""
+    if not isinstance(subfolder, str):
+        raise TypeError(f"from_pretrained: subfolder must be a str, got {type(subfolder).__name__}")
+    if not subfolder:
+        return _resolve(path, revision, cache_dir, local_files_only, token, force_download, list(HUB_PATTERNS))
+    patterns = [f"{subfolder.strip('/')}/{pattern}" for pattern in HUB_PATTERNS]
+    root = _resolve(path, revision, cache_dir, local_files_only, token, force_download, patterns)
+    directory = os.path.join(root, subfolder)
+    if not os.path.isdir(directory):
+        raise ValueError(f"from_pretrained: {os.fspath(path)!r} has no subfolder {subfolder!r} ({directory})")
+    return directory
+
+
+def _resolve(path, revision, cache_dir, local_files_only, token, force_download, patterns: list[str]) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
             f"from_pretrained: path must be a checkpoint directory or a Hub model id (str or os.PathLike), got {path!r}"
@@ -88,7 +116,8 @@ def resolve_checkpoint(
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
-            allow_patterns=list(HUB_PATTERNS),
+            allow_patterns=patterns,
+            **({"force_download": True} if force_download else {}),
         )
     except HFValidationError as exc:
         raise ValueError(

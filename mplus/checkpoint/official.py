@@ -23,11 +23,13 @@ from ..memory.serialization import ltm_contents, ltm_tensors
 from .hub import CONFIG_NAME, WEIGHTS_NAME
 
 MEMORY_KEYS = ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
+COUNTED_KEYS = ("ltm_ages.", "ltm_recall_frequencies.")  # float32 in the official layout
 IGNORED = ("rotary_emb.inv_freq",)
 
 
-def load_official_state(model, tensors: dict[str, Tensor]) -> None:
-    """Assign an official state dict to ``model`` (weights, STM, LTM) after validating every tensor."""
+def load_official_state(model, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Assign an official state dict to ``model`` (weights, STM, LTM) after validating every tensor. ``source``
+    starts the error message (``from_pretrained`` names the file)."""
     cfg = model.config
     L, N, d = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size  # noqa: N806
     own = model.state_dict()
@@ -61,7 +63,7 @@ def load_official_state(model, tensors: dict[str, Tensor]) -> None:
     unknown = [k for k in tensors if k not in known and not k.endswith(IGNORED)]
     problems += [f"unexpected tensor {k}" for k in unknown]
     if problems:
-        raise ValueError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source} does not match the config:\n  " + "\n  ".join(problems))
 
     dtype = model.lm_head.weight.dtype
     model.load_state_dict({k: tensors[k].to(dtype) for k in own if k != "inv_freq"}, strict=False)
@@ -75,6 +77,8 @@ def load_official_state(model, tensors: dict[str, Tensor]) -> None:
         contents = ltm_contents(model.ltm, sd, "from_pretrained")
     with model.memory.mutate(advance=False):
         model.memory.commit(model.memory.plan_load(stm, contents, None, "from_pretrained"))
+
+
 @torch.no_grad()
 def model_kv(model, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
     """Generation-adapter K/V (before RoPE) of memory rows of one layer."""
@@ -106,27 +110,50 @@ def refresh_memory_kv(model) -> None:
 def official_state(model) -> dict[str, Tensor]:
     """The model in the official checkpoint layout (SPEC.md §2), on the host: the weights under the names
     :func:`load_official_state` expects, ``memory`` (the short-term rows in logical order), each layer's long-term
-    rows, keys, ages and recall frequencies (ages and frequencies as float64: exact, and the official loader casts
-    them), and MemoryLLM's ``initialized = 1``. What the layout has no place for is left out
-    (:func:`save_checkpoint`). Tensors may be views of the live memory: hold ``model.memory_lock.read()`` while
-    they are used."""
+    rows, keys, ages and recall frequencies (ages and frequencies in the official float32, :func:`official_float32`),
+    and MemoryLLM's ``initialized = 1``. What the layout has no place for is left out (:func:`save_checkpoint`).
+    Tensors may be views of the live memory: hold ``model.memory_lock.read()`` while they are used."""
     with model.memory_lock.read():
         sd = {k: v.detach() for k, v in model.state_dict().items() if k != "inv_freq"}
         sd["memory"] = model.stm.logical("hidden")
         if model.ltm is not None:
             ltm = ltm_tensors(model.ltm)
             sd.update({f"{p}{layer}": ltm[f"{p}{layer}"] for p in MEMORY_KEYS for layer in range(model.ltm.num_layers)})
+            sd.update(official_float32({k: v for k, v in sd.items() if k.startswith(COUNTED_KEYS)}))
         else:  # MemoryLLM's buffer: 0 would make the official code treat the memory as never filled
             sd["initialized"] = torch.ones(1, dtype=torch.uint8)
         return {k: v.cpu().contiguous() for k, v in sd.items()}
 
 
+def official_float32(counted: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Long-term ages and recall frequencies (float64 in the store: exact counts) in the official layout's float32
+    (SPEC.md §2: the official loader reads them as float32 and int32). Ages are whole numbers, exact in float32 up to
+    2^24 = 16,777,216 (65,536 injections of 256 tokens); frequencies start at ``initial_rf`` and fall by
+    ``decay_frequency`` per merge, exact for the official whole numbers. A value float32 does not hold exactly
+    warns, naming the tensor (``save_memory`` keeps the float64 state exactly)."""
+    out = {}
+    for name, t in counted.items():
+        single = t.float()
+        if not torch.equal(single.double(), t.double()):
+            worst = float((single.double() - t.double()).abs().max())
+            warnings.warn(
+                f"save_pretrained: {name} holds values float32 (the official layout's dtype) rounds, by up to "
+                f"{worst:g}; save_memory(model, path) keeps the memory state exactly",
+                stacklevel=5,  # the caller of model.save_pretrained
+            )
+        out[name] = single
+    return out
+
+
 def official_config(model) -> dict:
-    """``config.json`` of the official layout: the config's fields, as a ``LlamaConfig`` (``model_type: llama``)
-    with the official names (``rope_scaling``, ``architectures``) so that the official code reads it too."""
+    """``config.json`` of an mplus checkpoint: the config's fields under the official names (``rope_scaling``, the
+    memory fields: the official code reads it, as ``LlamaConfig`` with a warning on the model type), with
+    ``model_type: "mplus"`` and ``architectures: ["MPlusForCausalLM"]``, so that transformers' Auto classes build an
+    mplus model from it (``import mplus`` registers them) and, without mplus, refuse it instead of building a plain
+    Llama that drops the memory. Official checkpoints (``model_type: "llama"``) load with ``from_pretrained`` too."""
     fields = model.config.to_dict()
-    fields["model_type"] = "llama"  # the official checkpoints are LlamaConfig + memory fields (AutoConfig reads llama)
-    fields["architectures"] = model.config.architectures or ["MPlus" if model.config.has_ltm else "MemoryLLM"]
+    fields["model_type"] = "mplus"
+    fields["architectures"] = ["MPlusForCausalLM"]
     rope = fields.pop("rope_parameters", None) or {}
     fields["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} or None  # rope_theta is top-level
     fields["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
@@ -222,6 +249,8 @@ def load_official_memory(model, state: dict[str, Tensor]) -> None:
     with memory.mutate():
         contents = ltm_contents(model.ltm, sd, where) if model.ltm is not None else None
         memory.commit(memory.plan_load(stm, contents, None, where))
+
+
 def _official_ltm_state(model, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The long-term store's state (``LongTermMemory.memory_state`` names) of an official inference-form state."""
     cfg, dtype = model.config, model.lm_head.weight.dtype

@@ -134,7 +134,7 @@ def state_tensors(state) -> dict[str, Tensor]:
 def check_stm_tensors(stm, sd: dict[str, Tensor], where: str) -> None:
     """Everything a load reads of the STM (``sd``: ``stm.*`` names), checked before anything is written: names,
     shapes, dtypes, that ``order``/``pos`` are inverse permutations of the slots of each layer (the kernels index with
-    them), finite ages."""
+    them), finite ages, finite rows and K/V (a NaN or inf row would poison every query that attends it)."""
     for name in _stm_names(stm):
         key, have = f"stm.{name}", getattr(stm, name)
         if key not in sd:
@@ -155,6 +155,12 @@ def check_stm_tensors(stm, sd: dict[str, Tensor], where: str) -> None:
         )
     if not bool(torch.isfinite(sd["stm.age"]).all()):
         raise ValueError(f"{where}: stm.age holds non-finite values (a corrupt file); nothing was loaded")
+    for name in ("hidden", "k", "v"):
+        t = sd.get(f"stm.{name}") if name in _stm_names(stm) else None
+        if t is not None and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{where}: stm.{name} holds non-finite values (NaN or inf: a corrupt file); nothing was loaded"
+            )
 
 
 def _check_rng(state, sd: dict[str, Tensor], where: str) -> None:

@@ -304,6 +304,33 @@ class MemoryState(nn.Module):
                 return f"{part}: {theirs[part]}, this model: {own[part]}"
         return None
 
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes the state computes in: its short-term rows and K/V, its long-term rows and K/V."""
+        out = [self.stm.hidden.dtype] + ([self.stm.k.dtype] if self.stm.k is not None else [])
+        return tuple(out + ([self.ltm.dtype, self.ltm.kv_dtype] if self.ltm is not None else []))
+
+    def check_usable(self, own: MemoryState, device: torch.device, what: str, *, inject: bool = False) -> None:
+        """That this state can stand in for ``own`` (a model's default state, on ``device``) in a call named ``what``:
+        the same dtypes and shape, on the device; with ``inject`` also writable (not placed for generation only)."""
+        name = lambda dtypes: "/".join(dict.fromkeys(str(d) for d in dtypes))  # noqa: E731
+        if own.dtypes() != self.dtypes():
+            raise ValueError(
+                f"{what}: memory holds {name(self.dtypes())} tensors, this model computes in {name(own.dtypes())} "
+                f"(dtype): memory.to({name(own.dtypes())}) converts it (ages keep their float64)"
+            )
+        mismatch = own.mismatch(self)
+        if mismatch:
+            raise ValueError(f"{what}: memory is a state of another config ({mismatch})")
+        if self.device != device:
+            raise ValueError(
+                f"{what}: memory's short-term K/V is on {self.device}, the model on {device}: memory.to(device) first"
+            )
+        if inject and self.placed_for_generation_only():
+            raise ValueError(
+                f"{what}: memory was placed for generation only (to(..., what='generation')): inject also reads and "
+                "writes the short-term rows, ages and slot order; memory.to(device) first"
+            )
+
     @classmethod
     def empty(cls, desc: dict) -> MemoryState:
         """An all-zero state of the shape :meth:`describe` gave (then filled by a load)."""
