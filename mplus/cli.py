@@ -39,6 +39,7 @@ CHAT_HELP = """commands:
   /save PATH     save the memory state to PATH
   /load PATH     continue with the memory state in PATH
   /new           forget the conversation (the memory stays)
+  /memory off|on answer without the memory (the base model, from_base's LoRA at zero) or through it
   /help          this text
   /quit          leave (also Ctrl-D)
 anything else is a message to the model."""
@@ -165,6 +166,9 @@ def cmd_chat(args, lines: Sequence[str] | None = None) -> None:
             elif command == "/load":
                 state = MemoryState.load(arg, like=model).to(model.compute_device)
                 print(f"memory loaded from {arg}")
+            elif command == "/memory" and arg in ("on", "off"):
+                model.use_memory = arg == "on"
+                print(f"answers {'through the memory' if model.use_memory else 'without the memory (bypassed)'}")
             elif command == "/new":
                 messages = []
                 print("conversation cleared (the memory stays)")

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from mplus_kernels import draw_victims
 from mplus_kernels.retrieval.scores import retriever_bce_loss, retriever_scores
 
+from .distributed import Step, rank_memory, rank_seed, unwrap_model
 from .llama import check_ids
 from .lora import DECODER
 from .memory.state import MemoryState
@@ -50,7 +51,10 @@ from .model import MPlusForCausalLM
 from .segments import layer_segments
 from .update import commit_update, encode
 
-__all__ = ["StepOutput", "param_groups", "prepare", "track_document", "trainable", "training_step"]
+__all__ = [
+    "Step", "StepOutput", "param_groups", "prepare", "rank_memory", "rank_seed", "track_document", "trainable",
+    "training_step",
+]  # fmt: skip
 
 SELECTOR_KEYS = ("query_proj", "key_proj")  # the official selector group (matches encoder_query_proj too)
 
@@ -129,7 +133,7 @@ class StepOutput:
 
 
 def training_step(
-    model: MPlusForCausalLM,
+    model: MPlusForCausalLM | Step,
     context: Tensor | Sequence[Tensor],
     target: Tensor,
     *,
@@ -148,9 +152,12 @@ def training_step(
     on ``target [1, T2]`` through the resulting memory, plus the retriever's loss. Returns a :class:`StepOutput`;
     the caller runs ``out.loss.backward()`` and the optimiser step.
 
+    ``model`` may be a :class:`Step` (its model and memory; its defaults apply through its forward only); a
+    DDP-wrapped module is refused (call it instead: its forward runs the step, :mod:`mplus.distributed`).
+
     Args:
-        memory: the :class:`MemoryState` trained on (default: the model's own); its short-term memory must keep
-            training ages (:func:`prepare`).
+        memory: the :class:`MemoryState` trained on (default: the model's own, or the Step's); its short-term memory
+            must keep training ages (:func:`prepare`).
         retriever_loss: add the decoder and encoder retrievers' BCE (SPEC.md §7.3). Default: when the model has a
             long-term memory (M+). ``True`` on a config without one (MemoryLLM) is an error.
         checkpointing: recompute each layer in the backward pass instead of keeping its activations (per layer,
@@ -172,8 +179,8 @@ def training_step(
             prefill of ``target[:, :prompt_length]`` followed by the rest through its cache. Default: the whole
             target (one prefill).
     """
-    if not isinstance(model, MPlusForCausalLM):
-        raise TypeError(f"training_step: model must be an MPlusForCausalLM, got {type(model).__name__}")
+    model, own, _ = unwrap_model(model, "training_step")
+    memory = own if memory is None else memory
     cfg = model.config
     contexts = [context] if isinstance(context, Tensor) else list(context)
     if not contexts:

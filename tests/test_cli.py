@@ -70,11 +70,13 @@ def test_a_missing_inject_file_is_an_error(model_dir, tmp_path, capsys):
 def test_chat_over_stdin_with_commands(model_dir, document, tmp_path):
     """The console script itself, as a user types: a message, an injection, a save, an unknown command, quit."""
     state_file = str(tmp_path / "chat.safetensors")
-    stdin = f"Hello!\n/inject {document}\n/save {state_file}\n/frobnicate\nWhat stood on Pharos?\n/quit\n"
+    stdin = (f"Hello!\n/inject {document}\n/save {state_file}\n/frobnicate\nWhat stood on Pharos?\n/memory off\n"
+             "What stood on Pharos?\n/quit\n")
     run = _run("chat", "--model", model_dir, *SMALL, stdin=stdin)
     assert run.returncode == 0, run.stderr
     assert "injected" in run.stdout and f"memory saved to {state_file}" in run.stdout
     assert "unknown command /frobnicate" in run.stdout
+    assert "without the memory (bypassed)" in run.stdout
     assert os.path.exists(state_file)
     loaded = MemoryState.load(state_file)
     assert loaded.version == 0 and torch.isfinite(loaded.stm.hidden).all()
