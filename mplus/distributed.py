@@ -28,20 +28,44 @@ the same rows).
 comes (the next forward raises). A step with the retriever loss (M+'s default) reaches every LoRA factor and
 projector; ``retriever_loss=False`` leaves the projectors unreached: freeze them (``requires_grad_(False)``) before
 wrapping, or pass ``find_unused_parameters=True`` to DDP (slower: it walks the graph every step).
+
+**Checkpoints** (:func:`save_training_checkpoint`, :func:`load_training_checkpoint`) hold the trained weights and the
+optimiser's state through ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``, so FSDP2 can come
+later; the model's state_dict holds weights only: the memory is user data), each rank's memory as its own
+``MemoryState.save`` file (with its drop generator), each rank's torch RNG state (LoRA dropout draws from it) and the
+step counter. A folder is complete exactly when it exists: the ranks write into ``<folder>.partial``, rank 0 writes
+``checkpoint.json`` last (after a barrier) and renames the folder; a load refuses a folder without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
+from .memory import serialization
 from .memory.state import MemoryState
 from .model import MPlusForCausalLM
 
-__all__ = ["Step", "memory_buffer_names", "rank_memory", "rank_seed", "unwrap_model"]
+__all__ = [
+    "Step", "TrainingCheckpoint", "load_training_checkpoint", "memory_buffer_names", "rank_memory", "rank_seed",
+    "save_training_checkpoint", "unwrap_model",
+]  # fmt: skip
 
 SEED_LIMIT = 2**32  # seed and rank each in [0, 2**32): seed * 2**32 + rank is one distinct 64-bit seed per pair
 
@@ -57,10 +81,21 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed * SEED_LIMIT + rank
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _current_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
 
 
 def rank_memory(
@@ -148,3 +183,186 @@ class Step(nn.Module):
         if "memory" in step_kwargs:
             raise TypeError("Step.forward: memory is fixed by the Step (Step(model, memory=state))")
         return training_step(self.model, context, target, memory=self.memory, **{**self.defaults, **step_kwargs})
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+CHECKPOINT_FORMAT = "mplus.training-checkpoint/1"
+MARKER = "checkpoint.json"  # written last, by rank 0, after every rank has written: a folder without it is incomplete
+WEIGHTS = "weights"  # the torch.distributed.checkpoint folder (trained weights + optimiser state)
+_DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # the trained parameters only: the base weights are given
+
+
+def memory_file(rank: int) -> str:
+    return f"memory-rank{rank}.safetensors"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingCheckpoint:
+    """What :func:`load_training_checkpoint` read besides the tensors: the step the run had done and ``extra``."""
+
+    step: int
+    world_size: int
+    extra: dict
+
+
+def _step_of(model: Any, fn: str) -> tuple[nn.Module, MemoryState]:
+    """The module whose trained weights are checkpointed (DDP unwrapped: ``get_state_dict`` strips its prefix
+    itself) and the memory state this rank trains on."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(inner, Step):
+        return model, inner.memory
+    if isinstance(inner, MPlusForCausalLM):
+        return model, inner.memory
+    raise TypeError(
+        f"{fn}: model must be a training.Step, a DistributedDataParallel of one, or an MPlusForCausalLM, "
+        f"got {type(model).__name__}"
+    )
+
+
+def _state(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"model": get_model_state_dict(module, options=_DCP_OPTIONS)}
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=_DCP_OPTIONS)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def save_training_checkpoint(
+    directory: str | os.PathLike,
+    model: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int,
+    extra: dict | None = None,
+) -> Path:
+    """Save what resuming a run needs, bit-exactly, into the new folder ``directory``; every rank calls it (a
+    collective). Returns the folder.
+
+    Layout: ``weights/`` (``torch.distributed.checkpoint``: the trained parameters, ``model.*``, and the optimiser's
+    state, ``optimizer.*``), ``memory-rank{r}.safetensors`` (rank ``r``'s memory, :meth:`MemoryState.save`: rows,
+    ages, long-term store, the drop generator), ``rng-rank{r}.pt`` (rank ``r``'s torch CPU/CUDA RNG states: LoRA
+    dropout draws from them), ``checkpoint.json`` (format, world size, ``step``, ``extra``; written last).
+
+    Args:
+        model: a :class:`Step`, a ``DistributedDataParallel`` of one, or an :class:`MPlusForCausalLM` (its own memory).
+        optimizer: saved with the weights when given.
+        step: the number of steps done (``load_training_checkpoint(...).step``).
+        extra: anything JSON can hold (data loader position, schedule, ...), returned by the load.
+
+    The ranks write into ``<directory>.partial``; rank 0 renames it to ``directory`` after writing the marker, so a
+    crash mid-save leaves no folder that looks complete. An existing ``directory`` is refused (checkpoints are never
+    overwritten: save each one into its own folder, e.g. ``step-000100``).
+    """
+    fn = "save_training_checkpoint"
+    module, memory = _step_of(model, fn)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{fn}: step must be an int >= 0, got {step!r}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    try:
+        marker = json.dumps({
+            "format": CHECKPOINT_FORMAT, "world_size": _world_size(), "step": step, "optimizer": optimizer is not None,
+            "extra": extra or {},
+        })  # fmt: skip
+    except TypeError as exc:
+        raise TypeError(f"{fn}: extra must hold only what JSON can write: {exc}") from None
+    final = Path(directory)
+    if final.exists():  # checked by every rank before the first collective: all raise alike
+        raise FileExistsError(f"{fn}: {final} exists; a checkpoint is never overwritten: choose a new folder")
+    partial = final.with_name(final.name + ".partial")
+    rank = _current_rank()
+    if rank == 0:  # what an interrupted save left
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    memory.save(str(partial / memory_file(rank)))  # whole or not at all (safetensors writes and renames)
+    torch.save(_rng_states(), partial / rng_file(rank))
+    dcp.save(_state(module, optimizer), checkpoint_id=partial / WEIGHTS)  # collective; its .metadata written last
+    _barrier()  # every rank's files are written
+    if rank == 0:
+        tmp = partial / (MARKER + ".tmp")
+        tmp.write_text(marker)
+        os.replace(tmp, partial / MARKER)
+        os.replace(partial, final)
+    _barrier()  # no rank returns before the folder is complete
+    return final
+
+
+def _read_marker(folder: Path, fn: str) -> dict:
+    path = folder / MARKER
+    if not path.is_file():
+        partial = folder.with_name(folder.name + ".partial")
+        why = f" ({partial} is a save that did not finish)" if partial.exists() else ""
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{fn}: {folder} is not a checkpoint folder{why}")
+        raise ValueError(
+            f"{fn}: {folder} is an incomplete checkpoint: it has no {MARKER} (written last by a save that finished)"
+        )
+    try:
+        marker = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{fn}: {path} is not JSON ({exc})") from None
+    if not isinstance(marker, dict) or marker.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{fn}: {path} is not an mplus training checkpoint (format {CHECKPOINT_FORMAT!r})")
+    return marker
+
+
+def load_training_checkpoint(
+    directory: str | os.PathLike, model: Any, optimizer: torch.optim.Optimizer | None = None
+) -> TrainingCheckpoint:
+    """Resume from a :func:`save_training_checkpoint` folder; every rank calls it (a collective) on the same world
+    size as the save. Restores the trained weights (and ``optimizer``'s state), this rank's memory (into the state
+    trained on, through :func:`~mplus.memory.serialization.load_tensors`: all or nothing, its version advances, so a
+    generation cache made before is refused as stale) and this rank's torch RNG states. Returns the step and extra.
+
+    Refused, before anything changes, naming what is wrong: a folder without ``checkpoint.json`` (a save that did not
+    finish), another world size, a missing rank file, a memory file of another shape, an optimiser asked for but not
+    saved. Every rank checks every rank's files first, so all raise alike rather than leave the others waiting.
+    """
+    fn = "load_training_checkpoint"
+    module, memory = _step_of(model, fn)
+    folder = Path(directory)
+    marker = _read_marker(folder, fn)
+    world, rank = _world_size(), _current_rank()
+    if marker["world_size"] != world:
+        raise ValueError(
+            f"{fn}: {folder} was saved by {marker['world_size']} ranks, this run has {world}: each rank resumes its "
+            "own memory, so the world size must be the same"
+        )
+    for r in range(world):
+        for name in (memory_file(r), rng_file(r)):
+            if not (folder / name).is_file():
+                raise ValueError(f"{fn}: {folder} has no {name} (rank {r}'s); the checkpoint is damaged")
+    if optimizer is not None and not marker["optimizer"]:
+        raise ValueError(f"{fn}: {folder} holds no optimizer state (saved without one); pass optimizer=None")
+    # this rank's memory file, checked whole on a scratch state before anything changes
+    where = f"{fn}({folder / memory_file(rank)})"
+    sd, _ = serialization.read_file(str(folder / memory_file(rank)), fn)
+    serialization.load_tensors(MemoryState.empty(memory.describe()), sd, where)
+    rng = torch.load(folder / rng_file(rank), weights_only=True)
+    state = _state(module, optimizer)
+    dcp.load(state, checkpoint_id=folder / WEIGHTS)  # collective, in place; a trained weight not saved raises
+    options = dataclasses.replace(_DCP_OPTIONS, strict=False)  # the frozen weights are not in the checkpoint
+    if optimizer is None:
+        result = set_model_state_dict(module, state["model"], options=options)
+    else:
+        result = set_state_dict(
+            module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+        )
+    if result.unexpected_keys:
+        raise ValueError(f"{fn}: {folder} holds weights this model has not: {sorted(result.unexpected_keys)[:5]}")
+    serialization.load_tensors(memory, sd, where)  # checked above: commits
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainingCheckpoint(step=marker["step"], world_size=world, extra=marker["extra"])

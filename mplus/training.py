@@ -43,7 +43,15 @@ from torch.utils.checkpoint import checkpoint
 from mplus_kernels import draw_victims
 from mplus_kernels.retrieval.scores import retriever_bce_loss, retriever_scores
 
-from .distributed import Step, rank_memory, rank_seed, unwrap_model
+from .distributed import (
+    Step,
+    TrainingCheckpoint,
+    load_training_checkpoint,
+    rank_memory,
+    rank_seed,
+    save_training_checkpoint,
+    unwrap_model,
+)
 from .llama import check_ids
 from .lora import DECODER
 from .memory.state import MemoryState
@@ -52,8 +60,8 @@ from .segments import layer_segments
 from .update import commit_update, encode
 
 __all__ = [
-    "Step", "StepOutput", "param_groups", "prepare", "rank_memory", "rank_seed", "track_document", "trainable",
-    "training_step",
+    "Step", "StepOutput", "TrainingCheckpoint", "load_training_checkpoint", "param_groups", "prepare", "rank_memory",
+    "rank_seed", "save_training_checkpoint", "track_document", "trainable", "training_step",
 ]  # fmt: skip
 
 SELECTOR_KEYS = ("query_proj", "key_proj")  # the official selector group (matches encoder_query_proj too)
