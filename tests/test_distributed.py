@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import datetime
-import socket
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from _golden import GOLDEN
+from _ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
@@ -51,12 +50,6 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _snapshot(state) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in memory_state(state).items()}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -114,23 +107,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Run the 2-rank job once (spawned processes, loopback, a deadline); each rank's saved results."""
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, str(out)), daemon=True) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = "\n".join(f.read_text() for f in sorted(out.glob("rank*.err")))
-    assert not hung, f"DDP ranks still running after {TIMEOUT_S} s (killed)\n{errors}"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}\n{errors}"
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp"), TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import socket
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from _golden import GOLDEN
+from _ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
@@ -39,12 +38,6 @@ pytestmark = pytest.mark.skipif(
 def _data(rank: int, step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
     return torch.randint(0, vocab, (1, 16 + 3 * step), generator=g), torch.randint(0, vocab, (1, 9), generator=g)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(rank: int):
@@ -128,22 +121,7 @@ def _worker(rank: int, port: int, folder: str, mode: str) -> None:
 
 def _run(folder: Path, mode: str) -> list[dict]:
     """Run the 2 ranks of ``mode`` in new processes (spawned: nothing carries over), with a deadline."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(folder), mode), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = "\n".join(f.read_text() for f in sorted(folder.glob(f"{mode}-rank*.err")))
-    assert not hung, f"{mode}: ranks still running after {TIMEOUT_S} s (killed)\n{errors}"
-    assert all(p.exitcode == 0 for p in procs), f"{mode}: exit codes {[p.exitcode for p in procs]}\n{errors}"
-    return [torch.load(folder / f"{mode}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, folder, TIMEOUT_S, mode, prefix=f"{mode}-")
 
 
 @pytest.fixture(scope="module")

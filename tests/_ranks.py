@@ -1,0 +1,40 @@
+"""Real multi-process runs for the distributed tests: ``world`` spawned processes (nothing carries over from the test
+process), torch.distributed over gloo on 127.0.0.1 and a free port, a deadline after which a hung rank is killed and
+the test fails with every rank's traceback. Each rank writes ``<prefix>rank{r}.pt`` (its results) or
+``<prefix>rank{r}.err`` (its traceback) into ``folder``."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def free_port() -> int:
+    """A port nothing listens on now (bound to port 0 on the loopback, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: Callable, world: int, folder: Path, timeout_s: float, *args, prefix: str = "") -> list[dict]:
+    """Run ``worker(rank, port, str(folder), *args)`` on ``world`` spawned processes; each rank's saved results."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, str(folder), *args), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join(5)
+    errors = "\n".join(f.read_text() for f in sorted(folder.glob(f"{prefix}rank*.err")))
+    assert not hung, f"{prefix}ranks still running after {timeout_s} s (killed)\n{errors}"
+    assert all(p.exitcode == 0 for p in procs), f"{prefix}exit codes {[p.exitcode for p in procs]}\n{errors}"
+    return [torch.load(folder / f"{prefix}rank{r}.pt", weights_only=False) for r in range(world)]
