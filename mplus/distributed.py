@@ -1,7 +1,9 @@
-"""Training M+ under ``torch.distributed`` data parallelism (issue 21, first slice: DDP).
+"""Training M+ under ``torch.distributed``: DDP, FSDP2 (:func:`shard`), per-rank memories, checkpoints that resume.
+
+:class:`mplus.training.Step` (defined with ``training_step``) is what DDP wraps and :func:`shard` shards.
 
 DDP averages the gradients of what runs through a module's ``forward``, and :func:`mplus.training.training_step` is a
-function, so :class:`Step` makes the step a module::
+function, so :class:`~mplus.training.Step` makes the step a module::
 
     step = training.Step(model, memory=training.rank_memory(model, seed=0))
     ddp = DistributedDataParallel(step)            # the memory is never synchronised (below)
@@ -30,8 +32,8 @@ projector; ``retriever_loss=False`` leaves the projectors unreached: freeze them
 wrapping, or pass ``find_unused_parameters=True`` to DDP (slower: it walks the graph every step).
 
 **Checkpoints** (:func:`save_training_checkpoint`, :func:`load_training_checkpoint`) hold the trained weights and the
-optimiser's state through ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``, so FSDP2 can come
-later; the model's state_dict holds weights only: the memory is user data), each rank's memory as its own
+optimiser's state through ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``, for FSDP2 too,
+untested there; the model's state_dict holds weights only: the memory is user data), each rank's memory as its own
 ``MemoryState.save`` file (with its drop generator), each rank's torch RNG state (LoRA dropout draws from it) and the
 step counter. A folder is complete exactly when it exists: the ranks write into ``<folder>.partial``, rank 0 writes
 ``checkpoint.json`` last (after a barrier) and renames the folder; a load refuses a folder without it.
@@ -48,7 +50,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -56,6 +58,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 from .memory import serialization
@@ -63,8 +67,8 @@ from .memory.state import MemoryState
 from .model import MPlusForCausalLM
 
 __all__ = [
-    "Step", "TrainingCheckpoint", "load_training_checkpoint", "memory_buffer_names", "rank_memory", "rank_seed",
-    "save_training_checkpoint", "unwrap_model",
+    "TrainingCheckpoint", "load_training_checkpoint", "memory_buffer_names", "rank_memory", "rank_seed",
+    "save_training_checkpoint", "shard",
 ]  # fmt: skip
 
 SEED_LIMIT = 2**32  # seed and rank each in [0, 2**32): seed * 2**32 + rank is one distinct 64-bit seed per pair
@@ -123,66 +127,67 @@ def memory_buffer_names(module: nn.Module) -> list[str]:
     return names
 
 
-def unwrap_model(model: Any, what: str) -> tuple[MPlusForCausalLM, MemoryState | None, dict]:
-    """``model`` as ``training_step`` takes it: an :class:`MPlusForCausalLM` (its own memory), or a :class:`Step`
-    (its model, its memory and its default keyword arguments). A DDP-wrapped module is refused: its gradients are
-    averaged only when the step runs through its ``forward``."""
-    if isinstance(model, MPlusForCausalLM):
-        return model, None, {}
-    if isinstance(model, Step):
-        return model.model, model.memory, model.defaults
-    inner = getattr(model, "module", None)
-    if isinstance(model, DistributedDataParallel) or isinstance(inner, nn.Module):
-        raise TypeError(
-            f"{what}: model is a {type(model).__name__} wrapping a {type(inner).__name__}; a wrapped model trains "
-            "through its forward: wrap a training.Step(model) and call it, "
-            "ddp = DistributedDataParallel(training.Step(model)); out = ddp(context, target)"
-        )
-    raise TypeError(f"{what}: model must be an MPlusForCausalLM or a training.Step, got {type(model).__name__}")
+# ------------------------------------------------------------------------------------------------------------ FSDP2
+LAYER_UNITS = ("input_layernorm", "self_attn.query_proj", "self_attn.key_proj", "self_attn.encoder_query_proj")
 
 
-class Step(nn.Module):
-    """:func:`mplus.training.training_step` as a module, the thing DDP wraps: ``Step(model)(context, target,
-    **kw)`` is ``training_step(model, context, target, memory=memory, **defaults, **kw)`` and returns its
-    :class:`~mplus.training.StepOutput` (DDP finds the tensors of a dataclass output).
+def shard(step: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> nn.Module:
+    """Shard a :class:`Step`'s model over ``mesh`` with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place;
+    returns the step, which trains as an unsharded one does: ``out = step(context, target); out.loss.backward()``
+    (the gradients, sharded ``DTensor`` s, are the mean over the ranks: ``p.grad.full_tensor()``).
 
-    Args:
-        model: the :class:`MPlusForCausalLM` (prepared: :func:`mplus.training.prepare`); a submodule, so DDP
-            averages its trained parameters' gradients.
-        memory: the state trained on (default: the model's own; under DDP, :func:`rank_memory`). Never broadcast:
-            its buffers (and the model's default memory's) are in DDP's ignore list (module docstring).
-        **defaults: keyword arguments of every step (``retriever_loss``, ``checkpointing``, ``autocast``, ...);
-            a call's own keywords override them.
+    The units, innermost first: in every decoder layer its ``input_layernorm`` and retriever projectors
+    (:data:`LAYER_UNITS`: the step calls them outside the layer's ``forward``), then the layer itself, with
+    :meth:`~mplus.llama.DecoderLayer.memory_kv` registered as a forward method
+    (``register_fsdp_forward_method``: it reads k/v projections outside ``forward``); then the Step, the root, which
+    holds the rest (embedding, final norm, ``lm_head``, BOS rows) unsharded for the whole step. FSDP2 unshards a
+    unit's parameters only in its forward (and the registered methods), so every parameter the step reads is whole
+    when read. Frozen and trained parameters are sharded alike.
+
+    The memory is not sharded, broadcast or touched: ``fully_shard`` shards parameters only, and buffers (every
+    :class:`MemoryState`'s, the RoPE tables) stay the tensors they were, per rank. Call it after
+    ``torch.distributed.init_process_group`` and :func:`mplus.training.prepare`, before building the optimiser
+    (its parameters become the sharded ones). ``mesh``: a 1-D ``DeviceMesh`` (default: every rank, on the model's
+    device type); ``fsdp_kwargs`` go to each ``fully_shard`` call (``reshard_after_forward``, ``mp_policy``...).
+    A bare :class:`MPlusForCausalLM` is refused: the root must be the module whose ``forward`` runs the step.
+    FSDP2 warns that ``memory_kv`` returns a view (``k[0]``): harmless, as nothing writes it in place.
     """
+    if not _is_step(step):
+        raise TypeError(
+            f"shard: expected a training.Step, got {type(step).__name__}; the root unit must run the step in its "
+            "forward: step = training.shard(training.Step(model, memory=...))"
+        )
+    if isinstance(step, FSDPModule):
+        raise ValueError("shard: this Step is already sharded")
+    if not _distributed():
+        raise RuntimeError("shard: torch.distributed is not initialised (call init_process_group first)")
+    if mesh is None:
+        mesh = init_device_mesh(step.model.compute_device.type, (_world_size(),))
+    for layer in step.model.layers:
+        for name in LAYER_UNITS:
+            unit = layer.get_submodule(name) if _has_submodule(layer, name) else None
+            if unit is not None:
+                fully_shard(unit, mesh=mesh, **fsdp_kwargs)
+        fully_shard(layer, mesh=mesh, **fsdp_kwargs)
+        register_fsdp_forward_method(layer, "memory_kv")
+    fully_shard(step, mesh=mesh, **fsdp_kwargs)
+    return step
 
-    def __init__(self, model: MPlusForCausalLM, *, memory: MemoryState | None = None, **defaults: Any) -> None:
-        super().__init__()
-        if isinstance(model, Step):
-            raise TypeError(
-                f"Step: model is already a training.Step (of a {type(model.model).__name__}): wrap the model once"
-            )
-        if not isinstance(model, MPlusForCausalLM):
-            inner = getattr(model, "module", None)
-            got = type(model).__name__ + (f" wrapping a {type(inner).__name__}" if isinstance(inner, nn.Module) else "")
-            raise TypeError(
-                f"Step: model must be an MPlusForCausalLM, got {got}; wrap the Step instead: "
-                "DistributedDataParallel(training.Step(model))"
-            )
-        for key in ("memory", "context", "target"):
-            if key in defaults:
-                raise TypeError(f"Step: {key} is not a step default")
-        self.model = model
-        # a plain attribute, not a submodule: DDP never sees a state given here (nn.Module.__setattr__ would register)
-        object.__setattr__(self, "memory", model.resolve_memory(memory, "Step", inject=True))
-        self.defaults = defaults
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, memory_buffer_names(self))
 
-    def forward(self, context: Tensor | list[Tensor], target: Tensor, **step_kwargs: Any):
-        from .training import training_step  # training imports this module
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
-        if "memory" in step_kwargs:
-            raise TypeError("Step.forward: memory is fixed by the Step (Step(model, memory=state))")
-        return training_step(self.model, context, target, memory=self.memory, **{**self.defaults, **step_kwargs})
+
+def _is_step(module: Any) -> bool:
+    """A :class:`mplus.training.Step` (defined there; that module imports this one): a module holding the model and
+    the memory it trains on."""
+    return isinstance(getattr(module, "model", None), MPlusForCausalLM) and isinstance(
+        getattr(module, "memory", None), MemoryState
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
@@ -213,7 +218,7 @@ def _step_of(model: Any, fn: str) -> tuple[nn.Module, MemoryState]:
     """The module whose trained weights are checkpointed (DDP unwrapped: ``get_state_dict`` strips its prefix
     itself) and the memory state this rank trains on."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if isinstance(inner, Step):
+    if _is_step(inner):
         return model, inner.memory
     if isinstance(inner, MPlusForCausalLM):
         return model, inner.memory

@@ -34,23 +34,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from mplus_kernels import draw_victims
 from mplus_kernels.retrieval.scores import retriever_bce_loss, retriever_scores
 
 from .distributed import (
-    Step,
     TrainingCheckpoint,
     load_training_checkpoint,
+    memory_buffer_names,
     rank_memory,
     rank_seed,
     save_training_checkpoint,
-    unwrap_model,
+    shard,
 )
 from .llama import check_ids
 from .lora import DECODER
@@ -61,7 +62,7 @@ from .update import commit_update, encode
 
 __all__ = [
     "Step", "StepOutput", "TrainingCheckpoint", "load_training_checkpoint", "param_groups", "prepare", "rank_memory",
-    "rank_seed", "save_training_checkpoint", "track_document", "trainable", "training_step",
+    "rank_seed", "save_training_checkpoint", "shard", "track_document", "trainable", "training_step",
 ]  # fmt: skip
 
 SELECTOR_KEYS = ("query_proj", "key_proj")  # the official selector group (matches encoder_query_proj too)
@@ -138,6 +139,66 @@ class StepOutput:
     positives: Tensor  # [L, N] bool: the logical short-term rows holding the document after its injection
     victims: list[Tensor]  # per injected context: the logical positions dropped [L, K] (on the host)
     deltas: list[Tensor]  # per injected context: its delta rows [L, K, d] (detached)
+
+
+def unwrap_model(model: Any, what: str) -> tuple[MPlusForCausalLM, MemoryState | None, dict]:
+    """``model`` as ``training_step`` takes it: an :class:`MPlusForCausalLM` (its own memory), or a :class:`Step`
+    (its model, its memory and its default keyword arguments). A DDP-wrapped module is refused: its gradients are
+    averaged only when the step runs through its ``forward``."""
+    if isinstance(model, MPlusForCausalLM):
+        return model, None, {}
+    if isinstance(model, Step):
+        return model.model, model.memory, model.defaults
+    inner = getattr(model, "module", None)
+    if isinstance(model, DistributedDataParallel) or isinstance(inner, nn.Module):
+        raise TypeError(
+            f"{what}: model is a {type(model).__name__} wrapping a {type(inner).__name__}; a wrapped model trains "
+            "through its forward: wrap a training.Step(model) and call it, "
+            "ddp = DistributedDataParallel(training.Step(model)); out = ddp(context, target)"
+        )
+    raise TypeError(f"{what}: model must be an MPlusForCausalLM or a training.Step, got {type(model).__name__}")
+
+
+class Step(nn.Module):
+    """:func:`mplus.training.training_step` as a module, the thing DDP wraps: ``Step(model)(context, target,
+    **kw)`` is ``training_step(model, context, target, memory=memory, **defaults, **kw)`` and returns its
+    :class:`~mplus.training.StepOutput` (DDP finds the tensors of a dataclass output).
+
+    Args:
+        model: the :class:`MPlusForCausalLM` (prepared: :func:`mplus.training.prepare`); a submodule, so DDP
+            averages its trained parameters' gradients.
+        memory: the state trained on (default: the model's own; under DDP, :func:`rank_memory`). Never broadcast:
+            its buffers (and the model's default memory's) are in DDP's ignore list (module docstring).
+        **defaults: keyword arguments of every step (``retriever_loss``, ``checkpointing``, ``autocast``, ...);
+            a call's own keywords override them.
+    """
+
+    def __init__(self, model: MPlusForCausalLM, *, memory: MemoryState | None = None, **defaults: Any) -> None:
+        super().__init__()
+        if isinstance(model, Step):
+            raise TypeError(
+                f"Step: model is already a training.Step (of a {type(model.model).__name__}): wrap the model once"
+            )
+        if not isinstance(model, MPlusForCausalLM):
+            inner = getattr(model, "module", None)
+            got = type(model).__name__ + (f" wrapping a {type(inner).__name__}" if isinstance(inner, nn.Module) else "")
+            raise TypeError(
+                f"Step: model must be an MPlusForCausalLM, got {got}; wrap the Step instead: "
+                "DistributedDataParallel(training.Step(model))"
+            )
+        for key in ("memory", "context", "target"):
+            if key in defaults:
+                raise TypeError(f"Step: {key} is not a step default")
+        self.model = model
+        # a plain attribute, not a submodule: DDP never sees a state given here (nn.Module.__setattr__ would register)
+        object.__setattr__(self, "memory", model.resolve_memory(memory, "Step", inject=True))
+        self.defaults = defaults
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, memory_buffer_names(self))
+
+    def forward(self, context: Tensor | list[Tensor], target: Tensor, **step_kwargs: Any):
+        if "memory" in step_kwargs:
+            raise TypeError("Step.forward: memory is fixed by the Step (Step(model, memory=state))")
+        return training_step(self.model, context, target, memory=self.memory, **{**self.defaults, **step_kwargs})
 
 
 def training_step(

@@ -1,0 +1,182 @@
+"""Issue 21, FSDP2: M+ training with ``torch.distributed.fsdp.fully_shard`` (``training.shard``), gloo, 2 processes on
+the CPU, loopback only.
+
+Each rank trains on its own data with its own memory (``training.rank_memory``) through ``training.shard(training.
+Step(model, memory=...))``: every decoder layer (its norm and retriever projectors as units of their own, ``memory_kv``
+a registered forward method) and the Step (the root) are sharded. Checked against a single-process replay of each
+rank's steps (as tests/test_distributed.py checks DDP; the last step with gradient checkpointing): the gradients
+(``full_tensor()``) are the mean of the per-rank gradients, each rank's memory is exactly its replay's, and
+``fully_shard`` left every buffer (the memories' included) the tensor it was."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import traceback
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from _golden import GOLDEN
+from _ranks import run_ranks
+
+from mplus import training
+from mplus.checkpoint import memory_state
+from mplus.model import MPlusForCausalLM
+from mplus_kernels.testing import assert_close, assert_equal
+
+WORLD = 2
+SEED = 7
+STEPS = 3  # the last one with gradient checkpointing (the layers and memory_kv rerun in the backward pass)
+TIMEOUT_S = 80  # the whole multi-process run; init_process_group and every collective time out at 60 s
+ATOL = 1e-6
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+
+def _model() -> MPlusForCausalLM:
+    model = MPlusForCausalLM.from_pretrained(str(GOLDEN / "model"), max_length=96)
+    training.prepare(model)
+    return model.eval()  # exact comparisons: no LoRA dropout
+
+
+def _data(rank: int, step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randint(0, vocab, (1, 16 + 3 * step), generator=g), torch.randint(0, vocab, (1, 9), generator=g)
+
+
+def _snapshot(state) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in memory_state(state).items()}
+
+
+def _worker(rank: int, port: int, folder: str) -> None:
+    """One rank: shard, run STEPS steps without an optimiser step, save the full gradients, memories and what
+    ``fully_shard`` did to the buffers and parameters to ``folder/fsdp-rank{rank}.pt``."""
+    try:
+        # memory_kv returns views (k[0], v[0]), never written in place: FSDP2's warning about views does not apply
+        warnings.filterwarnings("ignore", message=".*returned a view tensor")
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+            timeout=datetime.timedelta(seconds=60),
+        )  # fmt: skip
+        model = _model()
+        vocab = model.config.vocab_size
+        memory = training.rank_memory(model, seed=SEED)
+        if rank == 1:  # rank 1's default memory differs from rank 0's: sharding must not overwrite it
+            model.inject(_data(9, 9, vocab)[0])
+        buffers = dict(model.named_buffers())
+        default_before = _snapshot(model)
+        step = training.shard(training.Step(model, memory=memory))
+        after = dict(model.named_buffers())
+        result = {
+            "buffers_kept": after.keys() == buffers.keys() and all(after[n] is b for n, b in buffers.items()),
+            "dtensor_buffers": [n for n, b in after.items() if isinstance(b, torch.distributed.tensor.DTensor)],
+            "sharded": all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters()),
+            "grads": [], "memory": [], "victims": [], "default_before": default_before,
+        }  # fmt: skip
+        for i in range(STEPS):
+            out = step(*_data(rank, i, vocab), checkpointing=i == STEPS - 1)
+            out.loss.backward()
+            result["grads"].append(
+                {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
+            )
+            result["victims"].append([v.clone() for v in out.victims])
+            result["memory"].append(_snapshot(memory))
+            model.zero_grad(set_to_none=True)
+        result["default_after"] = _snapshot(model)
+        refused = [("shard(model)", lambda: training.shard(model)), ("shard twice", lambda: training.shard(step))]
+        for name, call in refused:
+            try:
+                call()
+            except (TypeError, ValueError) as exc:
+                result[name] = str(exc)
+        torch.save(result, Path(folder) / f"fsdp-rank{rank}.pt")
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        (Path(folder) / f"fsdp-rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("fsdp"), TIMEOUT_S, prefix="fsdp-")
+
+
+@pytest.fixture(scope="module")
+def replay(ranks) -> list[dict]:
+    """Each rank's steps replayed in this process, unsharded, on one thread as the ranks ran."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = _model()
+        results = []
+        for rank in range(WORLD):
+            model = copy.deepcopy(base)
+            memory = training.rank_memory(model, seed=SEED, rank=rank)
+            got = {"grads": [], "victims": [], "memory": []}
+            for i in range(STEPS):
+                ids = _data(rank, i, model.config.vocab_size)
+                out = training.training_step(model, *ids, memory=memory, checkpointing=i == STEPS - 1)
+                out.loss.backward()
+                got["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+                got["victims"].append(out.victims)
+                got["memory"].append(_snapshot(memory))
+                model.zero_grad(set_to_none=True)
+            results.append(got)
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fsdp_gradients_are_the_mean_of_the_per_rank_gradients(ranks, replay):
+    """The full gradients on both ranks equal the mean of the single-process ones to fp32 rounding, not bit-equal
+    (DDP's are): FSDP2 puts autograd nodes around every unit's inputs and outputs and reduce-scatters a unit's gradient
+    after each of its runs (a layer runs several times a step: ``memory_kv`` for the memory rows, then ``forward``),
+    so the same contributions are summed in another order (measured: 42 of the 90 gradients bit-equal, the others a
+    few ulps apart). 1e-6 absolute: the largest gradients are about 0.3 (fp32 ulp 3e-8), the measured differences
+    about 1.4e-7."""
+    for i in range(STEPS):
+        grads = [r["grads"][i] for r in ranks]
+        assert grads[0].keys() == grads[1].keys() == replay[0]["grads"][i].keys()
+        assert len(grads[0]) == 90  # every LoRA factor and projector of the golden model
+        worst = 0.0
+        for name in grads[0]:
+            assert_equal(grads[0][name], grads[1][name], name=f"step {i} {name}: rank 0 vs rank 1")
+            mean = (replay[0]["grads"][i][name] + replay[1]["grads"][i][name]) / WORLD
+            assert_close(grads[0][name], mean, atol=ATOL, rtol=0, name=f"step {i} {name}")
+            worst = max(worst, (grads[0][name] - mean).abs().max().item())
+        print(f"step {i}: max |FSDP2 grad - mean of single-process grads| = {worst:.3g}")
+
+
+def test_each_rank_memory_is_its_own_replay(ranks, replay):
+    """Each rank's victims and memory are bit-equal to its unsharded replay; the two ranks' memories differ."""
+    for i in range(STEPS):
+        for rank in range(WORLD):
+            for a, b in zip(ranks[rank]["victims"][i], replay[rank]["victims"][i]):
+                assert_equal(a, b, name=f"rank {rank} step {i} victims")
+            want, got = replay[rank]["memory"][i], ranks[rank]["memory"][i]
+            assert got.keys() == want.keys()
+            for key in want:
+                assert_equal(got[key], want[key], name=f"rank {rank} step {i} {key}")
+        assert not torch.equal(ranks[0]["memory"][i]["stm.hidden"], ranks[1]["memory"][i]["stm.hidden"])
+
+
+def test_fully_shard_leaves_buffers_and_memories_alone(ranks):
+    """Every parameter became a DTensor; every buffer (RoPE tables, the default memory's) is the very tensor it was,
+    no DTensor; rank 1's default memory, which differs from rank 0's, is as it was after the steps."""
+    for rank in range(WORLD):
+        r = ranks[rank]
+        assert r["sharded"] and r["buffers_kept"] and not r["dtensor_buffers"]
+        for name, t in r["default_after"].items():
+            assert_equal(t, r["default_before"][name], name=f"rank {rank} default memory {name}")
+    before = [r["default_before"] for r in ranks]
+    assert any(not torch.equal(before[0][k], before[1][k]) for k in before[0])
+
+
+def test_shard_refuses_a_bare_model_and_a_second_call(ranks):
+    assert "shard: expected a training.Step, got MPlusForCausalLM" in ranks[0]["shard(model)"]
+    assert "shard: this Step is already sharded" in ranks[0]["shard twice"]
