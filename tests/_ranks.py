@@ -10,7 +10,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
+from _golden import GOLDEN
+
+from mplus import training
+from mplus.model import MPlusForCausalLM
+
+# every multi-process test module: pytestmark = NEEDS_GLOO
+NEEDS_GLOO = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+
+def golden_model() -> MPlusForCausalLM:
+    """The golden tiny M+, prepared for training, in eval mode (exact comparisons: no LoRA dropout)."""
+    model = MPlusForCausalLM.from_pretrained(str(GOLDEN / "model"), max_length=96)
+    training.prepare(model)
+    return model.eval()
+
+
+def rank_data(rank: int, step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s (context, target) ids of step ``step``: its own data, the same in every run."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randint(0, vocab, (1, 16 + 3 * step), generator=g), torch.randint(0, vocab, (1, 9), generator=g)
 
 
 def free_port() -> int:

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _golden import GOLDEN
-from _ranks import run_ranks
+from _ranks import NEEDS_GLOO, golden_model, rank_data, run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
 from mplus.checkpoint import memory_state
-from mplus.model import MPlusForCausalLM
 from mplus_kernels.testing import assert_close, assert_equal
 
 WORLD = 2
@@ -28,20 +26,7 @@ SEED = 7
 STEPS = 2
 TIMEOUT_S = 240  # the whole multi-process run; init_process_group and every collective time out at 60 s
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-)
-
-
-def _model() -> MPlusForCausalLM:
-    model = MPlusForCausalLM.from_pretrained(str(GOLDEN / "model"), max_length=96)
-    training.prepare(model)
-    return model.eval()  # exact comparisons: no LoRA dropout
-
-
-def _data(rank: int, step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randint(0, vocab, (1, 16 + 3 * step), generator=g), torch.randint(0, vocab, (1, 9), generator=g)
+pytestmark = NEEDS_GLOO
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,18 +46,18 @@ def _worker(rank: int, port: int, folder: str) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
             timeout=datetime.timedelta(seconds=60),
         )  # fmt: skip
-        model = _model()
+        model = golden_model()
         vocab = model.config.vocab_size
         memory = training.rank_memory(model, seed=SEED)  # rank from torch.distributed
         # rank 1's default memory differs from rank 0's before wrapping: DDP must not overwrite it
         if rank == 1:
-            model.inject(_data(9, 9, vocab)[0])
+            model.inject(rank_data(9, 9, vocab)[0])
         default_before = _snapshot(model)
         ddp = DistributedDataParallel(training.Step(model, memory=memory))  # default: buffers broadcast
         default_wrapped = _snapshot(model)
         result = {"grads": [], "victims": [], "memory": [], "errors": {}}
         for step in range(STEPS):
-            context, target = _data(rank, step, vocab)
+            context, target = rank_data(rank, step, vocab)
             out = ddp(context, target)
             out.loss.backward()
             result["grads"].append(_grads(model))
@@ -86,11 +71,11 @@ def _worker(rank: int, port: int, folder: str) -> None:
             training.Step(model, memory=memory.clone(), retriever_loss=False), find_unused_parameters=True
         )
         for step in range(2):  # the second forward is where DDP raises on a reduction left unfinished
-            lean(*_data(rank, step, vocab)).loss.backward()
+            lean(*rank_data(rank, step, vocab)).loss.backward()
             result["lean"] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
             model.zero_grad(set_to_none=True)
         for name, call in [
-            ("training_step(ddp)", lambda: training.training_step(ddp, *_data(rank, 0, vocab))),
+            ("training_step(ddp)", lambda: training.training_step(ddp, *rank_data(rank, 0, vocab))),
             ("Step(ddp)", lambda: training.Step(ddp)),
         ]:
             try:
@@ -117,14 +102,14 @@ def replay(ranks) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        base = _model()
+        base = golden_model()
         results = []
         for rank in range(WORLD):
             model = copy.deepcopy(base)
             memory = training.rank_memory(model, seed=SEED, rank=rank)
             got = {"grads": [], "victims": [], "memory": []}
             for step in range(STEPS):
-                out = training.training_step(model, *_data(rank, step, model.config.vocab_size), memory=memory)
+                out = training.training_step(model, *rank_data(rank, step, model.config.vocab_size), memory=memory)
                 out.loss.backward()
                 got["grads"].append(_grads(model))
                 got["victims"].append(out.victims)
@@ -203,7 +188,7 @@ def test_wrapped_models_are_refused_by_name(ranks):
 
 
 def test_a_step_is_wrapped_once_and_training_step_takes_it():
-    model = _model()
+    model = golden_model()
     step = training.Step(model, memory=training.rank_memory(model, seed=SEED, rank=0))
     with pytest.raises(TypeError, match=r"Step: model is already a training\.Step \(of a MPlusForCausalLM\)"):
         training.Step(step)
@@ -213,7 +198,7 @@ def test_a_step_is_wrapped_once_and_training_step_takes_it():
     assert not any(name.startswith("memory.") for name, _ in step.named_buffers())  # the rank's state: no submodule
     twin = copy.deepcopy(model)
     memory = training.rank_memory(twin, seed=SEED, rank=0)
-    ids = _data(0, 0, model.config.vocab_size)
+    ids = rank_data(0, 0, model.config.vocab_size)
     a = training.training_step(step, *ids)  # the Step's model and memory
     b = training.training_step(twin, *ids, memory=memory)
     assert_equal(a.loss.detach(), b.loss.detach(), name="loss")
@@ -226,7 +211,7 @@ def test_rank_seed_rule():
         training.rank_seed(0, -1)
     with pytest.raises(ValueError, match="seed=4294967296"):
         training.rank_seed(2**32, 0)
-    model = _model()
+    model = golden_model()
     a, b = (training.rank_memory(model, seed=3, rank=r) for r in (0, 1))
     assert a.stm.age_mode == "training" and a.generator is not None
     assert a.generator.initial_seed() == 3 * 2**32 and b.generator.initial_seed() == 3 * 2**32 + 1

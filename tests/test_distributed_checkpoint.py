@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _golden import GOLDEN
-from _ranks import run_ranks
+from _ranks import NEEDS_GLOO, rank_data, run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
@@ -30,14 +30,7 @@ SEED = 11
 K, N = 2, 2  # steps before the checkpoint, steps after it
 TIMEOUT_S = 120  # one multi-process run; init_process_group and every collective time out at 60 s
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-)
-
-
-def _data(rank: int, step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randint(0, vocab, (1, 16 + 3 * step), generator=g), torch.randint(0, vocab, (1, 9), generator=g)
+pytestmark = NEEDS_GLOO
 
 
 def _setup(rank: int):
@@ -54,7 +47,7 @@ def _setup(rank: int):
 
 def _train(ddp, opt, rank: int, steps: range, vocab: int) -> None:
     for step in steps:
-        ddp(*_data(rank, step, vocab)).loss.backward()
+        ddp(*rank_data(rank, step, vocab)).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _golden import GOLDEN
-from _ranks import run_ranks
+from _ranks import NEEDS_GLOO, golden_model, rank_data, run_ranks
 
 from mplus import training
 from mplus.checkpoint import memory_state
-from mplus.model import MPlusForCausalLM
 from mplus_kernels.testing import assert_close, assert_equal
 
 WORLD = 2
@@ -32,20 +30,7 @@ STEPS = 3  # the last one with gradient checkpointing (the layers and memory_kv 
 TIMEOUT_S = 80  # the whole multi-process run; init_process_group and every collective time out at 60 s
 ATOL = 1e-6
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-)
-
-
-def _model() -> MPlusForCausalLM:
-    model = MPlusForCausalLM.from_pretrained(str(GOLDEN / "model"), max_length=96)
-    training.prepare(model)
-    return model.eval()  # exact comparisons: no LoRA dropout
-
-
-def _data(rank: int, step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randint(0, vocab, (1, 16 + 3 * step), generator=g), torch.randint(0, vocab, (1, 9), generator=g)
+pytestmark = NEEDS_GLOO
 
 
 def _snapshot(state) -> dict[str, torch.Tensor]:
@@ -63,11 +48,11 @@ def _worker(rank: int, port: int, folder: str) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
             timeout=datetime.timedelta(seconds=60),
         )  # fmt: skip
-        model = _model()
+        model = golden_model()
         vocab = model.config.vocab_size
         memory = training.rank_memory(model, seed=SEED)
         if rank == 1:  # rank 1's default memory differs from rank 0's: sharding must not overwrite it
-            model.inject(_data(9, 9, vocab)[0])
+            model.inject(rank_data(9, 9, vocab)[0])
         buffers = dict(model.named_buffers())
         default_before = _snapshot(model)
         step = training.shard(training.Step(model, memory=memory))
@@ -79,7 +64,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
             "grads": [], "memory": [], "victims": [], "default_before": default_before,
         }  # fmt: skip
         for i in range(STEPS):
-            out = step(*_data(rank, i, vocab), checkpointing=i == STEPS - 1)
+            out = step(*rank_data(rank, i, vocab), checkpointing=i == STEPS - 1)
             out.loss.backward()
             result["grads"].append(
                 {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -112,14 +97,14 @@ def replay(ranks) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        base = _model()
+        base = golden_model()
         results = []
         for rank in range(WORLD):
             model = copy.deepcopy(base)
             memory = training.rank_memory(model, seed=SEED, rank=rank)
             got = {"grads": [], "victims": [], "memory": []}
             for i in range(STEPS):
-                ids = _data(rank, i, model.config.vocab_size)
+                ids = rank_data(rank, i, model.config.vocab_size)
                 out = training.training_step(model, *ids, memory=memory, checkpointing=i == STEPS - 1)
                 out.loss.backward()
                 got["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
