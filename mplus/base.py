@@ -403,7 +403,7 @@ def init_memory(model, ids: Tensor) -> None:
         for layer_idx, layer in enumerate(model.layers):
             rows = delta[layer_idx]
             state[f"ltm.{layer_idx}"] = rows
-            state[f"ltm_keys.{layer_idx}"] = layer.self_attn.key_proj(layer.input_layernorm(rows))
+            state[f"ltm_keys.{layer_idx}"] = layer.retriever_keys(rows)
             state[f"ltm_ages.{layer_idx}"] = torch.zeros(m, dtype=torch.float64)
             state[f"ltm_recall_frequencies.{layer_idx}"] = torch.zeros(m, dtype=torch.float64)
         state["update_step"] = torch.zeros(1, dtype=torch.int64)

@@ -94,6 +94,10 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.project_memory(self.input_layernorm(rows)[None])
         return k[0], v[0]
 
+    def retriever_keys(self, rows: Tensor) -> Tensor:
+        """Retriever keys ``[M, ds]`` of memory rows ``[M, d]``: ``key_proj(input_layernorm(rows))`` (M+ only)."""
+        return self.self_attn.key_proj(self.input_layernorm(rows))
+
     def forward(
         self,
         h: Tensor,

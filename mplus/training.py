@@ -466,7 +466,7 @@ def _decode(model, mem, hidden: Tensor, target: Tensor, retriever_loss: bool, ru
                 queries.append(q)
                 with torch.no_grad(), _exact(device):  # discrete: no gradient
                     rows = dropped[0][layer_idx]
-                    extra_keys = layer.self_attn.key_proj(layer.input_layernorm(rows)).to(mem.ltm.keys[0].dtype)
+                    extra_keys = layer.retriever_keys(rows).to(mem.ltm.keys[0].dtype)
                 extra = (extra_keys, dropped[1][layer_idx], rows)
                 with _exact(device):
                     got = mem.ltm.retrieve(

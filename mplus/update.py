@@ -186,6 +186,15 @@ def encode(
 
 
 @torch.no_grad()
+def memory_kv(model: MPlusForCausalLM, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Generation-adapter K/V (before RoPE) of every layer's memory rows: ``rows [L, M, d]`` (a layer's rows on the
+    model's device) → ``k, v [L, M, Hkv, D]``, what the short-term memory and the long-term store keep per row."""
+    with model.adapters.use(DECODER):
+        kv = [layer.memory_kv(rows[i].to(model.compute_device)) for i, layer in enumerate(model.layers)]
+    return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+
+@torch.no_grad()
 def commit_update(model: MPlusForCausalLM, mem: MemoryState, delta: Tensor, victims: Tensor | None) -> None:
     """Commit ``delta [L, K, d]`` into ``mem`` through its two phases (docs/architecture.md §3): drop ``victims
     [L, K]`` (logical positions; None: drawn from the state's generator), write the new rows and their
@@ -195,14 +204,10 @@ def commit_update(model: MPlusForCausalLM, mem: MemoryState, delta: Tensor, vict
     All or nothing: ``mem.plan_update`` does every check (the victims, room in the long-term cache, the budget of a
     merge), allocation and draw with nothing changed, so when any of it fails the memory and its generator are as
     they were; ``mem.commit`` only writes."""
-    with model.adapters.use(DECODER):  # the short-term K/V cache holds generation-adapter keys and values
-        kv = [layer.memory_kv(delta[i]) for i, layer in enumerate(model.layers)]
-    new_k, new_v = torch.stack([a for a, _ in kv]), torch.stack([b for _, b in kv])
+    new_k, new_v = memory_kv(model, delta)  # the short-term K/V cache holds generation-adapter keys and values
 
     def keys_of(rows: Tensor) -> Tensor:  # the retriever keys of the rows about to be dropped [L, K, d] -> [L, K, ds]
-        return torch.stack(
-            [layer.self_attn.key_proj(layer.input_layernorm(rows[i])) for i, layer in enumerate(model.layers)]
-        )
+        return torch.stack([layer.retriever_keys(rows[i]) for i, layer in enumerate(model.layers)])
 
     with mem.mutate():
         plan = mem.plan_update(

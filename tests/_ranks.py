@@ -5,6 +5,7 @@ the test fails with every rank's traceback. Each rank writes ``<prefix>rank{r}.p
 
 from __future__ import annotations
 
+import datetime
 import socket
 import time
 from collections.abc import Callable
@@ -41,6 +42,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_rank(rank: int, port: int, world: int) -> None:
+    """In a spawned rank: one thread (2 ranks share 2 cores), then the gloo process group on the loopback; it and every
+    collective time out after 60 s, so a hung peer fails the run instead of blocking it."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
 
 
 def run_ranks(worker: Callable, world: int, folder: Path, timeout_s: float, *args, prefix: str = "") -> list[dict]:

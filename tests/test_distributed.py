@@ -8,13 +8,12 @@ and DDP (default arguments: buffers broadcast) never touches a memory."""
 from __future__ import annotations
 
 import copy
-import datetime
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from _ranks import NEEDS_GLOO, golden_model, rank_data, run_ranks
+from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
@@ -41,11 +40,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     """One rank: wrap, run STEPS steps without an optimiser step (so the replay needs no optimiser), save what the
     parent checks to ``folder/rank{rank}.pt`` (or the traceback to ``folder/rank{rank}.err``)."""
     try:
-        torch.set_num_threads(1)
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )  # fmt: skip
+        init_rank(rank, port, WORLD)
         model = golden_model()
         vocab = model.config.vocab_size
         memory = training.rank_memory(model, seed=SEED)  # rank from torch.distributed

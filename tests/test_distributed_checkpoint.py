@@ -8,7 +8,6 @@ name."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
 import traceback
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from _golden import GOLDEN
-from _ranks import NEEDS_GLOO, rank_data, run_ranks
+from _ranks import NEEDS_GLOO, init_rank, rank_data, run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
@@ -83,11 +82,7 @@ def _worker(rank: int, port: int, folder: str, mode: str) -> None:
     the checkpoint, N steps, then try the damaged copies). Writes ``{mode}-rank{rank}.pt`` (or ``.err``)."""
     out = Path(folder)
     try:
-        torch.set_num_threads(1)
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )  # fmt: skip
+        init_rank(rank, port, WORLD)
         model, memory, ddp, opt = _setup(rank)
         vocab, result = model.config.vocab_size, {}
         if mode == "unbroken":

@@ -11,14 +11,13 @@ rank's steps (as tests/test_distributed.py checks DDP; the last step with gradie
 from __future__ import annotations
 
 import copy
-import datetime
 import traceback
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from _ranks import NEEDS_GLOO, golden_model, rank_data, run_ranks
+from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, run_ranks
 
 from mplus import training
 from mplus.checkpoint import memory_state
@@ -43,11 +42,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     try:
         # memory_kv returns views (k[0], v[0]), never written in place: FSDP2's warning about views does not apply
         warnings.filterwarnings("ignore", message=".*returned a view tensor")
-        torch.set_num_threads(1)
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )  # fmt: skip
+        init_rank(rank, port, WORLD)
         model = golden_model()
         vocab = model.config.vocab_size
         memory = training.rank_memory(model, seed=SEED)

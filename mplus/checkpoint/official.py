@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..memory.serialization import ltm_contents, ltm_tensors
+from ..update import memory_kv
 from .hub import CONFIG_NAME, WEIGHTS_NAME
 
 MEMORY_KEYS = ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
@@ -90,10 +91,9 @@ def _stm_of(model, hidden: Tensor, ages: Tensor) -> dict[str, Tensor]:
     """The short-term buffers of logical rows ``hidden [L, N, d]`` with ``ages [L, N]``: identity slot order, and
     each slot's K/V under the generation adapter."""
     L, N = hidden.shape[:2]  # noqa: N806
-    kv = [model_kv(model, layer, hidden[layer].to(model.compute_device)) for layer in range(L)]
+    k, v = memory_kv(model, hidden)
     identity = torch.arange(N, dtype=torch.int32).expand(L, N)
-    return {"hidden": hidden, "age": ages, "pos": identity, "order": identity,
-            "k": torch.stack([k for k, _ in kv]), "v": torch.stack([v for _, v in kv])}  # fmt: skip
+    return {"hidden": hidden, "age": ages, "pos": identity, "order": identity, "k": k, "v": v}
 
 
 @torch.no_grad()
@@ -102,9 +102,8 @@ def refresh_memory_kv(model) -> None:
     hand): a change of the memory, so it advances its version."""
     state = model.memory
     with state.mutate():
-        kv = [model_kv(model, layer, state.stm.hidden[layer]) for layer in range(model.config.num_hidden_layers)]
-        stm = {"k": torch.stack([k for k, _ in kv]), "v": torch.stack([v for _, v in kv])}
-        state.commit(state.plan_load(stm, None, None, "refresh_memory_kv"))
+        k, v = memory_kv(model, state.stm.hidden)
+        state.commit(state.plan_load({"k": k, "v": v}, None, None, "refresh_memory_kv"))
 
 
 def official_state(model) -> dict[str, Tensor]:
@@ -272,11 +271,7 @@ def _official_ltm_state(model, state: dict[str, Tensor]) -> dict[str, Tensor]:
         sd["cached_dropped_memories"], sd["cached_dropped_keys"] = rows, state["cached_dropped_keys"].to(dtype)
         sd["cached_dropped_memory_ages"] = state["cached_dropped_memory_ages"].double()
         if rows.dim() == 3 and rows.shape[0] == L and rows.shape[2] == cfg.hidden_size:
-            kv = [model_kv(model, layer, rows[layer].to(model.compute_device)) for layer in range(L)]
-            sd["cached_dropped_k"], sd["cached_dropped_v"] = (
-                torch.stack([a for a, _ in kv]),
-                torch.stack([b for _, b in kv]),
-            )
+            sd["cached_dropped_k"], sd["cached_dropped_v"] = memory_kv(model, rows)
     else:
         ds, hkv, dh = cfg.selector_hidden_dim, cfg.num_key_value_heads, cfg.head_dim
         sd["cached_dropped_memories"] = torch.empty(L, 0, cfg.hidden_size, dtype=dtype)
