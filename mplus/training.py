@@ -58,7 +58,7 @@ from .lora import DECODER
 from .memory.state import MemoryState
 from .model import MPlusForCausalLM
 from .segments import layer_segments
-from .update import commit_update, encode
+from .update import check_victims, commit_update, encode
 
 __all__ = [
     "Step", "StepOutput", "TrainingCheckpoint", "load_training_checkpoint", "param_groups", "prepare", "rank_memory",
@@ -288,7 +288,8 @@ def training_step(
         victims = list(victims)
         if len(victims) != len(contexts):
             raise ValueError(f"training_step: victims lists {len(victims)} entries for {len(contexts)} context chunks")
-        victims = [_checked_victims(v, shape, cfg.num_tokens, i) for i, v in enumerate(victims)]
+        drops = (shape[0], cfg.num_tokens)  # [L, K]
+        victims = [check_victims(v, drops, shape[1], f"training_step: victims[{i}]") for i, v in enumerate(victims)]
     if document is not None and (
         not isinstance(document, Tensor) or document.dtype != torch.bool or tuple(document.shape) != shape
     ):
@@ -343,21 +344,6 @@ def training_step(
         if not commit:
             mem.set_rng_state(rng)
     return out
-
-
-def _checked_victims(victims: Tensor, shape: tuple[int, int], k: int, i: int) -> Tensor:
-    """``victims[i]`` on the host, checked: ``[L, K]`` integers, each row K distinct positions in ``[0, N)``."""
-    what = f"training_step: victims[{i}]"
-    if not isinstance(victims, Tensor) or victims.dtype.is_floating_point or victims.dtype == torch.bool:
-        raise TypeError(f"{what} must be an integer tensor [L, K], got {getattr(victims, 'dtype', type(victims))}")
-    if tuple(victims.shape) != (shape[0], k):
-        raise ValueError(f"{what} must be [L={shape[0]}, K={k}], got {list(victims.shape)}")
-    v = victims.detach().cpu().long()
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= shape[1]):
-        raise ValueError(f"{what} holds positions outside [0, N={shape[1]})")
-    if k > 1 and bool((v.sort(1).values.diff(dim=1) == 0).any()):
-        raise ValueError(f"{what} repeats a position within a layer (each layer drops K distinct rows)")
-    return v
 
 
 def _exact(device: torch.device):

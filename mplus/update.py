@@ -96,7 +96,8 @@ def inject(
             stacklevel=4,  # the caller of model.inject (past this function, torch.no_grad's wrapper, model.inject)
         )
     if victims is not None:  # checked where they are: on the host (a device tensor is read once, here)
-        victims = _checked_victims(victims, model.config)
+        cfg = model.config
+        victims = check_victims(victims, (cfg.num_hidden_layers, cfg.num_tokens), cfg.stm_size, "inject: victims")
     if len(chunks) == 1:
         with mem.lock.write() if update_memory else mem.lock.read():
             delta, hiddens = _inject_chunk(model, mem, context_ids, update_memory, victims)
@@ -115,25 +116,24 @@ def inject(
     return delta
 
 
-def _checked_victims(victims: Tensor, cfg) -> Tensor:
-    """``inject``'s ``victims``, checked here (not by the memory update op, whose argument names are its own):
-    integers ``[L, K]``, each layer K distinct logical positions in ``[0, N)``; on the host (a meta tensor, a device
-    stand-in, is passed on unread)."""
-    shape = (cfg.num_hidden_layers, cfg.num_tokens)
+def check_victims(victims: Tensor, shape: tuple[int, int], n: int, what: str) -> Tensor:
+    """Drop choices given by a caller (``inject``'s ``victims``, the training step's ``victims[i]``), checked here, not
+    by the memory update op (whose argument names are its own): integers ``shape = [L, K]``, each layer K distinct
+    logical positions in ``[0, n)``. Returns them on the host as int64 (a meta tensor, a device stand-in, is passed
+    on unread); ``what`` names them in errors."""
     if not isinstance(victims, Tensor) or victims.dtype.is_floating_point or victims.dtype == torch.bool:
         got = f"{victims.dtype}" if isinstance(victims, Tensor) else type(victims).__name__
-        raise TypeError(f"inject: victims must be an integer tensor [L, K] = {list(shape)}, got {got}")
+        raise TypeError(f"{what} must be an integer tensor [L, K] = {list(shape)}, got {got}")
     if tuple(victims.shape) != shape:
-        raise ValueError(f"inject: victims must be [L={shape[0]}, K={shape[1]}], got {list(victims.shape)}")
+        raise ValueError(f"{what} must be [L={shape[0]}, K={shape[1]}], got {list(victims.shape)}")
     if victims.device.type == "meta":
         return victims
-    host = victims.cpu()
-    v, n = host.long(), cfg.stm_size
+    v = victims.detach().cpu().long()
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
-        raise ValueError(f"inject: victims holds positions outside [0, N={n}) (logical short-term rows)")
+        raise ValueError(f"{what} holds positions outside [0, N={n}) (logical short-term rows)")
     if shape[1] > 1 and bool((v.sort(1).values.diff(dim=1) == 0).any()):
-        raise ValueError("inject: victims repeats a position within a layer (each layer drops K distinct rows)")
-    return host
+        raise ValueError(f"{what} repeats a position within a layer (each layer drops K distinct rows)")
+    return v
 
 
 def _inject_chunk(
