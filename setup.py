@@ -40,6 +40,8 @@ setup(
     install_requires=[
         "torch>=2.4", "numpy", "safetensors", "transformers", "huggingface_hub", "tqdm", "gguf", "accelerate",
     ],  # fmt: skip
+    # mplus.serve's Ray Serve application (pip install -e .[serve]); the store and the server need no Ray
+    extras_require={"serve": ["ray[serve]>=2.40"]},
     entry_points={"console_scripts": ["mplus = mplus.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

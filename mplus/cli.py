@@ -59,19 +59,40 @@ def _is_mplus_checkpoint(path: str) -> bool:
     return fields.get("model_type") == "mplus" or {"num_tokens", "num_blocks"} <= set(fields)
 
 
+def load_model(
+    model: str, *, gguf_file: str | None = None, kind: str = "mplus", dtype: torch.dtype = torch.float32,
+    max_length: int = 2048, device: str | None = None, quiet: bool = False,
+) -> tuple[MPlusForCausalLM, object]:
+    """The model ``model`` names (an mplus / official checkpoint: ``from_pretrained``; a plain Llama folder, Hub id or
+    GGUF file: ``from_base`` as ``kind``) and its tokenizer (``None`` when the checkpoint ships none: the golden
+    checkpoints). What ``mplus generate/chat`` and :mod:`mplus.serve` load."""
+    source = "from_pretrained" if gguf_file is None and _is_mplus_checkpoint(model) else "from_base"
+    if not quiet:
+        print(f"mplus: loading {model}{f' ({gguf_file})' if gguf_file else ''} ({source})", file=sys.stderr)
+    if source == "from_pretrained":
+        m = MPlusForCausalLM.from_pretrained(model, dtype=dtype, max_length=max_length, device=device)
+    else:
+        m = MPlusForCausalLM.from_base(model, kind=kind, gguf_file=gguf_file, dtype=dtype, max_length=max_length)
+        if device is not None:
+            m = m.to(device)
+    try:
+        tokenizer = load_tokenizer(model, gguf_file=gguf_file)
+    except ValueError:
+        if source == "from_base":
+            raise  # a base checkpoint always ships its tokenizer
+        tokenizer = None
+    return m, tokenizer
+
+
 def open_model(args: argparse.Namespace) -> tuple[MPlusForCausalLM, object]:
     """The model and its tokenizer that ``--model`` (``--gguf-file``, ``--kind``, ``--dtype``, ``--max-length``)
     names."""
-    dtype = DTYPES[args.dtype]
-    source = "from_pretrained" if args.gguf_file is None and _is_mplus_checkpoint(args.model) else "from_base"
-    print(f"mplus: loading {args.model}{f' ({args.gguf_file})' if args.gguf_file else ''} ({source})", file=sys.stderr)
-    if source == "from_pretrained":
-        model = MPlusForCausalLM.from_pretrained(args.model, dtype=dtype, max_length=args.max_length)
-    else:
-        model = MPlusForCausalLM.from_base(
-            args.model, kind=args.kind, gguf_file=args.gguf_file, dtype=dtype, max_length=args.max_length
-        )
-    return model, load_tokenizer(args.model, gguf_file=args.gguf_file)
+    model, tokenizer = load_model(
+        args.model, gguf_file=args.gguf_file, kind=args.kind, dtype=DTYPES[args.dtype], max_length=args.max_length
+    )
+    if tokenizer is None:
+        raise CliError(f"--model {args.model}: the checkpoint ships no tokenizer, and mplus {args.command} reads text")
+    return model, tokenizer
 
 
 def open_memory(model: MPlusForCausalLM, path: str | None, save_to: str | None) -> MemoryState:
