@@ -44,6 +44,13 @@ bench: $(BUILD_STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(RESULTS)/latest.json -q $(PYTEST_ARGS)
 	$(PY) benchmarks/report.py $(RESULTS)/latest.json --png $(RESULTS)/speedups.png | tee $(RESULTS)/latest.md
 
+# make bench-serve: M+ on Ray Serve under load on a local cluster (requests/s, p50/p99 for 1/8/32 clients over 4
+# memory ids and 2 replicas; the time to bring a state in from the store): benchmarks/serve_load.py, ~3 min
+.PHONY: bench-serve
+bench-serve: $(BUILD_STAMP)
+	mkdir -p $(RESULTS)
+	$(PY) -m benchmarks.serve_load --out $(RESULTS)
+
 clean:
 	rm -rf build $(VENV) $(RESULTS) mplus_kernels/_C*.so *.egg-info
 

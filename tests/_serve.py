@@ -29,7 +29,7 @@ def replay(model: MPlusForCausalLM, seed: int, docs: list[list[int]]) -> MemoryS
     injected in order — what every served history must equal."""
     state = model.new_memory(seed=seed)
     for doc in docs:
-        model.inject(torch.tensor([doc]), memory=state, progress=False)
+        model.inject(torch.tensor([doc], device=model.compute_device), memory=state, progress=False)
     return state
 
 
@@ -43,5 +43,6 @@ def assert_same_state(got: MemoryState, want: MemoryState) -> None:
 
 def greedy(model: MPlusForCausalLM, state: MemoryState, prompt: list[int], n: int) -> list[int]:
     """The single-process answer: greedy ``generate`` of ``prompt`` alone over ``state``, its new tokens."""
-    out = model.generate(torch.tensor([prompt]), memory=state, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    ids = torch.tensor([prompt], device=model.compute_device)
+    out = model.generate(ids, memory=state, max_new_tokens=n, do_sample=False, pad_token_id=0)
     return out[0, len(prompt) :].tolist()

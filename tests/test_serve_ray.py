@@ -236,3 +236,21 @@ def test_bad_requests_get_clear_errors_and_change_nothing(cluster):
         status, answer = _post(url + route, body, memory_id)
         assert status == code and match in answer["error"] or pytest.fail(f"{route} {body}: {status} {answer}")
     assert cluster["store"].head("bad") == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs it where ray is)")
+def test_a_gpu_replica_answers_as_the_same_model_on_the_gpu_here(cluster):
+    """The GPU path: one replica with the GPU (``num_gpus=1``), states placed on it; its answers equal the same
+    model on the same GPU in this process (the store's files are device-independent)."""
+    store = cluster["tmp"].mktemp("gpu-store")
+    app = deployment(MODEL, store, max_length=MAX_LENGTH, device="cuda", ray_actor_options={"num_gpus": 1})
+    h = serve.run(app, name="gpu", route_prefix="/gpu").options(multiplexed_model_id="g")
+    h.create.remote({"seed": 1}).result(timeout_s=TIMEOUT_S)
+    docs = documents(2, seed=8)
+    for doc in docs:
+        h.inject.remote({"ids": doc}).result(timeout_s=TIMEOUT_S)
+    model = golden().to("cuda")
+    state = replay(model, 1, docs)
+    got = h.generate.remote({"ids": docs[0][:6], "max_new_tokens": 5}).result(timeout_s=TIMEOUT_S)
+    assert got["ids"] == [greedy(model, state, docs[0][:6], 5)]
+    serve.delete("gpu")
