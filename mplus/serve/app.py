@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,7 @@ class _Replica:
         self.server = MemoryServer(mplus_model, MemoryStore(store, lock_timeout_s=server.pop("lock_timeout_s")),
                                    tokenizer, **server)  # fmt: skip
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mplus-serve")
+        self._loaded: weakref.WeakValueDictionary[str, Resident] = weakref.WeakValueDictionary()
         self._generate_batch.set_max_batch_size(batch["max_batch_size"])
         self._generate_batch.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
 
@@ -91,7 +93,9 @@ class _Replica:
         return check_memory_id(memory_id)
 
     async def get_state(self, memory_id: str) -> Resident:  # decorated with @serve.multiplexed by `deployment`
-        return await self._run(self.server.load, memory_id)
+        resident = await self._run(self.server.load, memory_id)
+        self._loaded[memory_id] = resident  # weakly: Ray Serve's LRU owns it
+        return resident
 
     # ------------------------------------------------------------------------------------------------ API
     async def generate(self, request: dict) -> dict:
@@ -173,8 +177,7 @@ class _Replica:
 
     async def replica_info(self) -> dict:
         """This replica's process id and the ids it holds (tests and operators)."""
-        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        held = {k: v.version for k, v in wrapper.models.items()} if wrapper is not None else {}
+        held = {k: r.version for k, r in list(self._loaded.items()) if not r.closed}
         return {"pid": os.getpid(), "held": held}
 
     # ------------------------------------------------------------------------------------------------ HTTP

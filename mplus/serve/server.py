@@ -103,7 +103,8 @@ class Resident:
                             type(exc).__name__, exc)  # fmt: skip
                 return False
             finally:
-                self.state = None
+                with self.lock.write():  # a request that got this Resident before the eviction reads it again
+                    self.state = None
 
 
 def default_seed(memory_id: str) -> int:
