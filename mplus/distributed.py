@@ -1,6 +1,7 @@
-"""Training M+ under ``torch.distributed``: DDP, FSDP2 (:func:`shard`), per-rank memories, checkpoints that resume.
+"""Training M+ under ``torch.distributed``: per-rank memories, DDP, checkpoints that resume (FSDP2: :mod:`mplus.fsdp`;
+the guide: docs/training.md).
 
-:class:`mplus.training.Step` (defined with ``training_step``) is what DDP wraps and :func:`shard` shards.
+:class:`mplus.training.Step` (defined with ``training_step``) is what DDP wraps and :func:`mplus.fsdp.shard` shards.
 
 DDP averages the gradients of what runs through a module's ``forward``, and :func:`mplus.training.training_step` is a
 function, so :class:`~mplus.training.Step` makes the step a module::
@@ -32,16 +33,18 @@ projector; ``retriever_loss=False`` leaves the projectors unreached: freeze them
 wrapping, or pass ``find_unused_parameters=True`` to DDP (slower: it walks the graph every step).
 
 **Checkpoints** (:func:`save_training_checkpoint`, :func:`load_training_checkpoint`) hold the trained weights and the
-optimiser's state through ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``, for FSDP2 too,
-untested there; the model's state_dict holds weights only: the memory is user data), each rank's memory as its own
-``MemoryState.save`` file (with its drop generator), each rank's torch RNG state (LoRA dropout draws from it) and the
-step counter. A folder is complete exactly when it exists: the ranks write into ``<folder>.partial``, rank 0 writes
-``checkpoint.json`` last (after a barrier) and renames the folder; a load refuses a folder without it.
+optimiser's state through ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``: whole tensors
+under DDP, each rank's shards under FSDP2; the model's state_dict holds weights only: the memory is user data), each
+rank's memory as its own ``MemoryState.save`` file (with its drop generator), each rank's torch RNG state (LoRA
+dropout draws from it), the step counter and the model's config. A folder is complete exactly when it exists: the
+ranks write into ``<folder>.partial``, rank 0 writes ``checkpoint.json`` last (after a barrier) and renames the
+folder; a load refuses a folder without it, of another world size or of another config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -58,8 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .memory import serialization
@@ -67,8 +69,8 @@ from .memory.state import MemoryState
 from .model import MPlusForCausalLM
 
 __all__ = [
-    "TrainingCheckpoint", "load_training_checkpoint", "memory_buffer_names", "rank_memory", "rank_seed",
-    "save_training_checkpoint", "shard",
+    "TrainingCheckpoint", "config_fields", "load_training_checkpoint", "memory_buffer_names", "rank_memory",
+    "rank_seed", "save_training_checkpoint",
 ]  # fmt: skip
 
 SEED_LIMIT = 2**32  # seed and rank each in [0, 2**32): seed * 2**32 + rank is one distinct 64-bit seed per pair
@@ -127,61 +129,7 @@ def memory_buffer_names(module: nn.Module) -> list[str]:
     return names
 
 
-# ------------------------------------------------------------------------------------------------------------ FSDP2
-LAYER_UNITS = ("input_layernorm", "self_attn.query_proj", "self_attn.key_proj", "self_attn.encoder_query_proj")
-
-
-def shard(step: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> nn.Module:
-    """Shard a :class:`Step`'s model over ``mesh`` with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place;
-    returns the step, which trains as an unsharded one does: ``out = step(context, target); out.loss.backward()``
-    (the gradients, sharded ``DTensor`` s, are the mean over the ranks: ``p.grad.full_tensor()``).
-
-    The units, innermost first: in every decoder layer its ``input_layernorm`` and retriever projectors
-    (:data:`LAYER_UNITS`: the step calls them outside the layer's ``forward``), then the layer itself, with
-    :meth:`~mplus.llama.DecoderLayer.memory_kv` registered as a forward method
-    (``register_fsdp_forward_method``: it reads k/v projections outside ``forward``); then the Step, the root, which
-    holds the rest (embedding, final norm, ``lm_head``, BOS rows) unsharded for the whole step. FSDP2 unshards a
-    unit's parameters only in its forward (and the registered methods), so every parameter the step reads is whole
-    when read. Frozen and trained parameters are sharded alike.
-
-    The memory is not sharded, broadcast or touched: ``fully_shard`` shards parameters only, and buffers (every
-    :class:`MemoryState`'s, the RoPE tables) stay the tensors they were, per rank. Call it after
-    ``torch.distributed.init_process_group`` and :func:`mplus.training.prepare`, before building the optimiser
-    (its parameters become the sharded ones). ``mesh``: a 1-D ``DeviceMesh`` (default: every rank, on the model's
-    device type); ``fsdp_kwargs`` go to each ``fully_shard`` call (``reshard_after_forward``, ``mp_policy``...).
-    A bare :class:`MPlusForCausalLM` is refused: the root must be the module whose ``forward`` runs the step.
-    FSDP2 warns that ``memory_kv`` returns a view (``k[0]``): harmless, as nothing writes it in place.
-    """
-    if not _is_step(step):
-        raise TypeError(
-            f"shard: expected a training.Step, got {type(step).__name__}; the root unit must run the step in its "
-            "forward: step = training.shard(training.Step(model, memory=...))"
-        )
-    if isinstance(step, FSDPModule):
-        raise ValueError("shard: this Step is already sharded")
-    if not _distributed():
-        raise RuntimeError("shard: torch.distributed is not initialised (call init_process_group first)")
-    if mesh is None:
-        mesh = init_device_mesh(step.model.compute_device.type, (_world_size(),))
-    for layer in step.model.layers:
-        for name in LAYER_UNITS:
-            unit = layer.get_submodule(name) if _has_submodule(layer, name) else None
-            if unit is not None:
-                fully_shard(unit, mesh=mesh, **fsdp_kwargs)
-        fully_shard(layer, mesh=mesh, **fsdp_kwargs)
-        register_fsdp_forward_method(layer, "memory_kv")
-    fully_shard(step, mesh=mesh, **fsdp_kwargs)
-    return step
-
-
-def _has_submodule(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
+# ------------------------------------------------------------------------------------------------------ helpers
 def _is_step(module: Any) -> bool:
     """A :class:`mplus.training.Step` (defined there; that module imports this one): a module holding the model and
     the memory it trains on."""
@@ -205,6 +153,37 @@ def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
 
 
+def config_fields(model: MPlusForCausalLM) -> dict[str, Any]:
+    """What a checkpoint records of the model's config and a load compares: every field :class:`MPlusConfig`
+    defines (the Llama shapes, RoPE, the memory sizes and rules; of ``lora_config`` the rank, alpha and targets, not
+    the dropout), as JSON writes them."""
+    cfg = model.config
+    names = [n for n in inspect.signature(type(cfg).__init__).parameters if n not in ("self", "kwargs")]
+    fields = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+    lora = fields.get("lora_config") or {}
+    fields["lora_config"] = {k: lora.get(k) for k in ("r", "lora_alpha", "target_modules")}
+    return json.loads(json.dumps(fields, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    """A config value JSON has no type for: a set (PEFT's ``target_modules``) sorted, anything else its ``str``."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _check_config(marker: dict, model: MPlusForCausalLM, folder: Path, fn: str) -> None:
+    saved = marker.get("config")
+    if saved is None:  # written before checkpoints recorded it
+        return
+    own = config_fields(model)
+    differ = [
+        f"{k}: {saved.get(k)!r} saved, {own.get(k)!r} here"
+        for k in sorted(own.keys() | saved.keys())
+        if saved.get(k) != own.get(k)
+    ]
+    if differ:
+        raise ValueError(f"{fn}: {folder} was saved from a model of another config: " + "; ".join(differ))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingCheckpoint:
     """What :func:`load_training_checkpoint` read besides the tensors: the step the run had done and ``extra``."""
@@ -226,6 +205,16 @@ def _step_of(model: Any, fn: str) -> tuple[nn.Module, MemoryState]:
         f"{fn}: model must be a training.Step, a DistributedDataParallel of one, or an MPlusForCausalLM, "
         f"got {type(model).__name__}"
     )
+
+
+def _model_of(module: nn.Module) -> MPlusForCausalLM:
+    inner = module.module if isinstance(module, DistributedDataParallel) else module
+    return inner if isinstance(inner, MPlusForCausalLM) else inner.model
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether the trained weights are sharded (FSDP2: ``DTensor`` s), as ``checkpoint.json`` records it."""
+    return any(isinstance(p, DTensor) for p in _model_of(module).parameters())
 
 
 def _state(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -254,12 +243,15 @@ def save_training_checkpoint(
     collective). Returns the folder.
 
     Layout: ``weights/`` (``torch.distributed.checkpoint``: the trained parameters, ``model.*``, and the optimiser's
-    state, ``optimizer.*``), ``memory-rank{r}.safetensors`` (rank ``r``'s memory, :meth:`MemoryState.save`: rows,
-    ages, long-term store, the drop generator), ``rng-rank{r}.pt`` (rank ``r``'s torch CPU/CUDA RNG states: LoRA
-    dropout draws from them), ``checkpoint.json`` (format, world size, ``step``, ``extra``; written last).
+    state, ``optimizer.*``; under FSDP2 each rank writes its own shards, under DDP the whole tensors are written once),
+    ``memory-rank{r}.safetensors`` (rank ``r``'s memory, :meth:`MemoryState.save`: rows, ages, long-term store, the
+    drop generator), ``rng-rank{r}.pt`` (rank ``r``'s torch CPU/CUDA RNG states: LoRA dropout draws from them),
+    ``checkpoint.json`` (format, world size, ``step``, whether the weights were sharded, the model's config
+    (:func:`config_fields`), ``extra``; written last).
 
     Args:
-        model: a :class:`Step`, a ``DistributedDataParallel`` of one, or an :class:`MPlusForCausalLM` (its own memory).
+        model: a :class:`Step` (sharded by :func:`mplus.fsdp.shard` or not), a ``DistributedDataParallel`` of one, or
+            an :class:`MPlusForCausalLM` (its own memory).
         optimizer: saved with the weights when given.
         step: the number of steps done (``load_training_checkpoint(...).step``).
         extra: anything JSON can hold (data loader position, schedule, ...), returned by the load.
@@ -274,10 +266,11 @@ def save_training_checkpoint(
         raise ValueError(f"{fn}: step must be an int >= 0, got {step!r}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    config = config_fields(_model_of(module))
     try:
         marker = json.dumps({
             "format": CHECKPOINT_FORMAT, "world_size": _world_size(), "step": step, "optimizer": optimizer is not None,
-            "extra": extra or {},
+            "sharded": _sharded(module), "config": config, "extra": extra or {},
         })  # fmt: skip
     except TypeError as exc:
         raise TypeError(f"{fn}: extra must hold only what JSON can write: {exc}") from None
@@ -331,8 +324,10 @@ def load_training_checkpoint(
     generation cache made before is refused as stale) and this rank's torch RNG states. Returns the step and extra.
 
     Refused, before anything changes, naming what is wrong: a folder without ``checkpoint.json`` (a save that did not
-    finish), another world size, a missing rank file, a memory file of another shape, an optimiser asked for but not
-    saved. Every rank checks every rank's files first, so all raise alike rather than leave the others waiting.
+    finish), another world size, a model of another config (each field that differs named), a missing rank file, a
+    memory file of another shape, an optimiser asked for but not saved. Every rank checks every rank's files first,
+    so all raise alike rather than leave the others waiting. The weights load whatever the saving run's sharding
+    (``torch.distributed.checkpoint`` reshards): a sharded run resumes from a DDP run's checkpoint and back.
     """
     fn = "load_training_checkpoint"
     module, memory = _step_of(model, fn)
@@ -348,6 +343,7 @@ def load_training_checkpoint(
         for name in (memory_file(r), rng_file(r)):
             if not (folder / name).is_file():
                 raise ValueError(f"{fn}: {folder} has no {name} (rank {r}'s); the checkpoint is damaged")
+    _check_config(marker, _model_of(module), folder, fn)
     if optimizer is not None and not marker["optimizer"]:
         raise ValueError(f"{fn}: {folder} holds no optimizer state (saved without one); pass optimizer=None")
     # this rank's memory file, checked whole on a scratch state before anything changes

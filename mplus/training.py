@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -51,8 +52,8 @@ from .distributed import (
     rank_memory,
     rank_seed,
     save_training_checkpoint,
-    shard,
 )
+from .fsdp import materialize, shard
 from .llama import check_ids
 from .lora import DECODER
 from .memory.state import MemoryState
@@ -61,8 +62,8 @@ from .segments import layer_segments
 from .update import check_victims, commit_update, encode
 
 __all__ = [
-    "Step", "StepOutput", "TrainingCheckpoint", "load_training_checkpoint", "param_groups", "prepare", "rank_memory",
-    "rank_seed", "save_training_checkpoint", "shard", "track_document", "trainable", "training_step",
+    "Step", "StepOutput", "TrainingCheckpoint", "load_training_checkpoint", "materialize", "param_groups", "prepare",
+    "rank_memory", "rank_seed", "save_training_checkpoint", "shard", "track_document", "trainable", "training_step",
 ]  # fmt: skip
 
 SELECTOR_KEYS = ("query_proj", "key_proj")  # the official selector group (matches encoder_query_proj too)
@@ -160,9 +161,9 @@ def unwrap_model(model: Any, what: str) -> tuple[MPlusForCausalLM, MemoryState |
 
 
 class Step(nn.Module):
-    """:func:`mplus.training.training_step` as a module, the thing DDP wraps: ``Step(model)(context, target,
-    **kw)`` is ``training_step(model, context, target, memory=memory, **defaults, **kw)`` and returns its
-    :class:`~mplus.training.StepOutput` (DDP finds the tensors of a dataclass output).
+    """:func:`mplus.training.training_step` as a module, what DDP wraps and :func:`shard` shards (docs/training.md):
+    ``Step(model)(context, target, **kw)`` is ``training_step(model, context, target, memory=memory, **defaults,
+    **kw)`` and returns its :class:`~mplus.training.StepOutput` (DDP finds the tensors of a dataclass output).
 
     Args:
         model: the :class:`MPlusForCausalLM` (prepared: :func:`mplus.training.prepare`); a submodule, so DDP
@@ -199,6 +200,22 @@ class Step(nn.Module):
         if "memory" in step_kwargs:
             raise TypeError("Step.forward: memory is fixed by the Step (Step(model, memory=state))")
         return training_step(self.model, context, target, memory=self.memory, **{**self.defaults, **step_kwargs})
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with the model's parameters as the step's forward sees them. Unsharded, a plain
+        call; under :func:`shard`, through an FSDP forward method of the root, so the root's parameters are whole and
+        every layer unshards in its own forward — what anything but the step needs on a sharded model, e.g.
+        ``step.run(model.inject, ids, memory=step.memory)`` (and :func:`materialize`'s memory load) — then the root's
+        parameters go back to their shards (an optimiser built after it takes the shards). A sharded model called
+        outside it fails (``aten.embedding got mixed torch.Tensor and DTensor``), or, before the first step, makes a
+        layer FSDP's root. Every rank calls it alike (the unsharding is collective)."""
+        out = self._run(fn, *args, **kwargs)
+        if isinstance(self, FSDPModule):
+            self.reshard()
+        return out
+
+    def _run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # the root's FSDP forward method
+        return fn(*args, **kwargs)
 
 
 def training_step(

@@ -44,12 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_rank(rank: int, port: int, world: int) -> None:
-    """In a spawned rank: one thread (2 ranks share 2 cores), then the gloo process group on the loopback; it and every
-    collective time out after 60 s, so a hung peer fails the run instead of blocking it."""
+def init_rank(rank: int, port: int, world: int, backend: str = "gloo") -> None:
+    """In a spawned rank: one thread (2 ranks share 2 cores), then the process group (gloo; ``"nccl"``: on CUDA device
+    ``rank``, made current) on the loopback; it and every collective time out after 60 s, so a hung peer fails the
+    run instead of blocking it."""
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )  # fmt: skip
 

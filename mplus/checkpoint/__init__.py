@@ -20,11 +20,14 @@ from ..memory import serialization
 from ..memory.state import MemoryState
 from .hub import CONFIG_NAME, read_files, read_tensors, resolve_checkpoint, weight_files
 from .official import (
+    check_official_state,
+    commit_official_memory,
     load_official_memory,
     load_official_state,
     model_kv,
     official_config,
     official_state,
+    official_weights,
     refresh_memory_kv,
     save_checkpoint,
 )
@@ -32,6 +35,8 @@ from .official import (
 __all__ = [
     "IGNORED_KEYWORDS",
     "REFUSED_KEYWORDS",
+    "check_official_state",
+    "commit_official_memory",
     "load_checkpoint",
     "load_memory",
     "load_official_memory",
@@ -40,6 +45,7 @@ __all__ = [
     "model_kv",
     "official_config",
     "official_state",
+    "official_weights",
     "read_tensors",
     "refresh_memory_kv",
     "resolve_checkpoint",

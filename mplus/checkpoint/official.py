@@ -31,6 +31,15 @@ IGNORED = ("rotary_emb.inv_freq",)
 def load_official_state(model, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Assign an official state dict to ``model`` (weights, STM, LTM) after validating every tensor. ``source``
     starts the error message (``from_pretrained`` names the file)."""
+    check_official_state(model, tensors, source)
+    model.load_state_dict(official_weights(model, tensors), strict=False)
+    commit_official_memory(model, model.memory, tensors, source)
+
+
+def check_official_state(model, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Check that an official state dict fits ``model`` (every weight the model's ``state_dict`` has, by name and
+    shape, the memory, nothing else), naming every problem in one ``ValueError`` that starts with ``source``. A
+    sharded model's ``state_dict`` gives its weights' whole shapes, so this checks it as it checks an unsharded one."""
     cfg = model.config
     L, N, d = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size  # noqa: N806
     own = model.state_dict()
@@ -66,18 +75,31 @@ def load_official_state(model, tensors: dict[str, Tensor], source: str = "checkp
     if problems:
         raise ValueError(f"{source} does not match the config:\n  " + "\n  ".join(problems))
 
+
+def official_weights(model, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights of a checked official state dict (:func:`check_official_state`) under the model's
+    ``state_dict`` names, in the model's dtype: what ``model.load_state_dict`` takes (the memory is not a weight)."""
     dtype = model.lm_head.weight.dtype
-    model.load_state_dict({k: tensors[k].to(dtype) for k in own if k != "inv_freq"}, strict=False)
-    # the memory, through its state: the short-term rows in identity slot order with ages 0, their K/V and the
-    # long-term rows' under the weights just loaded; a model being built starts at memory version 0
+    return {k: tensors[k].to(dtype) for k in model.state_dict() if k != "inv_freq"}
+
+
+@torch.no_grad()
+def commit_official_memory(model, state, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Load the memory of a checked official state dict (:func:`check_official_state`) into ``state`` (a
+    :class:`~mplus.memory.state.MemoryState` of ``model``): the short-term rows in identity slot order with ages 0,
+    their K/V and the long-term rows' under the model's weights (load them first), the long-term store; one
+    ``plan_load``/``commit`` that keeps the state's drop generator and its version (a state being built stays at
+    version 0)."""
+    cfg, dtype = model.config, model.lm_head.weight.dtype
+    L, N = cfg.num_hidden_layers, cfg.stm_size  # noqa: N806
     stm = _stm_of(model, tensors["memory"].to(dtype), torch.zeros(L, N, dtype=torch.float64))
     contents = None
-    if model.ltm is not None:
+    if state.ltm is not None:
         sd = _official_ltm_state(model, {**{k: tensors[k] for k in tensors if k.startswith(MEMORY_KEYS)},
                                          "update_step": torch.zeros(1, dtype=torch.int64)})  # fmt: skip
-        contents = ltm_contents(model.ltm, sd, "from_pretrained")
-    with model.memory.mutate(advance=False):
-        model.memory.commit(model.memory.plan_load(stm, contents, None, "from_pretrained"))
+        contents = ltm_contents(state.ltm, sd, source)
+    with state.mutate(advance=False):
+        state.commit(state.plan_load(stm, contents, None, source))
 
 
 @torch.no_grad()

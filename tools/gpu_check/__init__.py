@@ -8,8 +8,9 @@ downloaded and no virtual environment is created. Phases, in order (``--only``/`
 | (refuse)  | exit 2 with a message when ``torch.cuda.is_available()`` is False                 | —                |
 | `build`   | ``mplus_kernels._C`` built in place, offline; skipped when newer than its sources | 240 s            |
 | `env`     | GPU, SMs, memory, driver, torch/triton/CUDA/transformers versions, mplus backends  | 30 s             |
-| `tests`   | ``tests/test_cuda.py`` on the GPU (TRITON_INTERPRET unset), then the rest of the  | 150 s + 150 s    |
-|           | suite as on the CPU machines (Triton on CPU tensors under the interpreter)        |                  |
+| `tests`   | the CUDA test files (:data:`CUDA_TESTS`: the ops and model, distributed training  | 210 s + 150 s    |
+|           | over NCCL) on the GPU (TRITON_INTERPRET unset), then the rest of the suite as on  |                  |
+|           | the CPU machines (Triton on CPU tensors under the interpreter)                     |                  |
 | `compile` | ``python -m mplus_kernels.compile_check --json`` (sm_80/sm_90a, ptxas resources); | 240 s            |
 |           | runs on the CPU *while the tests run* (``--serial`` to wait)                     |                  |
 | `bench`   | ``python -m benchmarks.gpu``, one process per family, each within its budget      | 230 s in all     |
@@ -52,7 +53,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]  # tools/gpu_check/__init__.py -> the checkout
 PHASES = ("build", "env", "tests", "compile", "bench")
 BENCH_FAMILIES = ("attention", "memory_update", "retrieval", "gather", "training")
-TIMEOUTS = {"build": 240.0, "env": 30.0, "tests_cuda": 150.0, "tests_suite": 150.0, "compile": 240.0, "bench": 230.0}
+# the CUDA test files, run on the GPU with TRITON_INTERPRET unset (the rest of the suite runs as on the CPU machines)
+CUDA_TESTS = ("tests/test_cuda.py", "tests/test_distributed_cuda.py")
+# tests_cuda: 150 s for tests/test_cuda.py, 60 s for the distributed one (a spawned process: CUDA, NCCL, 4 steps)
+TIMEOUTS = {"build": 240.0, "env": 30.0, "tests_cuda": 210.0, "tests_suite": 150.0, "compile": 240.0, "bench": 230.0}
 # least time a later phase needs; an earlier phase's timeout is clipped so the later ones keep this much
 MIN_S = {"build": 0.0, "env": 10.0, "tests": 60.0, "compile": 0.0, "bench": 90.0}
 COMPILE_CHECK_TEST = "tests/test_toolchain.py::test_every_triton_kernel_compiles_for_sm80_and_sm90a"
@@ -292,8 +296,8 @@ class GpuCheck:
         extra = shlex.split(self.args.pytest_args or "")
         common = ["-q", "-p", "no:cacheprovider", "--durations=10", *extra]
         sub: dict[str, Any] = {}
-        cuda_cmd = [self.py, "-m", "pytest", "tests/test_cuda.py", *common]
-        suite_cmd = [self.py, "-m", "pytest", "tests", "--ignore=tests/test_cuda.py", *common]
+        cuda_cmd = [self.py, "-m", "pytest", *CUDA_TESTS, *common]
+        suite_cmd = [self.py, "-m", "pytest", "tests", *(f"--ignore={path}" for path in CUDA_TESTS), *common]
         if "compile" in self.args.phases:  # the compile phase runs the same compile check (2+ min): not twice
             suite_cmd.insert(4, f"--deselect={COMPILE_CHECK_TEST}")
         interpret = self.args.suite_mode == "interpret"
@@ -652,11 +656,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="build the extension even when it is up to date")
     p.add_argument("--serial", action="store_true", help="run the compile check after the tests, not alongside")
     p.add_argument("--suite-mode", choices=("interpret", "compiled"), default="interpret",
-                   help="TRITON_INTERPRET for the suite beyond tests/test_cuda.py (default: %(default)s, as the "
+                   help="TRITON_INTERPRET for the suite beyond the CUDA test files (default: %(default)s, as the "
                         "suite drives Triton on CPU tensors)")  # fmt: skip
-    p.add_argument("--cuda-tests-only", action="store_true", help="tests: only tests/test_cuda.py")
+    p.add_argument("--cuda-tests-only", action="store_true", help=f"tests: only {', '.join(CUDA_TESTS)}")
     p.add_argument("--pytest-args", help='extra pytest arguments, e.g. "-k attention -x"')
-    p.add_argument("--tests-timeout", type=float, help="seconds per test run (default 150 each)")
+    p.add_argument("--tests-timeout", type=float, help="seconds per test run (default 210 on CUDA, 150 the suite)")
     p.add_argument("--compile-timeout", type=float, help="seconds (default 240)")
     p.add_argument("--bench-timeout", type=float, help="seconds for all benchmark families (default 230)")
     p.add_argument("--bench-family", action="append", choices=BENCH_FAMILIES, help="only these benchmark families")
