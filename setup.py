@@ -24,7 +24,7 @@ def _extension():
     if os.environ.get("MPLUS_CPU_ARCH"):
         raise RuntimeError(
             "MPLUS_CPU_ARCH is gone: the CPU kernels are built for every ISA level and picked at run time "
-            "(MPLUS_CPU_ISA=baseline|avx2|avx512 chooses one); unset MPLUS_CPU_ARCH"
+            "(MPLUS_CPU_ISA=baseline|avx2|avx512|avx512_bf16|amx chooses one); unset MPLUS_CPU_ARCH"
         )
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     return CppExtension("mplus_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

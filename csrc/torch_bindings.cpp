@@ -38,10 +38,26 @@ PyObject* py_cpu_isa_levels(PyObject*, PyObject*) {
   return out;
 }
 
+// _C.cpu_isa_missing(name) -> str: why this CPU / OS / torch cannot run that level ("" when it can).
+PyObject* py_cpu_isa_missing(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "cpu_isa_missing: expected a str naming an ISA level");
+    return nullptr;
+  }
+  try {
+    return PyUnicode_FromString(mplus::isa_missing(mplus::isa_from_name(name)).c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The ISA level the CPU kernels use now."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O, "Make the CPU kernels use this ISA level (it must be supported)."},
     {"cpu_isa_levels", py_cpu_isa_levels, METH_NOARGS, "[(level, supported by this CPU)], lowest level first."},
+    {"cpu_isa_missing", py_cpu_isa_missing, METH_O, "Why this CPU cannot run the level ('' when it can)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

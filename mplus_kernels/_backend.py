@@ -53,6 +53,15 @@ def cpu_isa_levels() -> list[tuple[str, bool]]:
     return [(name, bool(ok)) for name, ok in _C.cpu_isa_levels()]
 
 
+def cpu_isa_missing(level: str) -> str | None:
+    """Why this CPU (or its OS, or this torch build) cannot run ``level``: the missing CPU feature, OS permission or
+    library; None when it can. ``ValueError`` for an unknown level."""
+    _require_cpp("cpu_isa_missing")
+    if level not in _config.CPU_ISA_LEVELS:
+        raise ValueError(f"cpu_isa_missing: level {level!r} is not one of {', '.join(_config.CPU_ISA_LEVELS)}")
+    return _C.cpu_isa_missing(level) or None
+
+
 def supported_cpu_isas() -> list[str]:
     """The levels this CPU runs, lowest first (``baseline`` always)."""
     return [name for name, ok in cpu_isa_levels() if ok]

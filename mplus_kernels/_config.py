@@ -4,7 +4,7 @@
 |-------------------|-------------------------------------|--------|
 | MPLUS_BACKEND     | auto (default), triton, cpp, reference | force one backend for every op (see `_backend.py`) |
 | TRITON_INTERPRET  | 0 (default) / 1                     | run Triton kernels on the CPU through the interpreter |
-| MPLUS_CPU_ISA     | auto (default), baseline, avx2, avx512 | ISA level of the C++ CPU kernels (unsupported: refused) |
+| MPLUS_CPU_ISA     | auto (default), one of CPU_ISA_LEVELS | ISA level of the C++ CPU kernels (unsupported: refused) |
 | MPLUS_DEBUG_CHECKS | 0 (default) / 1                    | wrappers also check device tensors' values (a sync) |
 
 The values are read when asked for, not cached, so tests can change them with `monkeypatch.setenv`.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
-CPU_ISA_LEVELS = ("baseline", "avx2", "avx512")  # lowest first, as csrc/cpu/isa.h numbers them
+CPU_ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")  # lowest first, as csrc/cpu/isa.h numbers them
 
 
 def backend_override() -> str:

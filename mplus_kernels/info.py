@@ -41,9 +41,12 @@ def report() -> str:
         + ("built" if _backend.cpp_available() else f"NOT AVAILABLE: {_backend.cpp_import_error()}"),
         "  cpp ISA level: "
         + (
-            f"{_backend.cpu_isa()} (built: "
-            + ", ".join(f"{n}{'' if ok else ' [this CPU lacks it]'}" for n, ok in _backend.cpu_isa_levels())
-            + f"; MPLUS_CPU_ISA={_config.cpu_isa()})"
+            f"{_backend.cpu_isa()} (MPLUS_CPU_ISA={_config.cpu_isa()}; built: "
+            + ", ".join(
+                name if ok else f"{name} [not run here: {_backend.cpu_isa_missing(name)}]"
+                for name, ok in _backend.cpu_isa_levels()
+            )
+            + ")"
             if _backend.cpp_available()
             else "-"
         ),

@@ -32,16 +32,22 @@ def pytest_report_header(config):  # noqa: ARG001
     )
 
 
-def _cpu_isa_levels() -> list[str]:
+def _cpu_isa_levels() -> list:
+    """Every ISA level of the C++ kernels; one this CPU (or its OS, or this torch build) cannot run is skipped with the
+    reason, the missing feature: reported as not run, never as passed."""
     from mplus_kernels import _backend
 
-    return _backend.supported_cpu_isas() if _backend.cpp_available() else ["baseline"]
+    if not _backend.cpp_available():
+        return ["baseline"]
+    skip = lambda level: pytest.mark.skip(reason=f"{level} not run: {_backend.cpu_isa_missing(level)}")  # noqa: E731
+    return [level if ok else pytest.param(level, marks=skip(level)) for level, ok in _backend.cpu_isa_levels()]
 
 
 def pytest_generate_tests(metafunc):
     # Tests that use the `cpu_isa` fixture (directly or through `pytestmark = pytest.mark.usefixtures("cpu_isa")`)
-    # run once per ISA level of the C++ kernels that this CPU executes: every CI machine (x86-64 with AVX2 at least)
-    # covers the baseline and AVX2 variants, an AVX-512 machine the AVX-512 one too.
+    # run once per ISA level of the C++ kernels: every level this CPU executes runs (every CI machine, x86-64 with AVX2
+    # at least, covers the baseline and AVX2 variants; an AVX-512 machine avx512, a Zen 4 avx512_bf16, a Sapphire
+    # Rapids amx too), and every other level is reported as skipped, with the CPU feature it lacks.
     if "cpu_isa" in metafunc.fixturenames:
         metafunc.parametrize("cpu_isa", _cpu_isa_levels(), indirect=True)
 

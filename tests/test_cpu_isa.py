@@ -1,8 +1,10 @@
-"""Runtime ISA dispatch of the C++ CPU kernels (csrc/cpu/isa.h): the levels, switching them, MPLUS_CPU_ISA, and that
-the built extension runs on any x86-64 CPU (only the ISA-specific kernels use AVX instructions).
+"""Runtime ISA dispatch of the C++ CPU kernels (csrc/cpu/isa.h): the levels, their detection (CPU flags, the OS's AMX
+permission), switching them, MPLUS_CPU_ISA, and that the built extension runs on any x86-64 CPU (only the
+ISA-specific kernels use AVX instructions, only the bf16 levels' the AVX512_BF16 ones).
 
-The kernels' own parity and bad-input tests run once per level this CPU executes (the ``cpu_isa`` fixture in
-conftest.py, used by tests/test_attention_cpu.py and tests/test_retrieval.py).
+The kernels' own parity and bad-input tests run once per level (the ``cpu_isa`` fixture in conftest.py, used by
+tests/test_attention_cpu.py, tests/test_retrieval.py, ...): a level this CPU lacks is reported as skipped, with the
+feature it lacks. tests/test_cpu_isa_bf16.py holds the tests of the bf16 levels' own kernels.
 """
 
 from __future__ import annotations
@@ -45,15 +47,37 @@ def test_levels_are_listed_lowest_first_and_the_best_is_active():
     supported = mk.supported_cpu_isas()
     if X86:
         flags = _cpu_flags()
+        avx512 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
         assert ("avx2" in supported) == (flags >= {"avx2", "fma", "f16c"})
-        assert ("avx512" in supported) == (
-            flags >= {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
-        )
+        assert ("avx512" in supported) == (flags >= avx512)
+        assert ("avx512_bf16" in supported) == (flags >= avx512 | {"avx512_bf16"})
+        if not flags >= avx512 | {"avx512_bf16", "amx_tile", "amx_bf16"}:
+            assert "amx" not in supported
+        elif "amx" not in supported:  # the CPU has it: only the OS or torch's brgemm may be missing, and say so
+            assert re.search(r"OS|oneDNN|brgemm", mk.cpu_isa_missing("amx")), mk.cpu_isa_missing("amx")
     else:
         assert supported == ["baseline"]
     env = {k: v for k, v in os.environ.items() if k != "MPLUS_CPU_ISA"}
     fresh = _python("import mplus_kernels as mk; print(mk.cpu_isa())", env)
     assert fresh == supported[-1]
+
+
+def test_a_lacking_level_names_what_is_missing():
+    for level, ok in mk.cpu_isa_levels():
+        missing = mk.cpu_isa_missing(level)
+        if ok:
+            assert missing is None, (level, missing)
+        else:
+            assert missing, level
+            flags = _cpu_flags() if X86 else None
+            if flags is None:
+                assert "x86-64" in missing, missing
+            elif level in ("avx512_bf16", "amx") and "avx512_bf16" not in flags:
+                assert "avx512" in missing, missing  # the feature itself, or the level below
+            elif level == "amx" and not flags >= {"amx_tile", "amx_bf16"}:
+                assert "amx_tile" in missing, missing
+    with pytest.raises(ValueError, match="not one of"):
+        mk.cpu_isa_missing("sse9")
 
 
 def _cpu_flags() -> set[str]:
@@ -72,10 +96,10 @@ def _python(code: str, env: dict[str, str]) -> str:
     return proc.stdout.strip()
 
 
-@pytest.mark.parametrize("level", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("level", _config.CPU_ISA_LEVELS)
 def test_each_level_runs_and_agrees_with_the_others(level):
     if level not in mk.supported_cpu_isas():
-        pytest.skip(f"this CPU does not run {level}")
+        pytest.skip(f"{level} not run: {mk.cpu_isa_missing(level)}")
     args = _attention_case()
     with mk.use_cpu_isa("baseline"):
         base, base_lse = torch.ops.mplus.memory_attention(*args)
@@ -90,7 +114,7 @@ def test_each_level_runs_and_agrees_with_the_others(level):
 
 def test_switching_level_is_validated_and_restored():
     before = mk.cpu_isa()
-    with pytest.raises(ValueError, match="not one of auto, baseline, avx2, avx512"):
+    with pytest.raises(ValueError, match="not one of auto, baseline, avx2, avx512, avx512_bf16, amx"):
         mk.set_cpu_isa("avx9000")
     with pytest.raises(TypeError, match="must be a str"):
         mk.set_cpu_isa(2)
@@ -109,8 +133,9 @@ def test_a_level_the_cpu_lacks_is_refused():
     if not lacking:
         pytest.skip("this CPU runs every level")
     before = mk.cpu_isa()
-    with pytest.raises(ValueError, match=f"'{lacking[0]}' is not supported by this CPU"):
+    with pytest.raises(ValueError, match=f"'{lacking[0]}' is not supported by this CPU") as err:
         mk.set_cpu_isa(lacking[0])
+    assert mk.cpu_isa_missing(lacking[0]) in str(err.value)  # the refusal says what is missing
     assert mk.cpu_isa() == before
     env = {**os.environ, "MPLUS_CPU_ISA": lacking[0]}
     proc = subprocess.run([sys.executable, "-c", "import mplus_kernels"], env=env, capture_output=True, text=True)
@@ -152,9 +177,11 @@ def test_results_of_one_level_do_not_change_with_the_active_level_of_another_cal
 
 @pytest.mark.skipif(not X86, reason="the ISA variants exist on x86-64 only")
 def test_only_the_isa_kernels_use_avx_instructions():
-    """Built without -march: every function of the extension outside mplus::avx2 / mplus::avx512 is plain x86-64
-    (no VEX/EVEX instruction, no ymm/zmm/mask register), and mplus::avx2 uses no AVX-512 state. This is what lets the
-    extension load and run on any x86-64 CPU; a -march=native build fails it with hundreds of functions."""
+    """Built without -march: every function of the extension outside the ISA namespaces (mplus::avx2, mplus::avx512,
+    mplus::avx512_bf16, mplus::amx) is plain x86-64 (no VEX/EVEX instruction, no ymm/zmm/mask register), mplus::avx2
+    uses no AVX-512 state, and only the two bf16 levels use AVX512_BF16 instructions (vdpbf16ps, vcvtneps2bf16). This
+    is what lets the extension load and run on any x86-64 CPU; a -march=native build fails it with hundreds of
+    functions. (The amx level's tiles are oneDNN's JIT code, called through libtorch: none is in this library.)"""
     objdump = shutil.which("objdump")
     if objdump is None:
         pytest.skip("objdump (binutils) is not installed")
@@ -163,7 +190,7 @@ def test_only_the_isa_kernels_use_avx_instructions():
     text = subprocess.run(
         [objdump, "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True, check=True
     ).stdout
-    outside, avx2_with_512 = set(), set()
+    outside, avx2_with_512, bf16_outside = set(), set(), set()
     function = ""
     for line in text.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
@@ -177,14 +204,36 @@ def test_only_the_isa_kernels_use_avx_instructions():
         uses_avx = insn.startswith("v") or re.search(r"%[yz]mm|%k[0-7]\b", insn) is not None
         if not uses_avx:
             continue
-        if not re.search(r"mplus::avx(2|512)::", function):
+        if not re.search(r"mplus::(avx2|avx512|avx512_bf16|amx)::", function):
             outside.add(function)
         elif "mplus::avx2::" in function and re.search(r"%zmm|%k[0-7]\b", insn):
             avx2_with_512.add(function)
+        if re.match(r"v(dpbf16ps|cvtne2?ps2bf16)", insn) and not re.search(r"mplus::(avx512_bf16|amx)::", function):
+            bf16_outside.add(function)
     assert not outside, f"{len(outside)} functions outside the ISA kernels use AVX, e.g. {sorted(outside)[:3]}"
     assert not avx2_with_512, f"AVX2 kernels use AVX-512 registers: {sorted(avx2_with_512)[:3]}"
+    assert not bf16_outside, f"functions below the bf16 levels use AVX512_BF16: {sorted(bf16_outside)[:3]}"
 
 
-def test_info_prints_the_active_level():
+def test_info_prints_the_active_level_and_what_each_lacking_level_lacks():
     out = _python("import mplus_kernels.info as i; print(i.report())", dict(os.environ))
     assert f"cpp ISA level: {mk.cpu_isa()}" in out
+    for level, ok in mk.cpu_isa_levels():
+        if not ok:  # visibly not run, with the reason
+            assert f"{level} [not run here: {mk.cpu_isa_missing(level)}]" in out
+
+
+def test_amx_level_needs_onednn():
+    """The amx level runs its bf16 products on oneDNN (ATen's brgemm): with oneDNN switched off, a call at that level
+    says so instead of running something else, and the level reports it as missing."""
+    if "amx" not in mk.supported_cpu_isas():
+        pytest.skip(f"amx not run: {mk.cpu_isa_missing('amx')}")
+    q = torch.randn(1, 40, 4, 64).to(torch.bfloat16)
+    k, v = (torch.randn(1, 40, 1, 64).to(torch.bfloat16) for _ in range(2))
+    with mk.use_cpu_isa("amx"):
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert "oneDNN is switched off" in (mk.cpu_isa_missing("amx") or "")
+            with pytest.raises(RuntimeError, match=r"torch.backends.mkldnn.enabled = False"):
+                torch.ops.mplus.memory_attention(q, k, v, None, None, None, None, None, 0.125, True)
+        out, _ = torch.ops.mplus.memory_attention(q, k, v, None, None, None, None, None, 0.125, True)
+    assert torch.isfinite(out).all()

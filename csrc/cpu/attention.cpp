@@ -23,6 +23,8 @@ namespace mplus {
 MPLUS_DECLARE_ATTENTION(baseline)
 MPLUS_DECLARE_ATTENTION(avx2)
 MPLUS_DECLARE_ATTENTION(avx512)
+MPLUS_DECLARE_ATTENTION(avx512_bf16)
+MPLUS_DECLARE_ATTENTION(amx)
 #undef MPLUS_DECLARE_ATTENTION
 
 namespace {
@@ -161,6 +163,7 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
   P.out = out.data_ptr();
   P.lse = lse.data_ptr<float>();
 
+  require_active_isa("memory_attention");
   kAttention.active()(P, dtype);
   return {out, lse};
 }

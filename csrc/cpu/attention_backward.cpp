@@ -42,7 +42,8 @@ namespace {
 using at::Tensor;
 
 constexpr const char* kOp = "memory_attention_backward";
-const IsaTable<void (*)(const attn::BackwardProblem&)> kBackward = MPLUS_ISA_TABLE(attention_backward_kernel);
+const IsaTable<void (*)(const attn::BackwardProblem&)> kBackward =
+    MPLUS_ISA_TABLE_AVX512(attention_backward_kernel);
 
 // Δ's row sums, once per query (the kernels' dot products live in the ISA region).
 float row_dot(const float* a, const float* b, int64_t n) {

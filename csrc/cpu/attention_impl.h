@@ -12,11 +12,12 @@
 // * prefill: one task per (batch, KV head, block of ~384 query rows = G x queries); the block keeps Q^T, O^T, max and
 //   sum in a task-local workspace (L2-resident) while 32-key blocks of K/V stream through fp32 tiles (converted,
 //   memory keys rotated, the next block prefetched). Causality is exploited per row group: invisible key blocks
-//   are skipped, fully visible ones run unmasked.
-// * decode (G x Tq <= 8 rows, D in {64, 128, 256}): split-KV. One task per (batch, key range); inside it every KV
-//   head is processed per 64-key block (the rope rows of a key are loaded once for all heads), each K/V byte is read
-//   once; each batch row cuts its own keys (memory + valid chunk keys) into the splits. Each split keeps (max, sum,
-//   out) per row; the last split of a batch to finish merges them through the LSEs, in split order.
+//   are skipped, fully visible ones run unmasked. At the bf16 levels, bf16 inputs run the same tasks on bf16 matrix
+//   products instead (attention_prefill_bf16.h).
+// * decode (G x Tq <= 8 rows, D in {64, 128, 256}): split-KV (attention_decode.h). One task per (batch, key range);
+//   inside it every KV head is processed per 64-key block, each K/V byte is read once; each batch row cuts its own
+//   keys (memory + valid chunk keys) into the splits. Each split keeps (max, sum, out) per row; the last split of a
+//   batch to finish merges them through the LSEs, in split order.
 // Tasks are handed out dynamically (parallel_tasks): the CPUs this runs on are shared with other jobs.
 //
 // Library headers come from prelude.h (included before the ISA region); this file includes only kernel sources.
@@ -34,9 +35,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kKeyBlock = 32;                             // prefill keys per tile
 constexpr int64_t kTargetRows = 384;                      // prefill query rows per task (G x queries)
-constexpr int kDecodeBlock = 64;                          // decode keys per softmax step
-constexpr int64_t kSplitKeys = 1024, kMaxSplits = 64;     // decode split-KV: keys per split, most splits per row
-static_assert(kKeyBlock % kQkKeys == 0 && kDecodeBlock % kLanes == 0, "tile sizes must divide the blocks");
+static_assert(kKeyBlock % kQkKeys == 0, "tile sizes must divide the blocks");
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -228,8 +227,9 @@ class PrefillTask {
   float *QT_, *OT_, *K_, *V_, *S_, *m_, *l_, *thr_, *tmp_;
 };
 
-template <typename T>
-void prefill(const Problem& P) {
+// Runs Task (PrefillTask<T>, or PrefillBf16Task at the bf16 levels) over every (batch, KV head, query block).
+template <typename Task>
+void run_prefill(const Problem& P) {
   // Queries per task: ~kTargetRows rows (fewer when that leaves threads idle), spread evenly over the blocks.
   int64_t nq = std::max<int64_t>(1, kTargetRows / P.G);
   const int64_t threads = at::get_num_threads();
@@ -238,194 +238,21 @@ void prefill(const Problem& P) {
   nq = (P.Tq + nblk - 1) / nblk;
   parallel_tasks(
       P.B * P.Hkv * nblk,
-      [&] { return Scratch(PrefillTask<T>::scratch_size(P.G * nq, P.D)); },  // one scratch per thread
+      [&] { return Scratch(Task::scratch_size(P.G * nq, P.D)); },  // one scratch per thread
       [&](Scratch& ws, int64_t task) {
         // Last query blocks first: they see the most chunk keys (longest tasks first balances the threads).
         const int64_t qb = nblk - 1 - task % nblk, h = task / nblk % P.Hkv, b = task / nblk / P.Hkv;
         const int64_t t0 = qb * nq;
-        PrefillTask<T>(P, ws.p, b, h, t0, std::min(nq, P.Tq - t0)).run();
+        Task(P, ws.p, b, h, t0, std::min(nq, P.Tq - t0)).run();
       });
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-// decode (split-KV)
-// ---------------------------------------------------------------------------------------------------------------------
+#if MPLUS_ISA_LEVEL >= 3
+#include "bf16_gemm.h"
+#include "attention_prefill_bf16.h"
+#endif
 
-// Pointers to the rows j0 .. j0+n-1 of head h in [memory ; chunk from row c0] (nullptr up to kDecodeBlock): key
-// j >= M is chunk row c0 + j - M.
-template <typename T>
-void block_rows(const View& mem, const View& chunk, int64_t M, int64_t c0, int64_t b, int64_t h, int64_t j0, int n,
-                const T** out) {
-  int jj = 0;
-  const int nm = static_cast<int>(std::clamp<int64_t>(M - j0, 0, n));
-  if (nm > 0) {
-    const T* p = mem.row<T>(b, j0, h);
-    for (; jj < nm; ++jj, p += mem.st) out[jj] = p;
-  }
-  if (jj < n) {
-    const T* p = chunk.row<T>(b, c0 + j0 + jj - M, h);
-    for (; jj < n; ++jj, p += chunk.st) out[jj] = p;
-  }
-  for (; jj < kDecodeBlock; ++jj) out[jj] = nullptr;
-}
-
-// Keys [k0, k1) of the concatenation [memory ; valid chunk keys of row b] for every KV head of batch b. Results:
-// finished rows in P.out/P.lse when `part` is null, else normalised fp32 rows part[h][r][D] and their LSE
-// part_lse[h][r].
-template <typename T, int NV>
-void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* part, float* part_lse) {
-  constexpr int64_t D = NV * kLanes;
-  constexpr int kLines = D * sizeof(T) / 64;  // cache lines per K or V row
-  const int64_t G = P.G, H = P.Hkv;
-  const int R = static_cast<int>(G * P.Tq);
-  Scratch ws(2 * H * R * D + 2 * H * R + D);
-  float *q = ws.p, *o = q + H * R * D, *m = o + H * R * D, *l = m + H * R, *tmp = l + H * R;
-  for (int64_t h = 0; h < H; ++h) {
-    for (int r = 0; r < R; ++r) {
-      float* qr = q + (h * R + r) * D;
-      const T* src = P.q.row<T>(b, r / G, h * G + r % G);
-      for (int64_t i = 0; i < D; i += kLanes) store(qr + i, load_cvt(src + i) * P.scale2);  // D: whole vectors
-    }
-  }
-  std::fill(o, o + H * R * D, 0.f);
-  std::fill(m, m + H * R, kNegInf);
-  std::fill(l, l + H * R, 0.f);
-
-  const T *key[kDecodeBlock], *val[kDecodeBlock], *next_key[kDecodeBlock], *next_val[kDecodeBlock];
-  const float *cos[kDecodeBlock], *sin[kDecodeBlock];
-  alignas(64) float s[kMaxDecodeRows * kDecodeBlock];
-  float alpha[kMaxDecodeRows];
-  const int64_t c0 = P.chunk_begin(b), c_end = P.chunk_end(b);  // key j >= M is chunk row c0 + j - M
-  for (int64_t j0 = k0; j0 < k1; j0 += kDecodeBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kDecodeBlock, k1 - j0));
-    const int n_next = static_cast<int>(std::clamp<int64_t>(k1 - j0 - kDecodeBlock, 0, kDecodeBlock));
-    for (int jj = 0; jj < kDecodeBlock; ++jj) {  // rope rows, shared by all heads
-      const bool rope = jj < n && j0 + jj < P.M && P.pos != nullptr;
-      cos[jj] = rope ? P.cos + P.pos[j0 + jj] * P.rope_ld : nullptr;
-      sin[jj] = rope ? P.sin + P.pos[j0 + jj] * P.rope_ld : nullptr;
-    }
-    // Causal masking is needed only if some chunk key here is beyond the first query's horizon (thr of row 0).
-    const bool causal_mask = P.causal && c0 + j0 + n - 1 - P.M > c_end - P.Tq;
-    for (int64_t h = 0; h < H; ++h) {
-      block_rows(P.mk, P.k, P.M, c0, b, h, j0, n, key);
-      block_rows(P.mv, P.v, P.M, c0, b, h, j0, n, val);
-      block_rows(P.mk, P.k, P.M, c0, b, h, j0 + kDecodeBlock, n_next, next_key);
-      block_rows(P.mv, P.v, P.M, c0, b, h, j0 + kDecodeBlock, n_next, next_val);
-      // While this head's block is scored, its next block is prefetched, one K and one V row per key scored (and
-      // the rope rows with head 0): per head the rows are strided, which the hardware prefetchers do not follow.
-      auto prefetch = [&](int jj) {
-        if (jj >= n_next) return;
-        for (int i = 0; i < kLines; ++i) {
-          prefetch_line(reinterpret_cast<const char*>(next_key[jj]) + 64 * i);
-          prefetch_line(reinterpret_cast<const char*>(next_val[jj]) + 64 * i);
-        }
-        const int64_t j = j0 + kDecodeBlock + jj;
-        if (h == 0 && j < P.M && P.pos != nullptr) {
-          for (int64_t off = 0; off < D / 2; off += 16) {
-            prefetch_line(P.cos + P.pos[j] * P.rope_ld + off);
-            prefetch_line(P.sin + P.pos[j] * P.rope_ld + off);
-          }
-        }
-      };
-      const float* qh = q + h * R * D;
-      for (int g = 0; g < kDecodeBlock; g += kLanes) {
-        auto per_key = [&](int jj) { prefetch(g + jj); };
-        if (g < n) {
-          decode_scores<T, NV>(key + g, cos + g, sin + g, qh, R, s + g, kDecodeBlock, per_key);
-        } else {
-          for (int jj = 0; jj < kLanes; ++jj) prefetch(g + jj);
-        }
-      }
-      if (n < kDecodeBlock || causal_mask) {
-        for (int r = 0; r < R; ++r) {
-          const int64_t thr = r / G + c_end - P.Tq;  // last chunk row visible to the row's query
-          for (int jj = 0; jj < kDecodeBlock; ++jj) {
-            const int64_t j = j0 + jj;
-            if (jj >= n || (P.causal && j >= P.M && c0 + j - P.M > thr)) s[r * kDecodeBlock + jj] = kNegInf;
-          }
-        }
-      }
-      for (int r = 0; r < R; ++r) {  // online softmax of the row over this block
-        float* sr = s + r * kDecodeBlock;
-        float* mr = m + h * R + r;
-        vf mx = splat(*mr);
-        for (int g = 0; g < kDecodeBlock; g += kLanes) mx = vmax(mx, load(sr + g));
-        const float m_new = hmax(mx);
-        const float m_use = m_new == kNegInf ? 0.f : m_new;
-        vf sum = {};
-        for (int g = 0; g < kDecodeBlock; g += kLanes) {
-          const vf p = exp2v(load(sr + g) - m_use);
-          store(sr + g, p);
-          sum += p;
-        }
-        alpha[r] = *mr == kNegInf ? 0.f : std::exp2(*mr - m_use);
-        l[h * R + r] = l[h * R + r] * alpha[r] + hsum(sum);
-        *mr = m_new;
-      }
-      decode_pv<T, NV>(val, n, s, kDecodeBlock, alpha, R, o + h * R * D);
-    }
-  }
-
-  for (int64_t h = 0; h < H; ++h) {
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = h * R + r;
-      if (part == nullptr) {
-        finish_row<T>(P, b, r / G, h * G + r % G, o + i * D, m[i], l[i], tmp);
-      } else {
-        const bool empty = !(l[i] > 0.f);
-        for (int64_t d = 0; d < D; ++d) part[i * D + d] = empty ? 0.f : o[i * D + d] / l[i];
-        part_lse[i] = empty ? kNegInf : (m[i] + std::log2(l[i])) * kLn2;
-      }
-    }
-  }
-}
-
-template <typename T, int NV>
-void decode(const Problem& P) {
-  const int64_t R = P.G * P.Tq, H = P.Hkv, D = NV * kLanes;
-  // Keys of row b: the memory and its valid chunk keys (only those are split; causality hides none of them here,
-  // since the last query sees every chunk key below kv_len).
-  auto row_keys = [&](int64_t b) { return P.M + P.chunk_end(b) - P.chunk_begin(b); };
-  // Splits of ~kSplitKeys keys of the largest row (boundaries on decode blocks), handed out dynamically; each row
-  // spreads its own keys over them. The count depends on the shape only, never on the thread count, and the splits
-  // are merged in a fixed order: the result's bits do not depend on the machine's threads either.
-  int64_t n_max = 0;
-  for (int64_t b = 0; b < P.B; ++b) n_max = std::max(n_max, row_keys(b));
-  const int64_t splits = std::clamp<int64_t>(n_max / kSplitKeys, 1, kMaxSplits);
-  if (splits == 1) {
-    parallel_tasks(P.B, [&](int64_t b) { decode_split<T, NV>(P, b, 0, row_keys(b), nullptr, nullptr); });
-    return;
-  }
-  std::vector<float> part(P.B * splits * H * R * D), part_lse(P.B * splits * H * R);
-  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[P.B]());
-  // Exact merge of batch b's splits: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
-  auto merge_splits = [&](int64_t b) {
-    std::vector<float> acc(D);
-    for (int64_t hr = 0; hr < H * R; ++hr) {
-      const int64_t h = hr / R, r = hr % R;
-      float mx = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, part_lse[(b * splits + sp) * H * R + hr]);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float l = 0.f;
-      for (int64_t sp = 0; sp < splits && mx != kNegInf; ++sp) {
-        const float w = std::exp(part_lse[(b * splits + sp) * H * R + hr] - mx);
-        const float* src = part.data() + ((b * splits + sp) * H * R + hr) * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
-        l += w;
-      }
-      // finish_row wants (m, l) in log2 units with acc unnormalised: m = mx / ln 2.
-      finish_row<T>(P, b, r / P.G, h * P.G + r % P.G, acc.data(), mx / kLn2, l, acc.data());
-    }
-  };
-  parallel_tasks(P.B * splits, [&](int64_t task) {
-    const int64_t b = task / splits, sp = task % splits, n = row_keys(b);
-    const int64_t per = round_up((n + splits - 1) / splits, kDecodeBlock);
-    decode_split<T, NV>(P, b, std::min(n, sp * per), std::min(n, (sp + 1) * per), part.data() + task * H * R * D,
-                        part_lse.data() + task * H * R);
-    if (done[b].fetch_add(1) + 1 == splits) merge_splits(b);  // the last split of b to finish merges (no 2nd pass)
-  });
-}
-
+#include "attention_decode.h"
 
 // ---------------------------------------------------------------------------------------------------------------------
 // merge of two partial attentions
@@ -465,7 +292,11 @@ void attention_kernel(const Problem& P, c10::ScalarType dtype) {
   const bool decode_shape = P.G * P.Tq <= kMaxDecodeRows && (P.D == 64 || P.D == 128 || P.D == 256);
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (!decode_shape) return prefill<T>(P);
+#if MPLUS_ISA_LEVEL >= 3
+    // bf16 inputs take the bf16 matrix products (attention_prefill_bf16.h); fp32 and fp16 ones the fp32 kernels
+    if (!decode_shape && std::is_same_v<T, c10::BFloat16>) return run_prefill<PrefillBf16Task>(P);
+#endif
+    if (!decode_shape) return run_prefill<PrefillTask<T>>(P);
     if (P.D == 64) return decode<T, 64 / kLanes>(P);
     if (P.D == 128) return decode<T, 128 / kLanes>(P);
     return decode<T, 256 / kLanes>(P);

@@ -9,11 +9,21 @@
 // loads on any x86-64 CPU. At load the best level the CPU (and OS) supports is chosen; `set_active_isa` (from
 // Python: mplus_kernels.set_cpu_isa, or MPLUS_CPU_ISA) picks another one it supports, and refuses the others.
 //
-// | level    | instructions                       | vectors            | built on          |
-// |----------|------------------------------------|--------------------|-------------------|
-// | baseline | x86-64 (SSE2) or the host's default | 4 fp32 lanes (xmm) | every architecture |
-// | avx2     | AVX2 + FMA + F16C                  | 8 lanes (ymm, 16)  | x86-64            |
-// | avx512   | AVX-512 F/BW/DQ/VL + the above     | 16 lanes (zmm, 32) | x86-64            |
+// | level       | instructions                                | vectors            | built on          |
+// |-------------|---------------------------------------------|--------------------|-------------------|
+// | baseline    | x86-64 (SSE2) or the host's default          | 4 fp32 lanes (xmm) | every architecture |
+// | avx2        | AVX2 + FMA + F16C                           | 8 lanes (ymm, 16)  | x86-64            |
+// | avx512      | AVX-512 F/BW/DQ/VL + the above              | 16 lanes (zmm, 32) | x86-64            |
+// | avx512_bf16 | + AVX512_BF16 (vdpbf16ps: bf16 pairs, fp32 sums) | 16 lanes       | x86-64            |
+// | amx         | + AMX-TILE/AMX-BF16, through ATen's brgemm  | 16 lanes + tiles   | x86-64            |
+//
+// The two top levels change only the bf16 matrix products of the compute-bound kernels (attention prefill, so far):
+// avx512_bf16 runs them on this extension's own vdpbf16ps micro-kernels, amx on ATen's cpublas::brgemm (oneDNN's
+// ukernel, which drives the AMX tiles; bf16_gemm.h says why a library there and intrinsics here). A family without
+// a kernel of its own at a level is listed in its table with the kernel of the level below (MPLUS_ISA_TABLE_AVX512):
+// the level is still reported and selectable, and its tests run what it runs. The amx level also needs the OS to
+// grant the process the tile state (Linux's ARCH_REQ_XCOMP_PERM, requested once, on first detection) and ATen's
+// brgemm to be usable (a build with oneDNN's ukernel, oneDNN not disabled); `isa_missing` says which is lacking.
 #pragma once
 
 #include <array>
@@ -21,18 +31,23 @@
 
 namespace mplus {
 
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr int kNumIsa = 3;
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
+constexpr int kNumIsa = 5;
 
 const char* isa_name(Isa isa);
 // Built into this extension, and executable by this CPU and OS.
 bool isa_supported(Isa isa);
+// Why `isa` is not supported here ("" when it is): the missing CPU feature, OS permission or library.
+std::string isa_missing(Isa isa);
 // The best supported level (what the extension starts with).
 Isa best_isa();
 Isa active_isa();
 // Makes `isa` the level every kernel uses from now on; TORCH_CHECK-fails for a level that is not supported.
 void set_active_isa(Isa isa);
-// The level named `name` ("baseline", "avx2", "avx512"); TORCH_CHECK-fails for an unknown name.
+// TORCH_CHECK-fails, naming `op`, when the active level cannot run now: the amx level's products need oneDNN, which
+// torch.backends.mkldnn.enabled = False switches off after the level was chosen. Called by the families that use it.
+void require_active_isa(const char* op);
+// The level named `name` ("baseline", "avx2", "avx512", "avx512_bf16", "amx"); TORCH_CHECK-fails for an unknown name.
 Isa isa_from_name(const std::string& name);
 
 // One entry point per level; entries of levels not built on this architecture are null (and never supported).
@@ -44,12 +59,27 @@ struct IsaTable {
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define MPLUS_ISA_X86 1
-#define MPLUS_ISA_TABLE(name) \
-  { { &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name } }
+// A family compiled at every level.
+#define MPLUS_ISA_TABLE(name)                                                                                \
+  {                                                                                                          \
+    {                                                                                                        \
+      &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name, &::mplus::avx512_bf16::name, \
+          &::mplus::amx::name                                                                                \
+    }                                                                                                        \
+  }
+// A family with no bf16 / AMX kernels yet: the two top levels run its avx512 kernels.
+#define MPLUS_ISA_TABLE_AVX512(name)                                                                    \
+  {                                                                                                     \
+    {                                                                                                   \
+      &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name, &::mplus::avx512::name, \
+          &::mplus::avx512::name                                                                        \
+    }                                                                                                   \
+  }
 #else
 #define MPLUS_ISA_X86 0
 #define MPLUS_ISA_TABLE(name) \
-  { { &::mplus::baseline::name, nullptr, nullptr } }
+  { { &::mplus::baseline::name, nullptr, nullptr, nullptr, nullptr } }
+#define MPLUS_ISA_TABLE_AVX512(name) MPLUS_ISA_TABLE(name)
 #endif
 
 }  // namespace mplus

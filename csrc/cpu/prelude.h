@@ -17,9 +17,11 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <ATen/native/CPUBlas.h>  // cpublas::brgemm, the amx level's products (bf16_gemm.h)
 #include <immintrin.h>
 #endif

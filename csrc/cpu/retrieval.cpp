@@ -48,7 +48,7 @@ namespace {
 
 using at::Tensor;
 
-const IsaTable<void (*)(const retr::Problem&)> kRetrieval = MPLUS_ISA_TABLE(retrieval_scores);
+const IsaTable<void (*)(const retr::Problem&)> kRetrieval = MPLUS_ISA_TABLE_AVX512(retrieval_scores);
 
 // Order-preserving map float -> u32: a > b (as floats, -0 < +0, NaN above +inf or below -inf by sign)
 // iff code(a) > code(b). Lets the selection compare integers only: a strict total order, no NaN surprises.

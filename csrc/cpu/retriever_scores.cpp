@@ -41,8 +41,8 @@ using at::Tensor;
 
 constexpr const char* kForwardOp = "retriever_scores";
 constexpr const char* kBackwardOp = "retriever_scores_backward";
-const IsaTable<void (*)(const rsc::Problem&)> kForward = MPLUS_ISA_TABLE(retriever_scores_forward);
-const IsaTable<void (*)(const rsc::Problem&)> kBackward = MPLUS_ISA_TABLE(retriever_scores_backward);
+const IsaTable<void (*)(const rsc::Problem&)> kForward = MPLUS_ISA_TABLE_AVX512(retriever_scores_forward);
+const IsaTable<void (*)(const rsc::Problem&)> kBackward = MPLUS_ISA_TABLE_AVX512(retriever_scores_backward);
 
 // ---------------------------------------------------------------------------------------------------------------------
 // argument checks (ValueError / TypeError naming the argument, its shape and what was expected; before any work)
