@@ -53,7 +53,7 @@ def test_attention_backward(benchmark, bench, provider, dtype):
     pairs = T * M + T * (T + 1) // 2
     bench(
         lambda: torch.autograd.grad((out, lse), inputs, (go, gl), retain_graph=True),
-        group=f"attention_backward/Tq{T}",
+        group=f"attention_backward/Tq{T}/{str(dtype).replace('torch.', '')}",
         provider=provider,
         shape=f"B{B} Tq=Tk={T} M{M} H{HQ}/{HKV} D{D} causal",
         dtype=dtype,

@@ -1,11 +1,18 @@
 """Long-term memory: growth of the dropped-row cache and of the LTM, and the retrieval gather, at M+ sizes.
 
 * cache cycle: 60 updates of 256 dropped rows (+ 256-wide keys) on 32 layers, bf16, d 4,096 — the official
-  ``torch.cat`` of the whole cache per update vs the preallocated cache written in place;
+  ``torch.cat`` of the whole cache per update vs the preallocated cache written in place: ``mplus`` with the store
+  reused (a model's store keeps its 4 GiB cache buffer for its lifetime: every cycle after its first), ``mplus_alloc``
+  with a fresh store per cycle (allocation and first-touch page faults included: a model's first cycle);
 * LTM growth: 0 → 153,600 rows on 2 layers in 10 merges of 15,360 rows — ``torch.cat`` of the whole LTM per merge
-  vs the store's capacity buffers (reserved up front, or grown 1.5× at a time);
+  vs the store's capacity buffers: ``mplus`` grown 1.5× at a time from empty (allocation included: what a model built
+  with the default ``ltm_capacity=0`` does), ``mplus_reserved`` reserved and paged in up front (``ltm_capacity`` sized
+  for the store);
 * gather: 2,560 selected rows of a 153,600 × 4,096 bf16 store — ``index_select`` on the concatenated sources, and
   a plain memcpy of the same bytes (the bandwidth ceiling), vs ``gather_rows_``.
+
+Every provider of a group runs the same rounds; ``moved_bytes`` (the useful traffic: new rows written and read once)
+is the same for every provider of a group; ``variant`` says which setting a provider measures.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ def _dropped(num_layers, seed=0):
 
 # ------------------------------------------------------------------------------------------------ cache cycle
 CYCLE_LAYERS, CYCLE = 32, 60
+CYCLE_ROUNDS, CYCLE_QUICK_ROUNDS = 2, 1  # the official cycle takes ~46 s per call
+CYCLE_SHAPE = f"L{CYCLE_LAYERS} {CYCLE}x{K} rows d{D}"
+
+
+def _cycle_bytes(rows, keys):
+    return 2 * CYCLE * (rows.numel() + keys.numel()) * 2
 
 
 def test_cache_cycle_official_cat(bench):
@@ -51,11 +64,14 @@ def test_cache_cycle_official_cat(bench):
         cycle,
         group="ltm/cache_cycle",
         provider="official",
-        shape=f"L{CYCLE_LAYERS} {CYCLE}x{K} rows d{D}",
+        shape=CYCLE_SHAPE,
         dtype=DTYPE,
-        rounds=1,
+        rounds=CYCLE_ROUNDS,
+        quick_rounds=CYCLE_QUICK_ROUNDS,
         warmup_rounds=0,
-        measure_memory=False,
+        meter_in_rounds=True,  # no separate call for the memory: its rounds are metered
+        moved_bytes=_cycle_bytes(rows, keys),
+        variant="torch.cat of the whole cache per update",
     )
 
 
@@ -79,13 +95,16 @@ def test_cache_cycle_mplus(bench, reuse):
             ltm.push_dropped(keys, hidden=rows, age=ages)
         return ltm.cache_len
 
-    bench(cycle, group="ltm/cache_cycle", provider="mplus" if reuse else "mplus_alloc",
-          shape=f"L{CYCLE_LAYERS} {CYCLE}x{K} rows d{D}", dtype=DTYPE, rounds=3,
-          moved_bytes=2 * CYCLE * (rows.numel() + keys.numel()) * 2)  # fmt: skip
+    variant = "store reused: a model's steady state" if reuse else "fresh store per cycle: allocation included"
+    bench(cycle, group="ltm/cache_cycle", provider="mplus" if reuse else "mplus_alloc", shape=CYCLE_SHAPE,
+          dtype=DTYPE, rounds=CYCLE_ROUNDS, quick_rounds=CYCLE_QUICK_ROUNDS, moved_bytes=_cycle_bytes(rows, keys),
+          variant=variant)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- LTM growth
 GROW_LAYERS, MERGES, MERGE_ROWS = 2, 10, 60 * K
+GROW_ROUNDS, GROW_QUICK_ROUNDS = 3, 1
+GROW_SHAPE = f"L{GROW_LAYERS} 0->{MERGES * MERGE_ROWS} rows d{D}"
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +132,20 @@ def test_ltm_growth_official_cat(bench, merge_batch):
         grow,
         group="ltm/growth",
         provider="official",
-        shape=f"L{GROW_LAYERS} 0->{MERGES * MERGE_ROWS} rows d{D}",
+        shape=GROW_SHAPE,
         dtype=DTYPE,
-        rounds=2,
+        rounds=GROW_ROUNDS,
+        quick_rounds=GROW_QUICK_ROUNDS,
+        moved_bytes=2 * 2 * MERGES * rows.numel() * 2,
+        variant="torch.cat of the whole LTM per merge",
     )
 
 
 @pytest.mark.parametrize("reserve", [True, False], ids=["reserved", "grown"])
 def test_ltm_growth_mplus(bench, merge_batch, reserve):
-    """reserved: the store is allocated once with its final capacity (as a model sizes it from its config) and
-    each round clears it and grows it again in place; grown: a fresh store starts at capacity 0 and grows 1.5×."""
+    """reserved: the store is allocated once with its final capacity (a model built with ``ltm_capacity``) and each
+    round clears it and grows it again in place; grown: a fresh store starts at capacity 0 and grows 1.5× at a time
+    (a model built with the default ``ltm_capacity=0``)."""
     rows, keys = merge_batch
     ages = torch.zeros(GROW_LAYERS, MERGE_ROWS, dtype=torch.float64)
 
@@ -151,11 +174,13 @@ def test_ltm_growth_mplus(bench, merge_batch, reserve):
     bench(
         grow,
         group="ltm/growth",
-        provider="mplus" if reserve else "mplus_grown",
-        shape=f"L{GROW_LAYERS} 0->{MERGES * MERGE_ROWS} rows d{D}",
+        provider="mplus_reserved" if reserve else "mplus",
+        shape=GROW_SHAPE,
         dtype=DTYPE,
-        rounds=3,
+        rounds=GROW_ROUNDS,
+        quick_rounds=GROW_QUICK_ROUNDS,
         moved_bytes=2 * 2 * MERGES * rows.numel() * 2,
+        variant="store reserved and paged in up front" if reserve else "grown from empty: allocation included",
     )
 
 

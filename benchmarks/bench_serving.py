@@ -1,23 +1,25 @@
-"""Serving (issue 11, item 6): batches over one shared memory (B 1, 4, 16) and over two different memories (B 2),
-fused kernels vs their pure-PyTorch references, at the real widths of ``bench_model.py`` (2 layers).
+"""Serving (issue 11, item 6): batches over one shared memory (B 1, 4, 16) and over two different memories (B 2) at
+the real widths of ``bench_model.py`` (2 layers), with its providers: ``mplus`` (fused kernels), ``reference`` (their
+pure-PyTorch references), ``official_sdpa`` (the official SDPA attention over ``[memory ; chunk]``, run batched: the
+official code serves batch 1 only) and ``llama_sdpa`` (a plain transformers Llama of the same base weights, SDPA, its
+``DynamicCache``, the same left-padded batch: M+'s overhead for serving).
 
 Per batch: a prefill of ``PROMPT`` tokens per row (left padded: rows of different lengths) and ``DECODE`` decode
 steps over the cached prefix. Throughput is generated tokens per second (B x DECODE / median) for decode and
 prompt tokens per second for prefill. Beside time and peak extra memory each result records what one more
 sequence costs by design, counted on the cache a prefill returns: its chunk K/V cache rows and its gathered long-term
 segment ([BOS ; K0 rows] K/V per layer). The short-term memory is shared (an expand: 0 bytes per row) and, with
-different memories, read in place from each state.
+different memories, read in place from each state. Every provider of a batch runs the same rounds (1 at B 16).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from bench_model import DTYPE, LAYERS, SHAPE, model  # noqa: F401 - the 2-layer model fixture
+from bench_model import DTYPE, LAYERS, PROVIDERS, SHAPE, as_provider, llama, model, variant  # noqa: F401 - fixtures
 
 PROMPT, DECODE = 64, 4
 BATCHES = [1, 4, 16]
-PROVIDERS = {"reference": "reference", "fused": "mplus"}
 
 
 def _prompts(b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +50,39 @@ def _per_row_bytes(cache) -> dict[str, int]:
     return {"kv_cache_bytes_per_row": kv // b, "ltm_segment_bytes_per_row": segments // b, "stm_bytes_per_row": 0}
 
 
+def _llama_per_row_bytes(cache, b: int) -> dict[str, int]:
+    """A plain Llama's sequence holds its K/V cache rows only."""
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return {"kv_cache_bytes_per_row": kv // b}
+
+
+def _llama_fns(llama, ids, mask, what):  # noqa: F811
+    """The plain Llama's prefill of the left-padded batch, or its DECODE steps after one (positions from the mask)."""
+    b = ids.shape[0]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+
+    @torch.no_grad()
+    def prefill():
+        return llama(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+    if what == "prefill":
+        return prefill, prefill()
+    out = prefill()
+    cache, start = out.past_key_values, out.past_key_values.get_seq_length()
+    token = torch.full((b, 1), 42)
+    masks = [torch.cat([mask, torch.ones(b, i + 1, dtype=mask.dtype)], -1) for i in range(DECODE)]
+    last = positions[:, -1:]
+
+    @torch.no_grad()
+    def decode():
+        cache.crop(start - cache.get_seq_length())  # rewind: every round decodes the same positions
+        for i in range(DECODE):
+            llama(token, attention_mask=masks[i], position_ids=last + i + 1, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)  # fmt: skip
+
+    return decode, out
+
+
 @pytest.fixture(scope="module")
 def other_memory(model):  # noqa: F811
     """A second memory state (a copy of the model's, then one injection: a different short-term memory)."""
@@ -61,15 +96,23 @@ def _memories(model, b, other):  # noqa: F811
     return None if other is None else [model.memory, other][:b]
 
 
-def _run(bench, model, kernels, b, other, what):  # noqa: F811
-    model.set_kernels(kernels)
+def _run(bench, model, llama, provider, b, other, what):  # noqa: F811
     ids, mask = _prompts(b)
-    memory = _memories(model, b, other)
     kind = "two memories" if other is not None else "shared memory"
     shape = f"B{b} ({kind}), prompt {PROMPT} (left padded), {SHAPE}"
+    with as_provider(model, provider):
+        _bench(bench, model, llama, provider, b, other, what, ids, mask, shape)
+
+
+def _bench(bench, model, llama, provider, b, other, what, ids, mask, shape):  # noqa: F811
+    tokens = int(mask.sum()) if what == "prefill" else b * DECODE
+    if provider == "llama_sdpa":
+        fn, prefill = _llama_fns(llama, ids, mask, what)
+        extra = {"tokens_per_s_tokens": tokens, **_llama_per_row_bytes(prefill.past_key_values, b), **variant(provider)}
+        return _record(bench, fn, provider, b, other, what, shape, extra)
+    memory = _memories(model, b, other)
     if what == "prefill":
         fn = lambda: model(ids, attention_mask=mask, memory=memory, logits_to_keep=1)  # noqa: E731
-        extra = {"tokens_per_s_tokens": int(mask.sum())}
         prefill = fn()
     else:
         prefill = model(ids, attention_mask=mask, memory=memory, logits_to_keep=1)
@@ -82,16 +125,19 @@ def _run(bench, model, kernels, b, other, what):  # noqa: F811
             for _ in range(DECODE):
                 model(token, past_key_values=cache, logits_to_keep=1)
 
-        extra = {"tokens_per_s_tokens": b * DECODE}
-    extra.update(_per_row_bytes(prefill.past_key_values))
-    rounds = 1 if (kernels == "reference" and b >= 4) else 2
+    extra = {"tokens_per_s_tokens": tokens, **_per_row_bytes(prefill.past_key_values)}
+    return _record(bench, fn, provider, b, other, what, shape, extra)
+
+
+def _record(bench, fn, provider, b, other, what, shape, extra):
     bench(
         fn,
         group=f"serving/{what}{PROMPT if what == 'prefill' else DECODE} B{b}" + (" 2mem" if other is not None else ""),
-        provider=PROVIDERS[kernels],
+        provider=provider,
         shape=shape,
         dtype=DTYPE,
-        rounds=rounds,
+        rounds=1 if b >= 16 else 2,
+        quick_rounds=1,
         warmup_rounds=0,
         **extra,
     )
@@ -99,12 +145,12 @@ def _run(bench, model, kernels, b, other, what):  # noqa: F811
 
 @pytest.mark.parametrize("what", ["prefill", "decode"])
 @pytest.mark.parametrize("b", BATCHES)
-@pytest.mark.parametrize("kernels", ["reference", "fused"])
-def test_shared_memory_batch(bench, model, kernels, b, what):  # noqa: F811
-    _run(bench, model, kernels, b, None, what)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_shared_memory_batch(bench, model, llama, provider, b, what):  # noqa: F811
+    _run(bench, model, llama, provider, b, None, what)
 
 
 @pytest.mark.parametrize("what", ["prefill", "decode"])
-@pytest.mark.parametrize("kernels", ["reference", "fused"])
-def test_two_memories(bench, model, other_memory, kernels, what):  # noqa: F811
-    _run(bench, model, kernels, 2, other_memory, what)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_two_memories(bench, model, llama, other_memory, provider, what):  # noqa: F811
+    _run(bench, model, llama, provider, 2, other_memory, what)

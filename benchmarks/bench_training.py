@@ -1,20 +1,28 @@
-"""A training step (issue 12, item 5): ``mplus.training.training_step`` forward + backward, mplus kernels vs the
-pure-PyTorch references (``kernels="reference"``: attention by concatenation with the full score matrix, autograd
-through it), at two real-width Llama-3.1-8B layers.
+"""A training step (issue 12, item 5): ``mplus.training.training_step`` forward + backward at two real-width
+Llama-3.1-8B layers. Providers: ``mplus`` (the mplus kernels), ``reference`` (the pure-PyTorch references,
+``kernels="reference"``: attention by concatenation with the full score matrix, autograd through it),
+``official_sdpa`` (the mplus kernels but the attention computed as the official SDPA path does, autograd through
+``scaled_dot_product_attention`` over ``[memory ; chunk]``: ``model_peers.official_attention``) and ``llama_sdpa`` (a
+plain transformers Llama sharing the model's base weights and its LoRA modules, SDPA: the LM loss of the same
+target after the same context, one forward of the 256 tokens, and its backward — a LoRA fine-tuning step of the same
+adapters without the memory: M+'s training overhead).
 
 Shapes: d 4,096, Hq 32 / Hkv 8, D 128, MLP 14,336, two layers, vocabulary cut to 32,000 (the embedding and head are
 not what is measured); the memory scaled to this machine: K = 256 rows per injection, N = 2,048 short-term rows,
 K0 = 512 long-term rows retrieved per layer from a store of 768 (three earlier injections). One step: inject a
 128-token context with gradients, then the LM loss on a 128-token target through [BOS ; 512 long-term ; 2,048
 short-term ; itself], plus both retrievers' BCE; LoRA adapters and projectors trainable (``mplus.training.prepare``),
-``commit=False`` (every round sees the same memory), the same drops for both providers. Timed: the step and
-``loss.backward()``; the optimiser is not (it is the same for both).
+``commit=False`` (every round sees the same memory), the same drops for every M+ provider. Timed: the step and
+``loss.backward()``; the optimiser is not (it is the same for all). Every provider runs the same rounds.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from model_peers import official_attention, plain_llama
 
 from mplus import training
 from mplus.config import MPlusConfig
@@ -46,7 +54,7 @@ def _model(kernels: str) -> MPlusForCausalLM:
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("provider", ["reference", "mplus"])
+@pytest.mark.parametrize("provider", ["reference", "mplus", "official_sdpa", "llama_sdpa"])
 def test_training_step(benchmark, bench, provider, autocast):
     model = _model("reference" if provider == "reference" else "fused")
     cfg = model.config
@@ -54,18 +62,37 @@ def test_training_step(benchmark, bench, provider, autocast):
     ctx = torch.randint(0, cfg.vocab_size, (1, T_CTX), generator=g)
     target = torch.randint(0, cfg.vocab_size, (1, T_TGT), generator=g)
     victims = [draw_victims(2, cfg.stm_size, cfg.num_tokens, g)]
+    extra = {}
 
-    def step():
-        out = training.training_step(model, ctx, target, victims=victims, commit=False, autocast=autocast)
-        out.loss.backward()
-        model.zero_grad(set_to_none=True)
-        return out.loss.detach()
+    if provider == "llama_sdpa":
+        llama = plain_llama(model, lora=True)
+        ids = torch.cat([ctx, target], 1)
+        labels = ids.clone()
+        labels[:, :T_CTX] = -100  # the loss of the target tokens only, as M+'s LM loss
+        extra["variant"] = "transformers LlamaForCausalLM, same base weights and LoRA modules, SDPA, no memory"
 
-    bench(
-        step,
-        group="training_step/2 layers d4096",
-        provider=provider,
-        shape=f"L2 d4096 H32/8 D128 ctx{T_CTX} tgt{T_TGT} N{cfg.stm_size} K{cfg.num_tokens} K0{cfg.num_ltm_tokens}",
-        dtype="fp32" if autocast is None else "bf16 autocast",
-        rounds=2,
-    )
+        def step():
+            with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+                loss = llama(ids, labels=labels, use_cache=False).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss.detach()
+    else:
+
+        def step():
+            out = training.training_step(model, ctx, target, victims=victims, commit=False, autocast=autocast)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+            return out.loss.detach()
+
+    with official_attention(model) if provider == "official_sdpa" else contextlib.nullcontext():
+        bench(
+            step,
+            group="training_step/2 layers d4096/" + ("fp32" if autocast is None else "bf16 autocast"),
+            provider=provider,
+            shape=f"L2 d4096 H32/8 D128 ctx{T_CTX} tgt{T_TGT} N{cfg.stm_size} K{cfg.num_tokens} K0{cfg.num_ltm_tokens}",
+            dtype="fp32" if autocast is None else "bf16 autocast",
+            rounds=2,
+            quick_rounds=1,
+            **extra,
+        )
