@@ -1,5 +1,5 @@
 # mplus: the two commands of the README.
-#   make bench   set up (if needed) and run the representative benchmarks (~11 min on 2 cores), then print the report
+#   make bench   set up (if needed) and run the representative benchmarks (~7-11 min on 2 cores), then print the report
 #   make test    set up (if needed) and run the test suite
 # and make bench-full: every benchmark (pytest benchmarks/ --benchmark-only, ~36 min on 2 cores), then the report
 # Set-up creates .venv with the machine's python3, installs torch 2.13.0 (CPU build) from the local wheel directory
