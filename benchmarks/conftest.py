@@ -45,7 +45,13 @@ import pytest
 import torch
 
 import mplus_kernels as mk
-from mplus_kernels.testing import fp32_peak_gflops, measure_peak_memory, peak_memory_available, provider_isa
+from mplus_kernels.testing import (
+    fp32_peak_gflops,
+    measure_peak_memory,
+    peak_memory_available,
+    provider_isa,
+    status_kib,
+)
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
@@ -344,14 +350,6 @@ def run_benchmark(
     return result
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _round_meter(peaks: list[int]) -> tuple[Callable[[], None], Callable[..., None]]:
     """pytest-benchmark ``setup``/``teardown`` that meter each timed round's peak extra memory into ``peaks``, outside
     the timed region: ``setup`` resets the resident-memory high-water mark as ``measure_peak_memory`` does (it runs
@@ -360,10 +358,10 @@ def _round_meter(peaks: list[int]) -> tuple[Callable[[], None], Callable[..., No
 
     def setup() -> None:
         measure_peak_memory(lambda: None)
-        base.append(_status_kib("VmRSS"))
+        base.append(status_kib("VmRSS"))
 
     def teardown(*_args: Any, **_kwargs: Any) -> None:
-        peaks.append(max(0, _status_kib("VmHWM") - base.pop()) * 1024)
+        peaks.append(max(0, status_kib("VmHWM") - base.pop()) * 1024)
 
     return setup, teardown
 

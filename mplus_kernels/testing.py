@@ -132,7 +132,8 @@ def _setup_malloc() -> None:
         _libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``): what the peak-memory measurements read."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -154,9 +155,9 @@ def measure_peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
     _libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     result = fn()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return result, max(0, peak - base) * 1024
 
 
