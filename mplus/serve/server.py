@@ -107,6 +107,11 @@ class Resident:
                     self.state = None
 
 
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as they are in memory, on the host (what the checks and digests hash)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
 def default_seed(memory_id: str) -> int:
     """The drop generator's seed of a state created without one: stable per id, different across ids."""
     return int.from_bytes(hashlib.sha256(memory_id.encode()).digest()[:8], "little") >> 1
@@ -175,7 +180,7 @@ class MemoryServer:
         """Inject ``ids`` into the copy; the SHA-256 of the delta memory it computed (the record's check)."""
         context = torch.tensor([ids], dtype=torch.long, device=self.model.compute_device)
         delta = self.model.inject(context, memory=resident.state, progress=False)
-        return hashlib.sha256(delta.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        return hashlib.sha256(_bytes(delta)).hexdigest()
 
     def catch_up(self, resident: Resident, writer: Writer | None = None) -> None:
         """Bring ``resident``'s copy to the store's head (the injects other replicas committed since it was read);
@@ -213,9 +218,8 @@ class MemoryServer:
         with self.reading(resident) as state:
             h = hashlib.sha256()
             for name, t in sorted(serialization.state_tensors(state).items()):
-                t = t.detach().cpu().contiguous()
                 h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(_bytes(t))
             return {"memory_id": resident.memory_id, "version": resident.version, "sha256": h.hexdigest()}
 
     # ------------------------------------------------------------------------------------------------ requests

@@ -195,8 +195,11 @@ class MemoryStore:
     # ------------------------------------------------------------------------------------------------ reading
     def head(self, memory_id: str) -> int:
         """The newest committed version (a directory listing: no lock, no file read)."""
-        folder = self._require(memory_id)
-        return max(self._snapshots(folder)[-1], *self._record_versions(folder), 0)
+        return self._head(self._require(memory_id))
+
+    @staticmethod
+    def _head(folder: Path) -> int:
+        return max(MemoryStore._snapshots(folder)[-1], *MemoryStore._record_versions(folder), 0)
 
     def read(self, memory_id: str, *, since: int | None = None) -> Snapshot:
         """The state: the newest snapshot and the records after it; with ``since`` (the version of a copy the caller
@@ -230,16 +233,16 @@ class MemoryStore:
         """The request ids of the injects this state remembers (the log's and the newest snapshot's)."""
         folder = self._require(memory_id)
         with self._locked(folder, exclusive=False):
-            return self._request_ids(folder)
+            return set(self._request_ids(folder))
 
-    def _request_ids(self, folder: Path) -> set[str]:
+    def _request_ids(self, folder: Path, upto: int | None = None) -> list[str]:
+        """The request ids the newest snapshot remembers, then those of the records after it (up to version
+        ``upto``), in commit order."""
         base = self._snapshots(folder)[-1]
         meta = json.loads((folder / f"snapshot-{self._name(base)}.json").read_text())
-        seen = set(meta.get("request_ids", []))
-        for r in self._records(folder, [v for v in self._record_versions(folder) if v > base], base):
-            if r.request_id is not None:
-                seen.add(r.request_id)
-        return seen
+        versions = [v for v in self._record_versions(folder) if v > base and (upto is None or v <= upto)]
+        records = self._records(folder, versions, base)
+        return list(meta.get("request_ids", [])) + [r.request_id for r in records if r.request_id is not None]
 
     # ------------------------------------------------------------------------------------------------ writing
     def create(self, memory_id: str, state: MemoryState, *, exist_ok: bool = False) -> bool:
@@ -259,7 +262,7 @@ class MemoryStore:
                 if exist_ok:
                     return False
                 raise FileExistsError(f"MemoryStore.create: memory id {memory_id!r} already exists in {self.root}")
-            self._write_snapshot(folder, state, 0, set())
+            self._write_snapshot(folder, state, 0, [])
         return True
 
     @contextlib.contextmanager
@@ -275,9 +278,10 @@ class MemoryStore:
         with self.writer(memory_id) as w:
             return w.snapshot(state, version)
 
-    def _write_snapshot(self, folder: Path, state: MemoryState, version: int, seen: set[str]) -> None:
+    def _write_snapshot(self, folder: Path, state: MemoryState, version: int, seen: list[str]) -> None:
+        """``seen``: the request ids up to ``version`` in commit order; the snapshot keeps the most recent."""
         name = f"snapshot-{self._name(version)}"
-        meta = {"version": version, "request_ids": sorted(seen)[-RECENT_REQUESTS:]}
+        meta = {"version": version, "request_ids": seen[-RECENT_REQUESTS:]}
         _write_durably(folder / f"{name}.json", json.dumps(meta))
         tmp = folder / f".tmp-{os.getpid()}-{name}.safetensors"
         state.save(str(tmp))
@@ -299,7 +303,7 @@ class Writer:
 
     @property
     def head(self) -> int:
-        return max(MemoryStore._snapshots(self.folder)[-1], *MemoryStore._record_versions(self.folder), 0)
+        return MemoryStore._head(self.folder)
 
     @property
     def newest_snapshot(self) -> int:
@@ -309,7 +313,7 @@ class Writer:
         return self.store._read_locked(self.folder, since)
 
     def request_ids(self) -> set[str]:
-        return self.store._request_ids(self.folder)
+        return set(self.store._request_ids(self.folder))
 
     def append(self, ids: list[int], request_id: str | None = None, check: str | None = None) -> InjectRecord:
         """Commit one inject as version ``head + 1``: durable when this returns."""
@@ -325,12 +329,7 @@ class Writer:
             return False
         if version > self.head:
             raise ValueError(f"MemoryStore.snapshot: version {version} is past the head {self.head}")
-        base = snaps[-1]
-        meta = json.loads((self.folder / f"snapshot-{MemoryStore._name(base)}.json").read_text())
-        upto = [v for v in MemoryStore._record_versions(self.folder) if base < v <= version]
-        seen = set(meta.get("request_ids", []))
-        seen |= {r.request_id for r in self.store._records(self.folder, upto, base) if r.request_id is not None}
-        self.store._write_snapshot(self.folder, state, version, seen)
+        self.store._write_snapshot(self.folder, state, version, self.store._request_ids(self.folder, upto=version))
         for v in MemoryStore._record_versions(self.folder):  # compaction: the snapshot holds them now
             if v <= version:
                 (self.folder / "log" / f"{MemoryStore._name(v)}.json").unlink()
