@@ -5,6 +5,7 @@ the test fails with every rank's traceback. Each rank writes ``<prefix>rank{r}.p
 
 from __future__ import annotations
 
+import copy
 import datetime
 import socket
 import time
@@ -16,6 +17,7 @@ import torch
 from _golden import GOLDEN
 
 from mplus import training
+from mplus.checkpoint import memory_state
 from mplus.model import MPlusForCausalLM
 
 # every multi-process test module: pytestmark = NEEDS_GLOO
@@ -29,6 +31,44 @@ def golden_model() -> MPlusForCausalLM:
     model = MPlusForCausalLM.from_pretrained(str(GOLDEN / "model"), max_length=96)
     training.prepare(model)
     return model.eval()
+
+
+def snapshot(state) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of a memory (a state, or a model's default one)."""
+    return {k: v.clone() for k, v in memory_state(state).items()}
+
+
+def trained_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the gradient of every trained parameter, by name."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def replay_ranks(world: int, steps: int, seed: int, *, checkpoint_last: bool = False) -> list[dict]:
+    """Each rank's steps replayed in this process, unsharded, on one thread as the ranks ran, on a copy of the golden
+    model with the memory ``rank_memory`` gives that rank, drawing its own victims: per rank and step the gradients,
+    victims and memory (``checkpoint_last``: the last step with gradient checkpointing)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = golden_model()
+        results = []
+        for rank in range(world):
+            model = copy.deepcopy(base)
+            memory = training.rank_memory(model, seed=seed, rank=rank)
+            got = {"grads": [], "victims": [], "memory": []}
+            for step in range(steps):
+                ids = rank_data(rank, step, model.config.vocab_size)
+                checkpointing = checkpoint_last and step == steps - 1
+                out = training.training_step(model, *ids, memory=memory, checkpointing=checkpointing)
+                out.loss.backward()
+                got["grads"].append(trained_grads(model))
+                got["victims"].append(out.victims)
+                got["memory"].append(snapshot(memory))
+                model.zero_grad(set_to_none=True)
+            results.append(got)
+        return results
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rank_data(rank: int, step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, run_ranks
+from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, replay_ranks, run_ranks, snapshot, trained_grads
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
-from mplus.checkpoint import memory_state
 from mplus_kernels.testing import assert_close, assert_equal
 
 WORLD = 2
@@ -26,14 +25,6 @@ STEPS = 2
 TIMEOUT_S = 240  # the whole multi-process run; init_process_group and every collective time out at 60 s
 
 pytestmark = NEEDS_GLOO
-
-
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _snapshot(state) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in memory_state(state).items()}
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -47,20 +38,20 @@ def _worker(rank: int, port: int, folder: str) -> None:
         # rank 1's default memory differs from rank 0's before wrapping: DDP must not overwrite it
         if rank == 1:
             model.inject(rank_data(9, 9, vocab)[0])
-        default_before = _snapshot(model)
+        default_before = snapshot(model)
         ddp = DistributedDataParallel(training.Step(model, memory=memory))  # default: buffers broadcast
-        default_wrapped = _snapshot(model)
+        default_wrapped = snapshot(model)
         result = {"grads": [], "victims": [], "memory": [], "errors": {}}
         for step in range(STEPS):
             context, target = rank_data(rank, step, vocab)
             out = ddp(context, target)
             out.loss.backward()
-            result["grads"].append(_grads(model))
+            result["grads"].append(trained_grads(model))
             result["victims"].append([v.clone() for v in out.victims])
-            result["memory"].append(_snapshot(memory))
+            result["memory"].append(snapshot(memory))
             model.zero_grad(set_to_none=True)
         result["default_before"], result["default_wrapped"] = default_before, default_wrapped
-        result["default_after"] = _snapshot(model)
+        result["default_after"] = snapshot(model)
         # retriever_loss=False leaves the projectors unreached: DDP needs find_unused_parameters=True (module doc)
         lean = DistributedDataParallel(
             training.Step(model, memory=memory.clone(), retriever_loss=False), find_unused_parameters=True
@@ -94,26 +85,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def replay(ranks) -> list[dict]:
     """Each rank's steps replayed in this process, on one thread as the ranks ran, on a copy of the model with the
     memory ``rank_memory`` gives that rank, drawing its own victims: the per-rank gradients and memories."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        base = golden_model()
-        results = []
-        for rank in range(WORLD):
-            model = copy.deepcopy(base)
-            memory = training.rank_memory(model, seed=SEED, rank=rank)
-            got = {"grads": [], "victims": [], "memory": []}
-            for step in range(STEPS):
-                out = training.training_step(model, *rank_data(rank, step, model.config.vocab_size), memory=memory)
-                out.loss.backward()
-                got["grads"].append(_grads(model))
-                got["victims"].append(out.victims)
-                got["memory"].append(_snapshot(memory))
-                model.zero_grad(set_to_none=True)
-            results.append(got)
-        return results
-    finally:
-        torch.set_num_threads(threads)
+    return replay_ranks(WORLD, STEPS, SEED)
 
 
 def test_ddp_gradients_are_the_mean_of_the_per_rank_gradients(ranks, replay):

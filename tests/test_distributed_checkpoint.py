@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from _golden import GOLDEN
-from _ranks import NEEDS_GLOO, init_rank, rank_data, run_ranks
+from _ranks import NEEDS_GLOO, init_rank, rank_data, run_ranks, snapshot
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -142,7 +142,7 @@ def _worker(rank: int, port: int, folder: str, wrapper: str, mode: str) -> None:
         result["sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
         result["weights"] = _weights(model)
         result["optimizer"] = _optimizer_state(model, opt)
-        result["memory"] = {k: v.clone() for k, v in memory_state(memory).items()}
+        result["memory"] = snapshot(memory)
         result["rng"] = torch.get_rng_state()
         if mode == "resume" and wrapper == WRAPPERS[-1]:  # both checkpoints exist: each into the other wrapper
             result["cross"] = {w: _loaded(rank, o, out / f"{w}-ckpt") for w, o in (("ddp", "fsdp"), ("fsdp", "ddp"))}
@@ -284,7 +284,7 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     other = MPlusForCausalLM(config, max_length=96)
     training.prepare(other)
     step = training.Step(other, memory=training.rank_memory(other, seed=SEED, rank=0))
-    before = {k: v.clone() for k, v in memory_state(step.memory).items()}
+    before = snapshot(step.memory)
     message = r"another config: lora_config: \{'r': 4, .*\} saved, \{'r': 2, .*\} here; num_blocks: 6 saved, 8 here"
     with pytest.raises(ValueError, match=message):
         training.load_training_checkpoint(tmp_path / "ckpt", step)

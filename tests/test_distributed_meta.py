@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from _golden import GOLDEN
-from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, run_ranks
+from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, run_ranks, snapshot
 from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
-from mplus.checkpoint import memory_state
 from mplus.model import MPlusForCausalLM
 from mplus_kernels.testing import assert_equal
 
@@ -34,10 +33,6 @@ TIMEOUT_S = 80  # the whole multi-process run; init_process_group and every coll
 CHECKPOINT = GOLDEN / "model"
 
 pytestmark = NEEDS_GLOO
-
-
-def _snapshot(state) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in memory_state(state).items()}
 
 
 def _full(model) -> dict[str, torch.Tensor]:
@@ -66,7 +61,7 @@ def _first_step(step, model, rank: int, opt_lr: float = 1e-2) -> dict:
     }
     opt.step()
     got["weights"] = {n: w for n, w in _full(model).items() if n in grads}
-    got["memory"] = _snapshot(step.memory)
+    got["memory"] = snapshot(step.memory)
     return got
 
 
@@ -99,9 +94,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
             "age_mode": step.memory.stm.age_mode,
             "seed": step.memory.generator.initial_seed(),
             "weights": (_full(model), _full(eager_model)),
-            "memory": (_snapshot(step.memory), _snapshot(eager.memory)),
-            "default": (_snapshot(model.memory), _snapshot(eager_model.memory)),
-            "inject": _snapshot(injected),
+            "memory": (snapshot(step.memory), snapshot(eager.memory)),
+            "default": (snapshot(model.memory), snapshot(eager_model.memory)),
+            "inject": snapshot(injected),
             "step": (_first_step(step, model, rank), _first_step(eager, eager_model, rank)),
         }
         for name, call in [
@@ -172,7 +167,7 @@ def test_an_inject_through_step_run_is_the_unsharded_inject(ranks):
             model = copy.deepcopy(base)
             memory = training.rank_memory(model, seed=SEED, rank=rank)
             model.inject(rank_data(rank, 1, model.config.vocab_size)[0], memory=memory, progress=False)
-            _assert_same(ranks[rank]["inject"], _snapshot(memory), f"rank {rank} inject")
+            _assert_same(ranks[rank]["inject"], snapshot(memory), f"rank {rank} inject")
     finally:
         torch.set_num_threads(threads)
 
@@ -196,8 +191,8 @@ def test_an_unsharded_meta_build_is_from_pretrained():
     step = training.materialize(_meta_step(eager_model.config, SEED, rank=0), CHECKPOINT, device="cpu")
     model = step.model
     _assert_same(_full(model), _full(eager_model), "weights")
-    _assert_same(_snapshot(step.memory), _snapshot(eager.memory), "memory")
-    _assert_same(_snapshot(model.memory), _snapshot(eager_model.memory), "default memory")
+    _assert_same(snapshot(step.memory), snapshot(eager.memory), "memory")
+    _assert_same(snapshot(model.memory), snapshot(eager_model.memory), "default memory")
     assert_equal(model.rope_cos, eager_model.rope_cos, name="rope_cos")  # the tables are computed anew
     _assert_same(_first_step(step, model, 0), _first_step(eager, eager_model, 0), "first step")
 
@@ -238,7 +233,7 @@ def test_a_meta_build_resumes_from_a_training_checkpoint(tmp_path):
     opt = torch.optim.AdamW(training.param_groups(step.model, lr=1e-2))
     assert training.load_training_checkpoint(tmp_path / "ckpt", step, opt).step == 1
     _assert_same(_full(step.model), _full(eager_model), "weights")
-    _assert_same(_snapshot(step.memory), _snapshot(eager.memory), "memory")
+    _assert_same(snapshot(step.memory), snapshot(eager.memory), "memory")
     assert len(opt.state) == len(eager_opt.state) == 90
     for a, b in zip(opt.state.values(), eager_opt.state.values()):
         _assert_same(a, b, "AdamW state")

@@ -12,19 +12,17 @@ DDP's within fp32 tolerance."""
 
 from __future__ import annotations
 
-import copy
 import traceback
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, run_ranks
+from _ranks import NEEDS_GLOO, golden_model, init_rank, rank_data, replay_ranks, run_ranks, snapshot
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from mplus import training
-from mplus.checkpoint import memory_state
 from mplus_kernels.testing import assert_close, assert_equal
 
 WORLD = 2
@@ -34,10 +32,6 @@ TIMEOUT_S = 80  # the whole multi-process run; init_process_group and every coll
 ATOL = 1e-6
 
 pytestmark = NEEDS_GLOO
-
-
-def _snapshot(state) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in memory_state(state).items()}
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -53,7 +47,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         if rank == 1:  # rank 1's default memory differs from rank 0's: sharding must not overwrite it
             model.inject(rank_data(9, 9, vocab)[0])
         buffers = dict(model.named_buffers())
-        default_before = _snapshot(model)
+        default_before = snapshot(model)
         step = training.shard(training.Step(model, memory=memory))
         after = dict(model.named_buffers())
         result = {
@@ -69,9 +63,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
                 {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
             )
             result["victims"].append([v.clone() for v in out.victims])
-            result["memory"].append(_snapshot(memory))
+            result["memory"].append(snapshot(memory))
             model.zero_grad(set_to_none=True)
-        result["default_after"] = _snapshot(model)
+        result["default_after"] = snapshot(model)
         refused = [("shard(model)", lambda: training.shard(model)), ("shard twice", lambda: training.shard(step))]
         for name, call in refused:
             try:
@@ -93,27 +87,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 @pytest.fixture(scope="module")
 def replay(ranks) -> list[dict]:
     """Each rank's steps replayed in this process, unsharded, on one thread as the ranks ran."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        base = golden_model()
-        results = []
-        for rank in range(WORLD):
-            model = copy.deepcopy(base)
-            memory = training.rank_memory(model, seed=SEED, rank=rank)
-            got = {"grads": [], "victims": [], "memory": []}
-            for i in range(STEPS):
-                ids = rank_data(rank, i, model.config.vocab_size)
-                out = training.training_step(model, *ids, memory=memory, checkpointing=i == STEPS - 1)
-                out.loss.backward()
-                got["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-                got["victims"].append(out.victims)
-                got["memory"].append(_snapshot(memory))
-                model.zero_grad(set_to_none=True)
-            results.append(got)
-        return results
-    finally:
-        torch.set_num_threads(threads)
+    return replay_ranks(WORLD, STEPS, SEED, checkpoint_last=True)
 
 
 def test_fsdp_gradients_are_the_mean_of_the_per_rank_gradients(ranks, replay):
