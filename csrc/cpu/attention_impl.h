@@ -54,6 +54,25 @@ void finish_row(const Problem& P, int64_t b, int64_t t, int64_t hq, const float*
 // prefill
 // ---------------------------------------------------------------------------------------------------------------------
 
+// Keys j0 .. j0+n-1 of a segment: the memory (rotated by pos when given; jc0 = -1) or the chunk (jc0 = j0, chunk
+// blocks start at the row's first valid key, so only the tail of the last one needs a key-bound mask).
+struct KeyBlock {
+  const View *k = nullptr, *v = nullptr;
+  const int32_t* pos = nullptr;
+  int64_t j0 = 0, n = 0, jc0 = -1;
+};
+
+// Block i of a prefill task's walk over its keys, `size` keys a block: the nmem memory blocks, then the chunk's keys
+// [jbegin, jend). The fp32 tasks and the bf16 ones walk alike, with their own block sizes.
+inline KeyBlock prefill_block(const Problem& P, int64_t i, int64_t size, int64_t nmem, int64_t jbegin, int64_t jend) {
+  if (i < nmem) {
+    const int64_t j0 = i * size;
+    return {&P.mk, &P.mv, P.pos, j0, std::min<int64_t>(size, P.M - j0), -1};
+  }
+  const int64_t j0 = jbegin + (i - nmem) * size;
+  return {&P.k, &P.v, nullptr, j0, std::min<int64_t>(size, jend - j0), j0};
+}
+
 template <typename T>
 class PrefillTask {
  public:
@@ -117,22 +136,7 @@ class PrefillTask {
   }
 
  private:
-  // Keys j0 .. j0+n-1 of a segment: the memory (rotated by pos when given; jc0 = -1) or the chunk (jc0 = j0, chunk
-  // blocks start at the row's first valid key, so only the tail of the last one needs a key-bound mask).
-  struct KeyBlock {
-    const View *k = nullptr, *v = nullptr;
-    const int32_t* pos = nullptr;
-    int64_t j0 = 0, n = 0, jc0 = -1;
-  };
-
-  KeyBlock block(int64_t i) const {
-    if (i < nmem_) {
-      const int64_t j0 = i * kKeyBlock;
-      return {&P_.mk, &P_.mv, P_.pos, j0, std::min<int64_t>(kKeyBlock, P_.M - j0), -1};
-    }
-    const int64_t j0 = jbegin_ + (i - nmem_) * kKeyBlock;
-    return {&P_.k, &P_.v, nullptr, j0, std::min<int64_t>(kKeyBlock, jend_ - j0), j0};
-  }
+  KeyBlock block(int64_t i) const { return prefill_block(P_, i, kKeyBlock, nmem_, jbegin_, jend_); }
 
   // The block's rows of one tensor into a [kKeyBlock][dp] fp32 tile (rotated when pos is given), zero-padded.
   void pack(const View& src, const KeyBlock& blk, const int32_t* pos, float* tile) const {

@@ -89,20 +89,7 @@ class PrefillBf16Task {
   }
 
  private:
-  struct KeyBlock {  // as PrefillTask's
-    const View *k = nullptr, *v = nullptr;
-    const int32_t* pos = nullptr;
-    int64_t j0 = 0, n = 0, jc0 = -1;
-  };
-
-  KeyBlock block(int64_t i) const {
-    if (i < nmem_) {
-      const int64_t j0 = i * kKeys;
-      return {&P_.mk, &P_.mv, P_.pos, j0, std::min<int64_t>(kKeys, P_.M - j0), -1};
-    }
-    const int64_t j0 = jbegin_ + (i - nmem_) * kKeys;
-    return {&P_.k, &P_.v, nullptr, j0, std::min<int64_t>(kKeys, jend_ - j0), j0};
-  }
+  KeyBlock block(int64_t i) const { return prefill_block(P_, i, kKeys, nmem_, jbegin_, jend_); }
 
   const bf16_t* key_row(const View& src, int64_t j) const {
     return reinterpret_cast<const bf16_t*>(src.row<c10::BFloat16>(b_, j, h_));
