@@ -28,13 +28,14 @@ import numpy as np
 import pytest
 import torch
 from _golden import GOLDEN, load_state
+from _memory import assert_same, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig
 
 import mplus
 from mplus import MemoryState, MPlusConfig
-from mplus.checkpoint import load_memory, memory_state, save_memory
+from mplus.checkpoint import load_memory, save_memory
 from mplus.memory.serialization import ltm_tensors
 from mplus.model import MPlusForCausalLM
 from mplus_kernels.testing import assert_close, assert_equal
@@ -53,25 +54,6 @@ def _model(**kw) -> MPlusForCausalLM:
 def model() -> MPlusForCausalLM:
     """One model for the tests that change no memory (each checks that it did not)."""
     return _model()
-
-
-def snapshot(model_or_state) -> dict[str, object]:
-    """Every tensor and counter of a memory, its version, and torch's RNG (the default state's drop generator)."""
-    state = model_or_state if isinstance(model_or_state, MemoryState) else model_or_state.memory
-    out: dict[str, object] = {k: v.clone() for k, v in memory_state(state).items()}
-    out["torch rng"], out["version"] = torch.get_rng_state(), state.version
-    if state.ltm is not None:
-        out["ltm counters"] = (list(state.ltm.size), state.ltm.cache_len, state.ltm.update_step)
-    return out
-
-
-def assert_same(after: dict, before: dict) -> None:
-    assert after.keys() == before.keys(), sorted(set(after) ^ set(before))
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert_equal(after[key], value, name=key)
-        else:
-            assert after[key] == value, key
 
 
 # --------------------------------------------------------------------------------------------------- labels, loss

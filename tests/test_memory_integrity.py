@@ -14,6 +14,7 @@ import threading
 import pytest
 import torch
 from _golden import GOLDEN, load_state
+from _memory import assert_same, snapshot
 from safetensors.torch import load_file, save_file
 
 from mplus.checkpoint import load_memory, load_official_memory, memory_state, save_memory
@@ -33,24 +34,6 @@ def _model(**kw) -> MPlusForCausalLM:
 
 def _contexts() -> list[torch.Tensor]:
     return [load_state(step)["context_ids"] for step in range(1, 6)]
-
-
-def snapshot(model) -> dict[str, object]:
-    state = {k: v.clone() for k, v in memory_state(model).items()}
-    state["rng.cpu"] = torch.get_rng_state()
-    state["version"] = model.memory_version
-    if model.ltm is not None:
-        state["ltm counters"] = (list(model.ltm.size), model.ltm.cache_len, model.ltm.update_step)
-    return state
-
-
-def assert_same_state(after: dict, before: dict) -> None:
-    assert after.keys() == before.keys(), sorted(set(after) ^ set(before))
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert_equal(after[key], value, name=key)
-        else:
-            assert after[key] == value, key
 
 
 # ------------------------------------------------------------------------------------------ finding 1 (and 2)
@@ -110,7 +93,7 @@ def test_every_corrupted_memory_file_is_refused_with_the_memory_untouched(memory
         with pytest.raises(ValueError, match=r"load_memory\(.*bad.safetensors\)") as info:
             load_memory(target, bad_path)
         assert "nothing was loaded" in str(info.value), (name, str(info.value))
-        assert_same_state(snapshot(target), before)
+        assert_same(snapshot(target), before)
     load_memory(target, path)  # the intact file still loads, exactly
     state = snapshot(target)
     _, donor = memory_file
@@ -128,7 +111,7 @@ def test_a_file_that_is_not_safetensors_is_a_value_error(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="is not a safetensors file"):
         load_memory(target, str(tmp_path / "junk.safetensors"))
-    assert_same_state(snapshot(target), before)
+    assert_same(snapshot(target), before)
 
 
 def test_a_load_over_the_budget_changes_nothing(memory_file):
@@ -143,7 +126,7 @@ def test_a_load_over_the_budget_changes_nothing(memory_file):
     target.ltm.budget_bytes = target.ltm.nbytes() + growth - 1
     with pytest.raises(LTMBudgetError, match="over the budget"):
         load_memory(target, path)
-    assert_same_state(snapshot(target), before)
+    assert_same(snapshot(target), before)
     target.ltm.budget_bytes = None
     load_memory(target, path)
     assert target.ltm.size == sizes
@@ -156,10 +139,10 @@ def test_official_memory_with_a_bad_tensor_changes_nothing():
     state["ltm_keys.2"] = state["ltm_keys.2"][:, :-1]  # a retriever of another selector_hidden_dim
     with pytest.raises(ValueError, match=r"ltm_keys.2 has shape \[\d+, 15\], expected \[\d+, 16\]"):
         load_official_memory(target, state)
-    assert_same_state(snapshot(target), before)
+    assert_same(snapshot(target), before)
     with pytest.raises(ValueError, match="memory is missing"):
         load_official_memory(target, {k: v for k, v in load_state(3).items() if k != "memory"})
-    assert_same_state(snapshot(target), before)
+    assert_same(snapshot(target), before)
 
 
 # -------------------------------------------------------------------------------------------------- finding 3
@@ -179,7 +162,7 @@ def test_an_inject_over_the_budget_changes_nothing_and_the_model_carries_on():
     before = snapshot(model)
     with pytest.raises(LTMBudgetError, match="over the budget"):
         model.inject(contexts[1])
-    assert_same_state(snapshot(model), before)  # the RNG too: the drops were drawn and are given back
+    assert_same(snapshot(model), before)  # the RNG too: the drops were drawn and are given back
     model.ltm.budget_bytes = None
     for ids in contexts[1:]:
         model.inject(ids)
@@ -198,7 +181,7 @@ def test_bad_victims_leave_the_memory_and_the_rng_untouched():
         model.inject(_contexts()[0], victims=torch.full((3, 8), 40))
     with pytest.raises(TypeError, match="victims must be an integer tensor"):
         model.inject(_contexts()[0], victims=[[0] * 8] * 3)
-    assert_same_state(snapshot(model), before)
+    assert_same(snapshot(model), before)
 
 
 # -------------------------------------------------------------------------------------------------- finding 4
@@ -439,4 +422,4 @@ def test_errors_name_the_argument(used_model, name, call, error, match):
     before = snapshot(used_model)
     with pytest.raises(error, match=match):
         call(used_model)
-    assert_same_state(snapshot(used_model), before)
+    assert_same(snapshot(used_model), before)
