@@ -255,8 +255,13 @@ def test_all_keys_identical():
         assert_equal(idx, torch.arange(K0), name=f"{backend}: all ties -> the lowest indices")
 
 
-def test_cpp_is_independent_of_thread_count():
+def test_cpp_is_independent_of_thread_count(cpu_isa):
+    """At every ISA level (the avx512_bf16 one scores bf16 on vdpbf16ps): the same bits with 1 and 2+ threads, and a
+    key repeated at another position (another tile, work unit and range) scores bit-identically."""
+    assert mk.cpu_isa() == cpu_isa
     q, k1, k2 = _inputs(100, 4_001, 999, 256, torch.bfloat16, seed=9)
+    k2[500] = k1[17]
+    k2[998] = k1[4_000]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -267,6 +272,9 @@ def test_cpp_is_independent_of_thread_count():
         torch.set_num_threads(threads)
     assert_equal(one[0], many[0], name="indices")
     assert_equal(one[1], many[1], name="scores (bitwise)")
+    full = torch.ops.mplus.retrieve_topk(q, k1, k2, 4_001 + 999)[1]  # every key's score, by index
+    assert_equal(full[4_001 + 500], full[17], name="a repeated key's score (bitwise)")
+    assert_equal(full[4_001 + 998], full[4_000], name="a repeated key's score (bitwise)")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,12 @@
 //    computes dot products with fp32 FMAs, a vectorised sigmoid and per-key lane sums in a fixed order, so the result
 //    does not depend on the thread count and identical keys get bit-identical scores. Extra memory: the [S] fp32
 //    score buffer, the packed queries (T·ds fp32) and per-thread buffers of a few tens of KiB.
-//    bf16 inputs are widened to fp32 (exact) and use the same fp32 FMA kernel: on the AVX-512 Xeon this was tuned on,
-//    `vdpbf16ps` retires at about a quarter of the rate of `vfmadd231ps`, i.e. half the flops per cycle (measured:
-//    72 vs 141 GFLOP/s per core with the same tiling), so the bf16 dot-product instruction would be the slower choice.
+//    bf16 inputs: at the avx512_bf16 level, the micro-kernel multiplies bf16 pairs with `vdpbf16ps` (the queries
+//    packed as pairs of dims per 32-bit lane, the keys used as they are, fp32 sums): on a Zen 4 core the instruction
+//    does twice the flops of `vfmadd231ps` (measured at T 2048, S 153,600, ds 256, 2 threads: 384 vs 206 GFLOP/s,
+//    the same top-K, scores within 1.2e-7). On the AVX-512 + AMX Xeon this was first tuned on it retired at a quarter
+//    of the FMA's rate, half the flops (72 vs 141 GFLOP/s per core with the same tiling), so the amx level (Intel's
+//    cores) widens bf16 to fp32 (exact) and runs the fp32 FMA kernel, as every level below avx512_bf16 does.
 //    Tile shapes per level (retrieval_impl.h has the measurements): AVX-512 NV 1 x MR 24 for T <= 16 and
 //    NV 2 x MR 14 otherwise (of 32 zmm); AVX2 and the SSE2 baseline (16 registers) NV 1 x MR 12 for T <= one vector,
 //    NV 2 x MR 6 otherwise.
@@ -42,13 +45,14 @@ namespace mplus {
 MPLUS_DECLARE_RETRIEVAL(baseline)
 MPLUS_DECLARE_RETRIEVAL(avx2)
 MPLUS_DECLARE_RETRIEVAL(avx512)
+MPLUS_DECLARE_RETRIEVAL(avx512_bf16)
 #undef MPLUS_DECLARE_RETRIEVAL
 
 namespace {
 
 using at::Tensor;
 
-const IsaTable<void (*)(const retr::Problem&)> kRetrieval = MPLUS_ISA_TABLE_AVX512(retrieval_scores);
+const IsaTable<void (*)(const retr::Problem&)> kRetrieval = MPLUS_ISA_TABLE_BF16(retrieval_scores);
 
 // Order-preserving map float -> u32: a > b (as floats, -0 < +0, NaN above +inf or below -inf by sign)
 // iff code(a) > code(b). Lets the selection compare integers only: a strict total order, no NaN surprises.

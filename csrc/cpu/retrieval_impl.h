@@ -5,6 +5,9 @@
 // * Queries are converted to fp32 and packed once into blocks of NV vectors of kLanes query lanes,
 //   [n_blocks][ds][NV * kLanes]: lane l of block b is query b * NV * kLanes + l (zero beyond T, masked out of the
 //   sums).
+// * At the avx512_bf16 level bf16 inputs skip the widening: queries are packed as pairs of dims (one 32-bit lane per
+//   query and pair), keys copied as they are, and the micro-kernel runs vdpbf16ps (micro_tile_bf16; retrieval.cpp
+//   says why not at the amx level).
 // * Threads take units of ~kUnitKeysTarget keys (whole tiles) from an atomic counter (dynamic scheduling: a busy
 //   neighbour on one core does not stall the others) and convert the unit's keys to fp32 into a small local buffer
 //   (any row stride). (Tiles transposed to [ds][MR], which saves the kernel an integer register per key row, were
@@ -62,8 +65,21 @@ inline vf sigmoid(vf x) {
   return 1.f / (exp2_in_range(z) + 1.f);
 }
 
-// sums[(r * NV + v) * kLanes + l] += sigmoid(K[r] . Q[v * kLanes + l]) over one query block, lanes >= real[v]
-// (padded queries) left out. q: [ds][NV * kLanes] packed block; kb: MR key rows of ds fp32, ds apart.
+// sums[(r * NV + v) * kLanes + l] += sigmoid(acc[r][v] lane l), lanes >= real[v] (padded queries) left out.
+template <int NV, int MR>
+inline void add_sigmoids(vf (&acc)[MR][NV], float* __restrict sums, const int* real) {
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* dst = sums + (r * NV + v) * kLanes;
+      store(dst, load(dst) + keep_first(sigmoid(acc[r][v]), real[v]));
+    }
+  }
+}
+
+// sums[(r * NV + v) * kLanes + l] += sigmoid(K[r] . Q[v * kLanes + l]) over one query block. q: [ds][NV * kLanes]
+// packed block; kb: MR key rows of ds fp32, ds apart.
 template <int NV, int MR>
 void micro_tile(const float* __restrict q, const float* __restrict kb, int64_t ds, float* __restrict sums,
                 const int* real) {
@@ -84,22 +100,42 @@ void micro_tile(const float* __restrict q, const float* __restrict kb, int64_t d
       for (int v = 0; v < NV; ++v) acc[r][v] += a[v] * b;
     }
   }
+  add_sigmoids<NV, MR>(acc, sums, real);
+}
+
+#if MPLUS_ISA_LEVEL == 3
+// The same for bf16 queries and keys on vdpbf16ps: q: [depth][NV * kLanes] packed block of pairs (q[2i], q[2i+1]) of
+// each query, one 32-bit lane each; kb: MR key rows of `depth` such pairs. One instruction per (key, query vector,
+// pair of dims): the two products of a pair are exact (bf16 x bf16 fits fp32) and added into the fp32 sum.
+template <int NV, int MR>
+void micro_tile_bf16(const float* __restrict q, const float* __restrict kb, int64_t depth, float* __restrict sums,
+                     const int* real) {
+  __m512 acc[MR][NV];
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      float* dst = sums + (r * NV + v) * kLanes;
-      store(dst, load(dst) + keep_first(sigmoid(acc[r][v]), real[v]));
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < depth; ++d) {
+    __m512bh a[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[v] = reinterpret_cast<__m512bh>(_mm512_load_ps(q + (d * NV + v) * kLanes));
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_ps(kb[r * depth + d]));  // the pair, 16 times
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a[v], b);
     }
   }
+  vf out[MR][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) out[r][v] = reinterpret_cast<vf>(acc[r][v]);
+  }
+  add_sigmoids<NV, MR>(out, sums, real);
 }
-
-// Micro-tiles for 1..MR keys (the last tile of a range may be short): entry m - 1 has m keys.
-using TileFn = void (*)(const float*, const float*, int64_t, float*, const int*);
-template <int NV, int... I>
-constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
-  return {&micro_tile<NV, I + 1>...};
-}
+#endif
 
 // n elements of `dtype` -> fp32 (exact for bf16 and fp16).
 void row_to_float(const void* src, c10::ScalarType dtype, int64_t n, float* dst) {
@@ -112,32 +148,67 @@ void row_to_float(const void* src, c10::ScalarType dtype, int64_t n, float* dst)
   }
 }
 
+// The operands of a kernel: `depth` 32-bit elements per query or key row (packed queries [depth][block lanes], key
+// rows `depth` apart), what `row` writes from a row of ds input elements, and the micro-tiles.
+// Fp32Operands: each element widened to fp32 (every dtype, every level).
+struct Fp32Operands {
+  static int64_t depth(int64_t ds) { return ds; }
+  static void row(const void* src, c10::ScalarType dtype, int64_t ds, float* dst) { row_to_float(src, dtype, ds, dst); }
+  template <int NV, int MR>
+  static void tile(const float* q, const float* kb, int64_t depth, float* sums, const int* real) {
+    micro_tile<NV, MR>(q, kb, depth, sums, real);
+  }
+};
+
+#if MPLUS_ISA_LEVEL == 3
+// Bf16Operands: bf16 rows as they are, a pair of elements per 32-bit lane (the last one zero-padded for an odd ds).
+struct Bf16Operands {
+  static int64_t depth(int64_t ds) { return (ds + 1) / 2; }
+  static void row(const void* src, c10::ScalarType, int64_t ds, float* dst) {
+    auto* out = reinterpret_cast<uint16_t*>(dst);
+    std::memcpy(out, src, ds * sizeof(uint16_t));
+    if (ds % 2 != 0) out[ds] = 0;
+  }
+  template <int NV, int MR>
+  static void tile(const float* q, const float* kb, int64_t depth, float* sums, const int* real) {
+    micro_tile_bf16<NV, MR>(q, kb, depth, sums, real);
+  }
+};
+#endif
+
+// Micro-tiles for 1..MR keys (the last tile of a range may be short): entry m - 1 has m keys.
+using TileFn = void (*)(const float*, const float*, int64_t, float*, const int*);
+template <typename Ops, int NV, int... I>
+constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
+  return {&Ops::template tile<NV, I + 1>...};
+}
+
 int64_t element_size(c10::ScalarType dtype) { return dtype == c10::ScalarType::Float ? 4 : 2; }
 
-// All scores, with micro-tiles of NV query vectors by MR keys.
-template <int NV, int MR>
+// All scores, with micro-tiles of NV query vectors by MR keys on the operands of Ops.
+template <typename Ops, int NV, int MR>
 void score_all(const Problem& P) {
   constexpr int64_t kBlock = NV * kLanes;  // queries per packed block
-  const int64_t T = P.T, ds = P.ds;
+  const int64_t T = P.T, ds = P.ds, depth = Ops::depth(ds);
   const int64_t esize = element_size(P.dtype);
   const int64_t n_blocks = (T + kBlock - 1) / kBlock;
 
-  // Queries packed once, fp32 [n_blocks][ds][kBlock] (zero beyond T).
-  Scratch packed(n_blocks * ds * kBlock);
+  // Queries packed once, [n_blocks][depth][kBlock] (zero beyond T).
+  Scratch packed(n_blocks * depth * kBlock);
   float* qp = packed.p;
   const char* q_base = static_cast<const char*>(P.queries);
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     Scratch row(ds);
     for (int64_t b = b0; b < b1; ++b) {
-      float* blk = qp + b * ds * kBlock;
+      float* blk = qp + b * depth * kBlock;
       for (int64_t l = 0; l < kBlock; ++l) {
         const int64_t t = b * kBlock + l;
         if (t < T) {
-          row_to_float(q_base + t * P.q_stride * esize, P.dtype, ds, row.p);
+          Ops::row(q_base + t * P.q_stride * esize, P.dtype, ds, row.p);
         } else {
-          std::fill(row.p, row.p + ds, 0.f);
+          std::fill(row.p, row.p + depth, 0.f);  // 0.f: the bits of a zero pair too
         }
-        for (int64_t d = 0; d < ds; ++d) blk[d * kBlock + l] = row.p[d];
+        for (int64_t d = 0; d < depth; ++d) blk[d * kBlock + l] = row.p[d];
       }
     }
   });
@@ -148,7 +219,7 @@ void score_all(const Problem& P) {
     last_real[v] = static_cast<int>(std::clamp<int64_t>(T - (n_blocks - 1) * kBlock - v * kLanes, 0, kLanes));
   }
   // ds = 0 is allowed (every q . k = 0, score 0.5): guard the division.
-  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, ds * kBlock * 4));
+  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, depth * kBlock * 4));
 
   constexpr int64_t kUnitKeys = (kUnitKeysTarget + MR - 1) / MR * MR;
   std::array<int64_t, retr::kMaxRanges + 1> unit_start{};
@@ -156,13 +227,13 @@ void score_all(const Problem& P) {
     unit_start[r + 1] = unit_start[r] + (P.ranges[r].rows + kUnitKeys - 1) / kUnitKeys;
   }
   const int64_t n_units = unit_start[P.num_ranges];
-  static constexpr auto tiles = tile_table<NV>(std::make_integer_sequence<int, MR>{});
+  static constexpr auto tiles = tile_table<Ops, NV>(std::make_integer_sequence<int, MR>{});
   const float t_count = static_cast<float>(T);
 
   std::atomic<int64_t> next_unit{0};
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_units, 1));
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
-    Scratch keybuf(kUnitKeys * ds);  // [kUnitKeys][ds]
+    Scratch keybuf(kUnitKeys * depth);  // [kUnitKeys][depth]
     Scratch sums(kUnitKeys * kBlock);
     for (int64_t u = next_unit.fetch_add(1); u < n_units; u = next_unit.fetch_add(1)) {
       int r = 0;
@@ -172,7 +243,7 @@ void score_all(const Problem& P) {
       const int64_t count = std::min(kUnitKeys, range.rows - first);
       const char* k_base = static_cast<const char*>(range.data);
       for (int64_t i = 0; i < count; ++i) {
-        row_to_float(k_base + (first + i) * range.stride * esize, P.dtype, ds, keybuf.p + i * ds);
+        Ops::row(k_base + (first + i) * range.stride * esize, P.dtype, ds, keybuf.p + i * depth);
       }
       std::fill(sums.p, sums.p + count * kBlock, 0.f);
       // Query chunks outermost so a chunk stays in L2 while every key tile of the unit visits it; each key still
@@ -182,7 +253,7 @@ void score_all(const Problem& P) {
         for (int64_t k0 = 0; k0 < count; k0 += MR) {
           const TileFn tile = tiles[std::min<int64_t>(MR, count - k0) - 1];
           for (int64_t b = c0; b < c1; ++b) {
-            tile(qp + b * ds * kBlock, keybuf.p + k0 * ds, ds, sums.p + k0 * kBlock,
+            tile(qp + b * depth * kBlock, keybuf.p + k0 * depth, depth, sums.p + k0 * kBlock,
                  b == n_blocks - 1 ? last_real : full_real);
           }
         }
@@ -199,15 +270,23 @@ void score_all(const Problem& P) {
   });
 }
 
+template <typename Ops>
+void score_all_tiles(const Problem& P) {
+  if (P.T <= kSmall.nv * kLanes) {
+    score_all<Ops, kSmall.nv, kSmall.mr>(P);
+  } else {
+    score_all<Ops, kLarge.nv, kLarge.mr>(P);
+  }
+}
+
 }  // namespace
 
 void retrieval_scores(const Problem& P) {
   if (P.num_ranges == 0) return;
-  if (P.T <= kSmall.nv * kLanes) {
-    score_all<kSmall.nv, kSmall.mr>(P);
-  } else {
-    score_all<kLarge.nv, kLarge.mr>(P);
-  }
+#if MPLUS_ISA_LEVEL == 3
+  if (P.dtype == c10::ScalarType::BFloat16) return score_all_tiles<Bf16Operands>(P);
+#endif
+  score_all_tiles<Fp32Operands>(P);
 }
 
 }  // namespace MPLUS_ISA
