@@ -39,6 +39,7 @@ SHAPES = [
     (2, 1, 60, 256),
     (1, 40, 1, 256),
     (2, 9, 21, 40),
+    (2, 19, 41, 33),  # odd ds: a tail of every vector loop, and a zero-padded last pair of the vdpbf16ps dots
     (2, 3, 0, 16),
 ]
 # the Triton interpreter is slow: smaller shapes, and TINY tiles so that they still span many blocks and ds slices
@@ -169,8 +170,10 @@ def test_backends_agree_on_the_public_op():
 
 
 # ------------------------------------------------------------------------------------------------ determinism
-def test_cpp_backward_is_deterministic_across_runs_and_thread_counts(cpu_isa):  # noqa: ARG001
-    q, k, g = _inputs((2, 70, 150, 64), torch.float32, seed=5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpp_backward_is_deterministic_across_runs_and_thread_counts(cpu_isa, dtype):  # noqa: ARG001
+    """At every ISA level (bf16 at avx512_bf16: the vdpbf16ps dot products), odd ds (a zero-padded last pair)."""
+    q, k, g = _inputs((2, 70, 150, 63), dtype, seed=5)
     first = torch.ops.mplus.retriever_scores_backward(g, q, k)
     again = torch.ops.mplus.retriever_scores_backward(g, q, k)
     threads = torch.get_num_threads()

@@ -33,6 +33,7 @@ namespace mplus {
 MPLUS_DECLARE_RETRIEVER_SCORES(baseline)
 MPLUS_DECLARE_RETRIEVER_SCORES(avx2)
 MPLUS_DECLARE_RETRIEVER_SCORES(avx512)
+MPLUS_DECLARE_RETRIEVER_SCORES(avx512_bf16)
 #undef MPLUS_DECLARE_RETRIEVER_SCORES
 
 namespace {
@@ -41,8 +42,8 @@ using at::Tensor;
 
 constexpr const char* kForwardOp = "retriever_scores";
 constexpr const char* kBackwardOp = "retriever_scores_backward";
-const IsaTable<void (*)(const rsc::Problem&)> kForward = MPLUS_ISA_TABLE_AVX512(retriever_scores_forward);
-const IsaTable<void (*)(const rsc::Problem&)> kBackward = MPLUS_ISA_TABLE_AVX512(retriever_scores_backward);
+const IsaTable<void (*)(const rsc::Problem&)> kForward = MPLUS_ISA_TABLE_BF16(retriever_scores_forward);
+const IsaTable<void (*)(const rsc::Problem&)> kBackward = MPLUS_ISA_TABLE_BF16(retriever_scores_backward);
 
 // ---------------------------------------------------------------------------------------------------------------------
 // argument checks (ValueError / TypeError naming the argument, its shape and what was expected; before any work)

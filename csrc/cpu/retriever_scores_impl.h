@@ -3,7 +3,8 @@
 //
 // w[l, n] = (1/T) sum_t s(q_t . k_n), s = sigmoid, and its backward with s' = s(1 - s):
 //   dq_t = (1/T) sum_n g_n s'(q_t . k_n) k_n,   dk_n = (g_n/T) sum_t s'(q_t . k_n) q_t.
-// All in fp32 (bf16 / fp16 inputs are widened exactly), and the [L, T, N] matrix never exists: every task recomputes
+// All in fp32 (bf16 / fp16 inputs are widened exactly; at the avx512_bf16 level the dot products of bf16 inputs run
+// on vdpbf16ps instead: exact products, fp32 sums, see Bf16Dots), and the [L, T, N] matrix never exists: every task recomputes
 // the dot products of its tile. Three kinds of task, each writing outputs no other task writes (no atomics):
 //  * forward, one task per (layer, block of kBlock keys): the block is packed transposed, [ds][kBlock], and every
 //    query meets it in a register tile of kDotMR queries x kBlock keys (`dot_tile`); the sigmoids are summed per key
@@ -104,6 +105,40 @@ inline void dot_tile(const float* __restrict a, int64_t lda, const float* __rest
   epi(acc);
 }
 
+#if MPLUS_ISA_LEVEL == 3
+// dot_tile for bf16 operands on vdpbf16ps: a holds MR rows of `depth` pairs of bf16 (one 32-bit element per pair of
+// dims, lda elements apart), b a packed block [depth][kBlock] of pairs. The two products of a pair are exact (bf16 x
+// bf16 fits fp32) and added into the fp32 sums, pairs ascending.
+template <int MR, typename Epi>
+inline void dot_tile_bf16(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t depth,
+                          const Epi& epi) {
+  __m512 acc[MR][kDotNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kDotNV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < depth; ++d) {
+    __m512bh bv[kDotNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kDotNV; ++v) bv[v] = reinterpret_cast<__m512bh>(_mm512_load_ps(b + d * kBlock + v * kLanes));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_ps(a[r * lda + d]));  // the pair, 16 times
+#pragma GCC unroll 4
+      for (int v = 0; v < kDotNV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], bv[v], x);
+    }
+  }
+  vf out[MR][kDotNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kDotNV; ++v) out[r][v] = reinterpret_cast<vf>(acc[r][v]);
+  }
+  epi(out);
+}
+#endif
+
 // c[r * ldc + v * kLanes ..] += sum_{k < K} a[k * AK + r] * b[k * ldb + v * kLanes ..] for r < kProdMR, v < NV: a
 // register tile of C (kProdMR rows of NV vectors) over K rank-1 updates, a read from a buffer whose rows are AK floats
 // apart (D or D^T), b from row-major fp32 rows (Q or K, ldb floats apart). k ascending for every element.
@@ -199,15 +234,73 @@ Rows32 as_fp32(const Input& in, c10::ScalarType dtype, int64_t L, int64_t rows, 
   return out;
 }
 
-// dst [ds][kBlock]: dst[d * kBlock + j] = row (first + j) of layer l of `in`, for j < count; 0 for j >= count.
-// `tmp`: ds floats.
+// The operands of the dot products: `depth` 32-bit elements per row. Fp32Dots: fp32 values (every dtype, every
+// level; bf16 and fp16 widened exactly). Bf16Dots (avx512_bf16 level, bf16 inputs): pairs of bf16 as they are, the
+// last one zero-padded for an odd ds; vdpbf16ps does twice the flops of the fp32 FMAs on a Zen 4 core (retrieval.cpp
+// has the measurements, and why the amx level keeps the FMAs).
+struct Fp32Dots {
+  static int64_t depth(int64_t ds) { return ds; }
+  static void row(const void* src, c10::ScalarType dtype, int64_t ds, float* dst) { row_to_float(src, dtype, ds, dst); }
+  // The [L, n, ds] input as rows of Ops's elements (the input itself where it can be read as it is).
+  static Rows32 rows(const Input& in, c10::ScalarType dtype, int64_t L, int64_t n, int64_t ds) {
+    return as_fp32(in, dtype, L, n, ds, /*whole_vectors=*/false);
+  }
+  template <int MR, typename Epi>
+  static void tile(const float* a, int64_t lda, const float* b, int64_t depth, const Epi& epi) {
+    dot_tile<MR>(a, lda, b, depth, epi);
+  }
+};
+
+#if MPLUS_ISA_LEVEL == 3
+struct Bf16Dots {
+  static int64_t depth(int64_t ds) { return (ds + 1) / 2; }
+  static void row(const void* src, c10::ScalarType, int64_t ds, float* dst) {
+    auto* out = reinterpret_cast<uint16_t*>(dst);
+    std::memcpy(out, src, ds * sizeof(uint16_t));
+    if (ds % 2 != 0) out[ds] = 0;
+  }
+  // A copy of the input as rows of pairs, [L, n, depth], made in parallel.
+  static Rows32 rows(const Input& in, c10::ScalarType dtype, int64_t L, int64_t n, int64_t ds) {
+    Rows32 out;
+    const int64_t depth = Bf16Dots::depth(ds);
+    out.copy = std::make_unique<Scratch>(L * n * depth);
+    float* dst = out.copy->p;
+    at::parallel_for(0, L * n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) row(input_row(in, dtype, i / n, i % n), dtype, ds, dst + i * depth);
+    });
+    out.data = dst;
+    out.layer = n * depth;
+    out.row = depth;
+    return out;
+  }
+  template <int MR, typename Epi>
+  static void tile(const float* a, int64_t lda, const float* b, int64_t depth, const Epi& epi) {
+    dot_tile_bf16<MR>(a, lda, b, depth, epi);
+  }
+};
+#endif
+
+// The rows the dot products of a backward pass read: its fp32 rows `f32` themselves (a view), or Ops's own copy.
+template <typename Ops>
+Rows32 dot_rows(const Input& in, c10::ScalarType dtype, int64_t L, int64_t n, int64_t ds, const Rows32& f32) {
+  if constexpr (std::is_same_v<Ops, Fp32Dots>) {
+    return Rows32{f32.data, f32.layer, f32.row, nullptr};
+  } else {
+    return Ops::rows(in, dtype, L, n, ds);
+  }
+}
+
+// dst [depth][kBlock]: dst[d * kBlock + j] = row (first + j) of layer l of `in` as Ops's elements, for j < count; 0
+// for j >= count. `tmp`: ds floats.
+template <typename Ops>
 void pack_block(const Input& in, c10::ScalarType dtype, int64_t l, int64_t first, int64_t count, int64_t ds,
                 float* dst, float* tmp) {
+  const int64_t depth = Ops::depth(ds);
   for (int64_t j = 0; j < count; ++j) {
-    row_to_float(input_row(in, dtype, l, first + j), dtype, ds, tmp);
-    for (int64_t d = 0; d < ds; ++d) dst[d * kBlock + j] = tmp[d];
+    Ops::row(input_row(in, dtype, l, first + j), dtype, ds, tmp);
+    for (int64_t d = 0; d < depth; ++d) dst[d * kBlock + j] = tmp[d];
   }
-  for (int64_t d = 0; d < ds; ++d) std::fill(dst + d * kBlock + count, dst + (d + 1) * kBlock, 0.f);
+  for (int64_t d = 0; d < depth; ++d) std::fill(dst + d * kBlock + count, dst + (d + 1) * kBlock, 0.f);
 }
 
 // acc[0 .. rows) x [0, nvec) vectors += A . B over K rows of B, as product tiles: `a` (AK floats per k) holds the
@@ -227,22 +320,23 @@ void product(const float* a, int64_t rows, const float* b, int64_t ldb, int64_t 
 // ---------------------------------------------------------------------------------------------------------------
 // The three kinds of task
 // ---------------------------------------------------------------------------------------------------------------
+template <typename Ops>
 void forward(const Problem& P) {
-  const int64_t T = P.T, N = P.N, ds = P.ds;
-  const Rows32 q = as_fp32(P.q, P.dtype, P.L, T, ds, /*whole_vectors=*/false);
+  const int64_t T = P.T, N = P.N, ds = P.ds, depth = Ops::depth(ds);
+  const Rows32 q = Ops::rows(P.q, P.dtype, P.L, T, ds);
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   const float t_count = static_cast<float>(T);
   at::parallel_for(0, P.L * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch kt(ds * kBlock), tmp(ds);
+    Scratch kt(depth * kBlock), tmp(ds);
     alignas(64) float sums[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t l = task / blocks, n0 = task % blocks * kBlock, count = std::min(kBlock, N - n0);
-      pack_block(P.k, P.dtype, l, n0, count, ds, kt.p, tmp.p);
+      pack_block<Ops>(P.k, P.dtype, l, n0, count, ds, kt.p, tmp.p);
       vf sum[kDotNV] = {};
       for (int64_t t0 = 0; t0 < T; t0 += kDotMR) {
         with_count<kDotMR>(std::min<int64_t>(kDotMR, T - t0), [&](auto mr) {
           constexpr int MR = decltype(mr)::value;
-          dot_tile<MR>(q.at(l, t0), q.row, kt.p, ds, [&](const vf (&acc)[MR][kDotNV]) {
+          Ops::template tile<MR>(q.at(l, t0), q.row, kt.p, depth, [&](const vf (&acc)[MR][kDotNV]) {
 #pragma GCC unroll 16
             for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
@@ -259,18 +353,20 @@ void forward(const Problem& P) {
 }
 
 // Pass (a): dk, per (layer, block of kBlock keys).
+template <typename Ops>
 void key_grads(const Problem& P) {
-  const int64_t T = P.T, N = P.N, ds = P.ds;
+  const int64_t T = P.T, N = P.N, ds = P.ds, depth = Ops::depth(ds);
   const int64_t nvec = (ds + kLanes - 1) / kLanes, dsp = nvec * kLanes;
   const Rows32 q = as_fp32(P.q, P.dtype, P.L, T, ds, /*whole_vectors=*/true);
+  const Rows32 qd = dot_rows<Ops>(P.q, P.dtype, P.L, T, ds, q);
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   const float t_count = static_cast<float>(T);
   at::parallel_for(0, P.L * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch kt(ds * kBlock), tmp(dsp), dbuf(kChunk * kBlock), acc(kBlock * dsp);
+    Scratch kt(depth * kBlock), tmp(dsp), dbuf(kChunk * kBlock), acc(kBlock * dsp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t l = task / blocks, n0 = task % blocks * kBlock, count = std::min(kBlock, N - n0);
       const int64_t rows = (count + kProdMR - 1) / kProdMR * kProdMR;  // product rows: the real keys, whole tiles
-      pack_block(P.k, P.dtype, l, n0, count, ds, kt.p, tmp.p);
+      pack_block<Ops>(P.k, P.dtype, l, n0, count, ds, kt.p, tmp.p);
       std::fill(acc.p, acc.p + kBlock * dsp, 0.f);
       for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
         const int64_t tc = std::min(kChunk, T - t0);
@@ -278,7 +374,7 @@ void key_grads(const Problem& P) {
         for (int64_t r0 = 0; r0 < tc; r0 += kDotMR) {
           with_count<kDotMR>(std::min<int64_t>(kDotMR, tc - r0), [&](auto mr) {
             constexpr int MR = decltype(mr)::value;
-            dot_tile<MR>(q.at(l, t0 + r0), q.row, kt.p, ds, [&](const vf (&a)[MR][kDotNV]) {
+            Ops::template tile<MR>(qd.at(l, t0 + r0), qd.row, kt.p, depth, [&](const vf (&a)[MR][kDotNV]) {
 #pragma GCC unroll 16
               for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
@@ -301,18 +397,20 @@ void key_grads(const Problem& P) {
 }
 
 // Pass (b): dq, per (layer, block of kBlock queries).
+template <typename Ops>
 void query_grads(const Problem& P) {
-  const int64_t T = P.T, N = P.N, ds = P.ds;
+  const int64_t T = P.T, N = P.N, ds = P.ds, depth = Ops::depth(ds);
   const int64_t nvec = (ds + kLanes - 1) / kLanes, dsp = nvec * kLanes;
   const Rows32 k = as_fp32(P.k, P.dtype, P.L, N, ds, /*whole_vectors=*/true);
+  const Rows32 kd = dot_rows<Ops>(P.k, P.dtype, P.L, N, ds, k);
   const int64_t blocks = (T + kBlock - 1) / kBlock;
   const float t_count = static_cast<float>(T);
   at::parallel_for(0, P.L * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch qt(ds * kBlock), tmp(dsp), dbuf(kChunk * kBlock), acc(kBlock * dsp);
+    Scratch qt(depth * kBlock), tmp(dsp), dbuf(kChunk * kBlock), acc(kBlock * dsp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t l = task / blocks, t0 = task % blocks * kBlock, count = std::min(kBlock, T - t0);
       const int64_t rows = (count + kProdMR - 1) / kProdMR * kProdMR;
-      pack_block(P.q, P.dtype, l, t0, count, ds, qt.p, tmp.p);
+      pack_block<Ops>(P.q, P.dtype, l, t0, count, ds, qt.p, tmp.p);
       std::fill(acc.p, acc.p + kBlock * dsp, 0.f);
       const float* g = P.grad + l * N;
       for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
@@ -321,7 +419,7 @@ void query_grads(const Problem& P) {
         for (int64_t r0 = 0; r0 < nc; r0 += kDotMR) {
           with_count<kDotMR>(std::min<int64_t>(kDotMR, nc - r0), [&](auto mr) {
             constexpr int MR = decltype(mr)::value;
-            dot_tile<MR>(k.at(l, n0 + r0), k.row, qt.p, ds, [&](const vf (&a)[MR][kDotNV]) {
+            Ops::template tile<MR>(kd.at(l, n0 + r0), kd.row, qt.p, depth, [&](const vf (&a)[MR][kDotNV]) {
 #pragma GCC unroll 16
               for (int r = 0; r < MR; ++r) {
                 const vf gn = splat(g[n0 + r0 + r]);
@@ -347,11 +445,24 @@ void query_grads(const Problem& P) {
 
 }  // namespace
 
-void retriever_scores_forward(const Problem& P) { forward(P); }
+// bf16 inputs take the vdpbf16ps dot products at the avx512_bf16 level (Bf16Dots), every other case the fp32 ones.
+void retriever_scores_forward(const Problem& P) {
+#if MPLUS_ISA_LEVEL == 3
+  if (P.dtype == c10::ScalarType::BFloat16) return forward<Bf16Dots>(P);
+#endif
+  forward<Fp32Dots>(P);
+}
 
 void retriever_scores_backward(const Problem& P) {
-  key_grads(P);
-  query_grads(P);
+#if MPLUS_ISA_LEVEL == 3
+  if (P.dtype == c10::ScalarType::BFloat16) {
+    key_grads<Bf16Dots>(P);
+    query_grads<Bf16Dots>(P);
+    return;
+  }
+#endif
+  key_grads<Fp32Dots>(P);
+  query_grads<Fp32Dots>(P);
 }
 
 }  // namespace MPLUS_ISA
