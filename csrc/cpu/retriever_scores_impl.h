@@ -4,8 +4,8 @@
 // w[l, n] = (1/T) sum_t s(q_t . k_n), s = sigmoid, and its backward with s' = s(1 - s):
 //   dq_t = (1/T) sum_n g_n s'(q_t . k_n) k_n,   dk_n = (g_n/T) sum_t s'(q_t . k_n) q_t.
 // All in fp32 (bf16 / fp16 inputs are widened exactly; at the avx512_bf16 level the dot products of bf16 inputs run
-// on vdpbf16ps instead: exact products, fp32 sums, see Bf16Dots), and the [L, T, N] matrix never exists: every task recomputes
-// the dot products of its tile. Three kinds of task, each writing outputs no other task writes (no atomics):
+// on vdpbf16ps instead: exact products, fp32 sums, see Bf16Dots), and the [L, T, N] matrix never exists: every task
+// recomputes the dot products of its tile. Three kinds of task, each writing outputs no other task writes (no atomics):
 //  * forward, one task per (layer, block of kBlock keys): the block is packed transposed, [ds][kBlock], and every
 //    query meets it in a register tile of kDotMR queries x kBlock keys (`dot_tile`); the sigmoids are summed per key
 //    in ascending query order.
