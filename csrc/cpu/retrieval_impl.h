@@ -31,6 +31,9 @@ namespace {
 using ::mplus::retr::KeyRange;
 using ::mplus::retr::Problem;
 #include "vec.h"
+#if MPLUS_ISA_LEVEL == 3
+#include "bf16_pairs.h"
+#endif
 
 constexpr int64_t kChunkBytes = 256 << 10;  // packed queries visited per pass over a unit (stays in L2)
 constexpr int64_t kUnitKeysTarget = 48;     // keys per work unit handed to a thread (rounded up to whole tiles)
@@ -104,36 +107,14 @@ void micro_tile(const float* __restrict q, const float* __restrict kb, int64_t d
 }
 
 #if MPLUS_ISA_LEVEL == 3
-// The same for bf16 queries and keys on vdpbf16ps: q: [depth][NV * kLanes] packed block of pairs (q[2i], q[2i+1]) of
-// each query, one 32-bit lane each; kb: MR key rows of `depth` such pairs. One instruction per (key, query vector,
-// pair of dims): the two products of a pair are exact (bf16 x bf16 fits fp32) and added into the fp32 sum.
+// The same for bf16 queries and keys on vdpbf16ps (bf16_pairs.h): q: [depth][NV * kLanes] packed block of pairs;
+// kb: MR key rows of `depth` pairs.
 template <int NV, int MR>
 void micro_tile_bf16(const float* __restrict q, const float* __restrict kb, int64_t depth, float* __restrict sums,
                      const int* real) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  for (int64_t d = 0; d < depth; ++d) {
-    __m512bh a[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) a[v] = reinterpret_cast<__m512bh>(_mm512_load_ps(q + (d * NV + v) * kLanes));
-#pragma GCC unroll 32
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_ps(kb[r * depth + d]));  // the pair, 16 times
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a[v], b);
-    }
-  }
-  vf out[MR][NV];
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) out[r][v] = reinterpret_cast<vf>(acc[r][v]);
-  }
-  add_sigmoids<NV, MR>(out, sums, real);
+  vf acc[MR][NV];
+  dot_pairs<MR, NV>(q, NV * kLanes, kb, depth, depth, acc);
+  add_sigmoids<NV, MR>(acc, sums, real);
 }
 #endif
 
@@ -163,12 +144,8 @@ struct Fp32Operands {
 #if MPLUS_ISA_LEVEL == 3
 // Bf16Operands: bf16 rows as they are, a pair of elements per 32-bit lane (the last one zero-padded for an odd ds).
 struct Bf16Operands {
-  static int64_t depth(int64_t ds) { return (ds + 1) / 2; }
-  static void row(const void* src, c10::ScalarType, int64_t ds, float* dst) {
-    auto* out = reinterpret_cast<uint16_t*>(dst);
-    std::memcpy(out, src, ds * sizeof(uint16_t));
-    if (ds % 2 != 0) out[ds] = 0;
-  }
+  static int64_t depth(int64_t ds) { return pairs_depth(ds); }
+  static void row(const void* src, c10::ScalarType, int64_t ds, float* dst) { copy_pairs(src, ds, dst); }
   template <int NV, int MR>
   static void tile(const float* q, const float* kb, int64_t depth, float* sums, const int* real) {
     micro_tile_bf16<NV, MR>(q, kb, depth, sums, real);

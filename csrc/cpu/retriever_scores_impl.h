@@ -29,6 +29,9 @@ namespace {
 using ::mplus::rsc::Input;
 using ::mplus::rsc::Problem;
 #include "vec.h"
+#if MPLUS_ISA_LEVEL == 3
+#include "bf16_pairs.h"
+#endif
 
 // Tile shapes of the level. dot_tile: kDotMR rows x kDotNV vectors of accumulators, + kDotNV loaded vectors + one
 // broadcast (+ one product on the baseline, which has no FMA): the retrieval kernel's measured shapes
@@ -106,36 +109,14 @@ inline void dot_tile(const float* __restrict a, int64_t lda, const float* __rest
 }
 
 #if MPLUS_ISA_LEVEL == 3
-// dot_tile for bf16 operands on vdpbf16ps: a holds MR rows of `depth` pairs of bf16 (one 32-bit element per pair of
-// dims, lda elements apart), b a packed block [depth][kBlock] of pairs. The two products of a pair are exact (bf16 x
-// bf16 fits fp32) and added into the fp32 sums, pairs ascending.
+// dot_tile for bf16 operands on vdpbf16ps (bf16_pairs.h): a holds MR rows of `depth` pairs (lda elements apart), b a
+// packed block [depth][kBlock] of pairs.
 template <int MR, typename Epi>
 inline void dot_tile_bf16(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t depth,
                           const Epi& epi) {
-  __m512 acc[MR][kDotNV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < kDotNV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  for (int64_t d = 0; d < depth; ++d) {
-    __m512bh bv[kDotNV];
-#pragma GCC unroll 4
-    for (int v = 0; v < kDotNV; ++v) bv[v] = reinterpret_cast<__m512bh>(_mm512_load_ps(b + d * kBlock + v * kLanes));
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_ps(a[r * lda + d]));  // the pair, 16 times
-#pragma GCC unroll 4
-      for (int v = 0; v < kDotNV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], bv[v], x);
-    }
-  }
-  vf out[MR][kDotNV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < kDotNV; ++v) out[r][v] = reinterpret_cast<vf>(acc[r][v]);
-  }
-  epi(out);
+  vf acc[MR][kDotNV];
+  dot_pairs<MR, kDotNV>(b, kBlock, a, lda, depth, acc);
+  epi(acc);
 }
 #endif
 
@@ -253,16 +234,12 @@ struct Fp32Dots {
 
 #if MPLUS_ISA_LEVEL == 3
 struct Bf16Dots {
-  static int64_t depth(int64_t ds) { return (ds + 1) / 2; }
-  static void row(const void* src, c10::ScalarType, int64_t ds, float* dst) {
-    auto* out = reinterpret_cast<uint16_t*>(dst);
-    std::memcpy(out, src, ds * sizeof(uint16_t));
-    if (ds % 2 != 0) out[ds] = 0;
-  }
+  static int64_t depth(int64_t ds) { return pairs_depth(ds); }
+  static void row(const void* src, c10::ScalarType, int64_t ds, float* dst) { copy_pairs(src, ds, dst); }
   // A copy of the input as rows of pairs, [L, n, depth], made in parallel.
   static Rows32 rows(const Input& in, c10::ScalarType dtype, int64_t L, int64_t n, int64_t ds) {
     Rows32 out;
-    const int64_t depth = Bf16Dots::depth(ds);
+    const int64_t depth = pairs_depth(ds);
     out.copy = std::make_unique<Scratch>(L * n * depth);
     float* dst = out.copy->p;
     at::parallel_for(0, L * n, 64, [&](int64_t begin, int64_t end) {
