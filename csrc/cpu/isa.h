@@ -59,31 +59,21 @@ struct IsaTable {
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define MPLUS_ISA_X86 1
-// A family compiled at every level.
-#define MPLUS_ISA_TABLE(name)                                                                                \
+// The table of a family whose avx512_bf16 and amx entries are the kernels of levels `bf16` and `amx`.
+#define MPLUS_ISA_TABLE_OF(name, bf16, amx)                                                                  \
   {                                                                                                          \
     {                                                                                                        \
-      &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name, &::mplus::avx512_bf16::name, \
+      &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name, &::mplus::bf16::name,        \
           &::mplus::amx::name                                                                                \
     }                                                                                                        \
   }
+// A family compiled at every level.
+#define MPLUS_ISA_TABLE(name) MPLUS_ISA_TABLE_OF(name, avx512_bf16, amx)
 // A family with no bf16 / AMX kernels yet: the two top levels run its avx512 kernels.
-#define MPLUS_ISA_TABLE_AVX512(name)                                                                    \
-  {                                                                                                     \
-    {                                                                                                   \
-      &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name, &::mplus::avx512::name, \
-          &::mplus::avx512::name                                                                        \
-    }                                                                                                   \
-  }
+#define MPLUS_ISA_TABLE_AVX512(name) MPLUS_ISA_TABLE_OF(name, avx512, avx512)
 // A family with vdpbf16ps kernels (avx512_bf16) and no AMX ones: the amx level runs its avx512 kernels, not the
 // vdpbf16ps ones (on the AMX Xeon this project measured, vdpbf16ps gave half the flops of the fp32 FMAs).
-#define MPLUS_ISA_TABLE_BF16(name)                                                                           \
-  {                                                                                                          \
-    {                                                                                                        \
-      &::mplus::baseline::name, &::mplus::avx2::name, &::mplus::avx512::name, &::mplus::avx512_bf16::name, \
-          &::mplus::avx512::name                                                                             \
-    }                                                                                                        \
-  }
+#define MPLUS_ISA_TABLE_BF16(name) MPLUS_ISA_TABLE_OF(name, avx512_bf16, avx512)
 #else
 #define MPLUS_ISA_X86 0
 #define MPLUS_ISA_TABLE(name) \
