@@ -48,12 +48,12 @@ class BackwardBf16Task {
   static_assert(kRows % kGemmK == 0 && kLanes == 16, "chunk rows are K of dV/dK and 16-lane vectors");
 
   static int64_t scratch_size(const BackwardProblem& P) {
-    const int64_t rp = rows_padded(std::min(P.G * P.Tq, kMaxRows)), dp = ceil_div(P.D, kGemmK) * kGemmK;
-    return rp * dp                           // QT2: [Q ; Q]ᵀ, pairs of dims, bf16 [dp][rp][2]
-           + rp * dp / 2                     // OT: dOᵀ, pairs of dims, bf16 [dp / 2][rp][2]
+    const int64_t rp = ceil_div(std::min(P.G * P.Tq, kMaxRows), kRows) * kRows, dp = ceil_div(P.D, kGemmK) * kGemmK;
+    return rp * dp                           // QT2: [Q ; Q]ᵀ per chunk, pairs of dims, bf16 [chunk][dp][kRows][2]
+           + rp * dp / 2                     // OT: dOᵀ per chunk, pairs of dims, bf16 [chunk][dp / 2][kRows][2]
            + rp * dp                         // Qv, Ov: Q and dO, pairs of rows, bf16 [rp / 2][dp][2]
            + rp * dp / 2                     // rows16: Q or dO rows in bf16 (the packing's source)
-           + rp * dp                         // dQT fp32 [dp][rp]
+           + rp * dp                         // dQT: dQᵀ per chunk, fp32 [chunk][dp][kRows]
            + 2 * rp                          // lse2, cf
            + kKeyBlock * dp                  // K2 bf16 [keys][2 dp] (hi | lo)
            + kKeyBlock * dp / 2              // V16 bf16 [keys][dp]
@@ -67,7 +67,7 @@ class BackwardBf16Task {
   explicit BackwardBf16Task(const BackwardProblem& P)
       : P_(P), ws_(scratch_size(P)), R_(P.G * P.Tq), D_(P.D), dp_(ceil_div(P.D, kGemmK) * kGemmK),
         nmem_(ceil_div(P.M, kKeyBlock)), lim_(kRows) {
-    const int64_t rp = rows_padded(std::min(R_, kMaxRows));
+    const int64_t rp = ceil_div(std::min(R_, kMaxRows), kRows) * kRows;
     float* p = ws_.p;
     auto take = [&p](int64_t floats) { float* r = p; p += ceil_div(floats, 16) * 16; return r; };
     auto take16 = [&take](int64_t n) { return reinterpret_cast<bf16_t*>(take(ceil_div(n, 2))); };
@@ -108,7 +108,8 @@ class BackwardBf16Task {
       for (int64_t r = rb_; r < re_; ++r) {
         const int64_t t = r / P_.G, hq = h_ * P_.G + r % P_.G, l = r - rb_;
         float* dst = dq_out + ((b_ * P_.Tq + t) * P_.Hq + hq) * D_;
-        for (int64_t d = 0; d < D_; ++d) dst[d] = dQT_[d * rp_ + l];
+        const float* src = dQT_ + l / kRows * dp_ * kRows + l % kRows;
+        for (int64_t d = 0; d < D_; ++d) dst[d] = src[d * kRows];
       }
     }
     gemm_bf16_release();
@@ -144,10 +145,12 @@ class BackwardBf16Task {
 
   // The pass's rows [rb_, re_): their constants, and Q, dO in bf16 in the layouts the products read: QT2 (B of Sᵀ:
   // word (i, r) the dims (2i, 2i + 1) of row r, the dp / 2 words twice, for the [hi | lo] keys), OT (B of dPᵀ), Qv
-  // and Ov (B of dK, dV: pairs of rows). The padding rows up to rp_ are zeros, with lse +inf (p = 0).
+  // and Ov (B of dK, dV: pairs of rows). The padding rows up to rp_ are zeros, with lse +inf (p = 0). QT2, OT and
+  // dQT are stored chunk by chunk (kRows columns a row): with the pass's rows as columns, the products' B rows and C
+  // rows would lie 4 KiB apart at 1,024 rows, in the same few L1 sets (the kernel ran 1.12x slower so).
   void start_rows() {
     const int64_t rows = re_ - rb_, words = dp_ / 2;
-    rp_ = rows_padded(rows);
+    rp_ = ceil_div(rows, kRows) * kRows;
     for (int64_t l = 0; l < rp_; ++l) {
       const int64_t r = rb_ + l, t = r / P_.G, hq = h_ * P_.G + r % P_.G;
       const int64_t i = (b_ * P_.Hq + hq) * P_.Tq + t;
@@ -167,9 +170,10 @@ class BackwardBf16Task {
         }
         const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
         uint32_t* T = reinterpret_cast<uint32_t*>(is_q ? QT2_ : OT_);
-        for (int64_t k = 0; k < words; ++k) T[k * rp_ + l] = w[k];
+        T += l / kRows * (is_q ? 2 : 1) * words * kRows + l % kRows;  // the row's chunk, its column
+        for (int64_t k = 0; k < words; ++k) T[k * kRows] = w[k];
         if (is_q)
-          for (int64_t k = 0; k < words; ++k) T[(words + k) * rp_ + l] = w[k];
+          for (int64_t k = 0; k < words; ++k) T[(words + k) * kRows] = w[k];
       }
       bf16_t* pairs = is_q ? Qv_ : Ov_;
       for (int64_t l = 0; l < rp_; l += 2) interleave(rows16_ + l * dp_, rows16_ + (l + 1) * dp_, dp_, pairs + l * dp_);
@@ -250,10 +254,10 @@ class BackwardBf16Task {
         std::copy_n(tmp_, dp_, dv_ + j * dp_);
       }
     }
-    // causal chunk keys: the rows before t_min · G see none of the block; chunks start at a multiple of kGemmK
+    // causal chunk keys: the rows before t_min · G see none of the block; chunks stay on the kRows grid
     const bool masked = !mem && P_.causal;
     const int64_t t_min = masked ? std::clamp<int64_t>(j0 + P_.Tq - kv_end, 0, P_.Tq) : 0;
-    const int64_t rows = re_ - rb_, first = (std::max(rb_, t_min * P_.G) - rb_) / kGemmK * kGemmK;
+    const int64_t rows = re_ - rb_, first = (std::max(rb_, t_min * P_.G) - rb_) / kRows * kRows;
     const int64_t per_chunk =
         ceil_div(static_cast<int64_t>(lines_.size()), std::max<int64_t>(ceil_div(rows - first, kRows), 1));
     for (int64_t r0 = first; r0 < rows; r0 += kRows) {
@@ -277,12 +281,13 @@ class BackwardBf16Task {
   void chunk(int64_t r0, int64_t cols, int64_t n, int64_t kd) {
     const int m = static_cast<int>(n), nc = static_cast<int>(cols), d = static_cast<int>(dp_);
     const int64_t nk = ceil_div(n, kGemmK) * kGemmK;
-    gemm_bf16(m, nc, static_cast<int>(kd), K2_, 2 * dp_, QT2_ + 2 * r0, rp_, ST_, kRows, false);  // Sᵀ = K·Qᵀ
-    gemm_bf16(m, nc, d, V16_, dp_, OT_ + 2 * r0, rp_, dPT_, kRows, false);                         // dPᵀ = V·dOᵀ
+    const bf16_t *qt = QT2_ + r0 * 2 * dp_, *ot = OT_ + r0 * dp_;  // the chunk's [2 dp][kRows] and [dp][kRows]
+    gemm_bf16(m, nc, static_cast<int>(kd), K2_, 2 * dp_, qt, kRows, ST_, kRows, false);  // Sᵀ = K·Qᵀ
+    gemm_bf16(m, nc, d, V16_, dp_, ot, kRows, dPT_, kRows, false);                         // dPᵀ = V·dOᵀ
     scores(r0, cols, n, nk);
     gemm_bf16(m, d, nc, PT16_, kRows, Ov_ + r0 * dp_, dp_, dv_, dp_, true);    // dV += Pᵀ·dO
     gemm_bf16(m, d, nc, dST16_, kRows, Qv_ + r0 * dp_, dp_, dk_, dp_, true);   // dK += dSᵀ·Q
-    gemm_bf16(d, nc, static_cast<int>(nk), KT_, kKeyBlock, dSv_, kRows, dQT_ + r0, rp_, true);  // dQᵀ += Kᵀ·dSᵀ
+    gemm_bf16(d, nc, static_cast<int>(nk), KT_, kKeyBlock, dSv_, kRows, dQT_ + r0 * dp_, kRows, true);  // dQᵀ += Kᵀ·dSᵀ
   }
 
   // Pᵀ and dSᵀ of the chunk from Sᵀ and dPᵀ, a vector of 16 rows at a time; lanes at or past a row's key limit get
