@@ -105,11 +105,18 @@ class BackwardBf16Task {
         list_lines(i + 1 < block_end ? i + 1 : -1);
         key_block(i);
       }
-      for (int64_t r = rb_; r < re_; ++r) {
-        const int64_t t = r / P_.G, hq = h_ * P_.G + r % P_.G, l = r - rb_;
-        float* dst = dq_out + ((b_ * P_.Tq + t) * P_.Hq + hq) * D_;
-        const float* src = dQT_ + l / kRows * dp_ * kRows + l % kRows;
-        for (int64_t d = 0; d < D_; ++d) dst[d] = src[d * kRows];
+      // dQᵀ back to rows, kLanes rows x kLanes dims at a time
+      for (int64_t l0 = 0; l0 < re_ - rb_; l0 += kLanes) {
+        const float* chunk = dQT_ + l0 / kRows * dp_ * kRows + l0 % kRows;
+        for (int64_t d0 = 0; d0 < D_; d0 += kLanes) {
+          vf x[kLanes];
+          load_transposed(chunk + d0 * kRows, kRows, x);  // x[j]: dims d0 .. of local row l0 + j
+          for (int64_t j = 0; j < kLanes && l0 + j < re_ - rb_; ++j) {
+            const int64_t r = rb_ + l0 + j, t = r / P_.G, hq = h_ * P_.G + r % P_.G;
+            std::memcpy(dq_out + ((b_ * P_.Tq + t) * P_.Hq + hq) * D_ + d0, &x[j],
+                        std::min<int64_t>(kLanes, D_ - d0) * sizeof(float));
+          }
+        }
       }
     }
     gemm_bf16_release();
@@ -118,6 +125,13 @@ class BackwardBf16Task {
  private:
   // Rows of a pass padded to kGemmK: the chunks start at multiples of it and are K of dV/dK.
   static int64_t rows_padded(int64_t rows) { return ceil_div(rows, kGemmK) * kGemmK; }
+
+  // The kLanes x kLanes block at src (rows lds floats apart) into x, transposed: x[j] holds column j (bits moved
+  // as they are, so it serves 32-bit words of bf16 pairs too).
+  static void load_transposed(const float* src, int64_t lds, vf (&x)[kLanes]) {
+    for (int i = 0; i < kLanes; ++i) x[i] = load(src + i * lds);
+    transpose(x);
+  }
 
   // x (dp floats) into bf16 at dst, rounded to nearest even (exact for the bf16 inputs' values).
   void round_row(const float* x, bf16_t* dst) const {
@@ -168,12 +182,18 @@ class BackwardBf16Task {
         } else {
           std::fill(row, row + dp_, bf16_t{0});
         }
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
-        uint32_t* T = reinterpret_cast<uint32_t*>(is_q ? QT2_ : OT_);
-        T += l / kRows * (is_q ? 2 : 1) * words * kRows + l % kRows;  // the row's chunk, its column
-        for (int64_t k = 0; k < words; ++k) T[k * kRows] = w[k];
-        if (is_q)
-          for (int64_t k = 0; k < words; ++k) T[(words + k) * kRows] = w[k];
+      }
+      // the words of kLanes rows at a time, transposed into their chunk's columns (twice for Q)
+      const int64_t copies = is_q ? 2 : 1;
+      float* T = reinterpret_cast<float*>(is_q ? QT2_ : OT_);
+      for (int64_t l0 = 0; l0 < rp_; l0 += kLanes) {
+        float* chunk = T + l0 / kRows * copies * words * kRows + l0 % kRows;
+        for (int64_t k0 = 0; k0 < words; k0 += kLanes) {
+          vf x[kLanes];
+          load_transposed(reinterpret_cast<const float*>(rows16_ + l0 * dp_) + k0, words, x);
+          for (int64_t c = 0; c < copies; ++c)
+            for (int k = 0; k < kLanes; ++k) store(chunk + (c * words + k0 + k) * kRows, x[k]);
+        }
       }
       bf16_t* pairs = is_q ? Qv_ : Ov_;
       for (int64_t l = 0; l < rp_; l += 2) interleave(rows16_ + l * dp_, rows16_ + (l + 1) * dp_, dp_, pairs + l * dp_);
