@@ -1,7 +1,8 @@
 // The memory-attention backward on bf16 matrix products (the avx512_bf16 and amx levels, bf16 inputs). Included by
-// attention_backward_impl.h inside namespace mplus::<level>, after bf16_gemm.h (gemm_bf16: vdpbf16ps or, at amx,
-// ATen's brgemm, which cannot run on the Zen 4 this was written on: the amx level's code is the same, its products
-// checked there only through oneDNN's avx512_core_bf16 kernels, as the prefill's, bf16_gemm.h).
+// attention_backward_impl.h inside namespace mplus::<level>, after bf16_gemm.h (gemm_bf16: vdpbf16ps, or ATen's
+// brgemm at amx). The amx level could not run on the Zen 4 this was written on (no AMX tiles): it is this code with
+// brgemm products, checked there only through oneDNN's avx512_core_bf16 kernels (the avx512_bf16 level built with
+// brgemm in place of the micro-kernel, once: every backward test passed), as the prefill's was (bf16_gemm.h).
 //
 // The tasks are BackwardTask's (batch, KV head, split of key blocks; one pass per kMaxRows query rows; the same
 // splits, hence bits independent of the thread count), in the transposed layout "keys in M": per block of kKeyBlock
@@ -39,7 +40,16 @@
 // 0.0044-0.0165: the tests' bound (twice that, plus 1e-3) is met with 2.5x or more to spare.
 //
 // Cost. Per (query, key): 2·dp (Sᵀ; 4·dp for rotated keys) + 2·dp (dPᵀ) + 3 · 2·dp (dV, dK, dQ) bf16 multiply-adds,
-// at ~2x the fp32 FMA rate (vdpbf16ps: 32 products per instruction).
+// on vdpbf16ps (32 products an instruction, twice the fp32 FMA's 16): memory keys cost 12·dp products where the fp32
+// kernel's cost 10·dp at half the rate, so at most ~1.7x its speed. Measured (benchmarks/bench_attention_backward.py's
+// bf16 inputs: B 1, Tq = Tk = 256, M 2,561 rotated, 32 / 8 heads, D 128, causal; the op alone, medians of 7 runs
+// interleaved with avx512's in one process) on a 2-core AMD EPYC Zen 4 VM (AVX-512 + AVX512_BF16, no AMX), shared:
+// 1 thread 316 ms (avx512, fp32 kernel) -> 215 ms (avx512_bf16), 2 threads 159 -> 108 ms: 1.47x (1.47-1.54x over
+// runs). Timed by section on one core (rdtsc, at 223 ms, before the transposed packing of Q, dO and dQ): the
+// products 85% (Sᵀ 26%, dPᵀ 14%, dV, dK, dQᵀ 15% each: ~195 GFLOP/s, bf16_gemm.h's micro-kernel peaks at 222), the
+// softmax/dS 4%, packing Q and dO 4%, K and V 2%: the kernel is bound by its products. The brgemm build above ran
+// 194 ms (one unpaired run of 3, within this machine's noise of the 207 ms run before it); bf16_gemm.h says why
+// this level keeps its own micro-kernel.
 
 class BackwardBf16Task {
  public:
