@@ -36,14 +36,19 @@ void attention_backward_kernel(const attn::BackwardProblem& P);
 namespace avx512 {
 void attention_backward_kernel(const attn::BackwardProblem& P);
 }
+namespace avx512_bf16 {
+void attention_backward_kernel(const attn::BackwardProblem& P);
+}
+namespace amx {
+void attention_backward_kernel(const attn::BackwardProblem& P);
+}
 
 namespace {
 
 using at::Tensor;
 
 constexpr const char* kOp = "memory_attention_backward";
-const IsaTable<void (*)(const attn::BackwardProblem&)> kBackward =
-    MPLUS_ISA_TABLE_AVX512(attention_backward_kernel);
+const IsaTable<void (*)(const attn::BackwardProblem&)> kBackward = MPLUS_ISA_TABLE(attention_backward_kernel);
 
 // Δ's row sums, once per query (the kernels' dot products live in the ISA region).
 float row_dot(const float* a, const float* b, int64_t n) {
@@ -224,7 +229,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_backward_cpu
     P.mk = rows_of(mkr);
     P.mv = rows_of(mv);
   }
+  P.bf16 = dtype == at::kBFloat16;
+  P.mk_rotated = rope;
   if (dq.numel() > 0) {
+    require_active_isa(kOp);
     kBackward.active()(P);
   } else {  // no query (Tq = 0): every gradient is 0 (dq is empty)
     dmk.zero_();

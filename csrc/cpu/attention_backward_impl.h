@@ -21,6 +21,8 @@
 // of the thread count. Extra memory: (splits − 1) fp32 copies of dq, and per thread the scratch of one task (Q, dO, dQ
 // of at most kMaxRows rows, and the tiles of one key block: ~1.6 MB at D = 128).
 // Keys outside [kv_start, kv_len) are never read (a static cache may hold garbage there).
+// At the bf16 levels (avx512_bf16, amx), bf16 inputs run the same tasks and splits on bf16 matrix products instead
+// (attention_backward_bf16.h); fp32 and fp16 inputs this kernel.
 //
 // Library headers come from prelude.h (included before the ISA region); this file includes only kernel sources.
 
@@ -375,10 +377,15 @@ class BackwardTask {
   float *dq_, *qpack_, *opack_, *KT_, *VT_, *Kr_, *dk_, *dv_, *Pt_, *dSt_, *lse2_, *cf_;
 };
 
-}  // namespace
+#if MPLUS_ISA_LEVEL >= 3
+#include "bf16_gemm.h"
+#include "attention_backward_bf16.h"
+#endif
 
-void attention_backward_kernel(const BackwardProblem& P) {
-  // splits of the key blocks: fixed by the shapes (never by the thread count)
+// Runs Task (BackwardTask, or BackwardBf16Task at the bf16 levels) over every (batch, KV head, split of the key
+// blocks); the splits are fixed by the shapes (never by the thread count), and so is every sum's order.
+template <typename Task>
+void run_backward(const BackwardProblem& P) {
   const int64_t max_blocks = ceil_div(P.M, kKeyBlock) + ceil_div(P.Tk, kKeyBlock);
   const int64_t heads = P.B * P.Hkv;
   const int64_t want = std::min({ceil_div(max_blocks, kMinSplitBlocks), ceil_div(kTargetTasks, heads), kMaxSplits});
@@ -388,7 +395,7 @@ void attention_backward_kernel(const BackwardProblem& P) {
   Scratch partial((splits - 1) * dq_size);  // dQ of splits 1, 2, ... (split 0 writes dq)
   parallel_tasks(
       heads * splits,
-      [&] { return std::make_unique<BackwardTask>(P); },
+      [&] { return std::make_unique<Task>(P); },
       [&](auto& task, int64_t i) {
         const int64_t s = i / heads, b = i % heads / P.Hkv, h = i % P.Hkv;
         const int64_t n = BackwardTask::blocks(P, b);
@@ -403,6 +410,16 @@ void attention_backward_kernel(const BackwardProblem& P) {
       }
     });
   }
+}
+
+}  // namespace
+
+void attention_backward_kernel(const BackwardProblem& P) {
+#if MPLUS_ISA_LEVEL >= 3
+  // bf16 inputs take the bf16 matrix products (attention_backward_bf16.h); fp32 and fp16 ones the fp32 kernel
+  if (P.bf16) return run_backward<BackwardBf16Task>(P);
+#endif
+  run_backward<BackwardTask>(P);
 }
 
 }  // namespace MPLUS_ISA

@@ -26,6 +26,9 @@ struct BackwardProblem {
   // fp32 outputs, contiguous: dq [B, Tq, Hq, D]; dk, dv [B, Tk, Hkv, D] zeroed by the caller (rows outside the
   // valid range stay 0); dmk_rot (the gradient of the rotated memory keys), dmv [B, M, Hkv, D]
   float *dq, *dk, *dv, *dmk_rot, *dmv;
+  // The inputs were bf16 (every operand above but a rotated memory key is a bf16 number in fp32): the bf16 levels
+  // run their bf16 kernel. mk_rotated: mk holds the memory keys rotated by RoPE (fp32 numbers, no longer bf16 ones).
+  bool bf16 = false, mk_rotated = false;
 
   int64_t chunk_end(int64_t b) const { return kv_len != nullptr ? kv_len[b] : Tk; }
   int64_t chunk_begin(int64_t b) const { return kv_start != nullptr ? kv_start[b] : 0; }
