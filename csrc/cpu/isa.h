@@ -17,11 +17,13 @@
 // | avx512_bf16 | + AVX512_BF16 (vdpbf16ps: bf16 pairs, fp32 sums) | 16 lanes       | x86-64            |
 // | amx         | + AMX-TILE/AMX-BF16, through ATen's brgemm  | 16 lanes + tiles   | x86-64            |
 //
-// The two top levels change only the bf16 matrix products of the compute-bound kernels (attention prefill and
-// backward, for bf16 inputs): avx512_bf16 runs them on this extension's own vdpbf16ps micro-kernels, amx on ATen's
-// cpublas::brgemm (oneDNN's ukernel, which drives the AMX tiles; bf16_gemm.h says why a library there and
-// intrinsics here). A family without a kernel of its own at a level is listed in its table with the kernel of the
-// level below (MPLUS_ISA_TABLE_AVX512): the level is still reported and selectable, and its tests run what it runs.
+// The two top levels change only the bf16 matrix products of the compute-bound kernels, for bf16 inputs: attention
+// prefill and backward (avx512_bf16 on this extension's own vdpbf16ps micro-kernels, amx on ATen's cpublas::brgemm,
+// oneDNN's ukernel, which drives the AMX tiles; bf16_gemm.h says why a library there and intrinsics here), and at
+// avx512_bf16 only the retrieval scoring and the retriever scores' dot products (vdpbf16ps, bf16_pairs.h; their amx
+// entries are the fp32 kernels, MPLUS_ISA_TABLE_BF16). A family without a kernel of its own at a level is listed in
+// its table with the kernel of the level below (MPLUS_ISA_TABLE_AVX512, MPLUS_ISA_TABLE_BF16): the level is still
+// reported and selectable, and its tests run what it runs.
 // The amx level also needs the OS to grant the process the tile state (Linux's ARCH_REQ_XCOMP_PERM, requested once,
 // on first detection) and ATen's brgemm to be usable (a build with oneDNN's ukernel, oneDNN not disabled);
 // `isa_missing` says which is lacking.
