@@ -1,6 +1,7 @@
 """The benchmark records say where they were measured, and ``make bench``'s expected total covers what it runs.
 
-* Every record of the committed results (``docs/bench/results.json``, what the README's numbers come from) names the
+* Every record of the committed results (``docs/bench/*.json``: ``results.json``, what the README's numbers come from,
+  and ``levels.json``, every ISA level side by side) names the
   machine (``machine``: host, cores, memory), the CPU kind (``cpu``: model name and vector extensions) and the ISA
   level the C++ kernels ran at (``cpu_isa``) — what ``benchmarks/conftest.py`` writes into every record (issue 22).
 * Every pattern of the quick subset (``benchmarks/conftest.py``'s ``QUICK``) selects a benchmark, and
@@ -16,8 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "bench" / "results.json"
+RECORDS = sorted((ROOT / "docs" / "bench").glob("*.json"))
 EXPECTED = ROOT / "benchmarks" / "expected_s.json"
 REQUIRED = ("machine", "cpu", "cpu_isa")
 
@@ -40,13 +44,15 @@ def test_the_check_reads_records():
     assert records_missing_machine(data) == ["b: machine, cpu"]
 
 
-def test_committed_records_name_machine_cpu_and_isa():
-    data = json.loads(RESULTS.read_text())
-    assert data.get("benchmarks"), f"{RESULTS} holds no benchmark records"
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: p.name)
+def test_committed_records_name_machine_cpu_and_isa(path):
+    assert RESULTS in RECORDS, f"{RESULTS.relative_to(ROOT)} is missing"
+    data = json.loads(path.read_text())
+    assert data.get("benchmarks"), f"{path} holds no benchmark records"
     problems = records_missing_machine(data)
     assert not problems, (
-        f"{len(problems)} of {len(data['benchmarks'])} records in {RESULTS.relative_to(ROOT)} lack "
-        f"{'/'.join(REQUIRED)} (regenerate with make bench-full): " + "; ".join(problems[:5])
+        f"{len(problems)} of {len(data['benchmarks'])} records in {path.relative_to(ROOT)} lack "
+        f"{'/'.join(REQUIRED)} (regenerate with make bench / make bench-full): " + "; ".join(problems[:5])
     )
 
 
