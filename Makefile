@@ -1,7 +1,7 @@
 # mplus: the two commands of the README.
 #   make bench   set up (if needed) and run the representative benchmarks (~7-11 min on 2 cores), then print the report
 #   make test    set up (if needed) and run the test suite
-# and make bench-full: every benchmark (pytest benchmarks/ --benchmark-only, ~36 min on 2 cores), then the report
+# and make bench-full: every benchmark (pytest benchmarks/ --benchmark-only, ~40 min on 2 cores), then the report
 # Set-up creates .venv with the machine's python3, installs torch 2.13.0 (CPU build) from the local wheel directory
 # only, the pinned dependencies, and builds the extension. It never downloads a CUDA build of torch.
 

@@ -76,7 +76,7 @@ class BackwardBf16Task {
 
   explicit BackwardBf16Task(const BackwardProblem& P)
       : P_(P), ws_(scratch_size(P)), R_(P.G * P.Tq), D_(P.D), dp_(ceil_div(P.D, kGemmK) * kGemmK),
-        nmem_(ceil_div(P.M, kKeyBlock)), lim_(kRows) {
+        nmem_(ceil_div(P.M, kKeyBlock)), walk_(P), lim_(kRows) {
     const int64_t rp = ceil_div(std::min(R_, kMaxRows), kRows) * kRows;
     float* p = ws_.p;
     auto take = [&p](int64_t floats) { float* r = p; p += ceil_div(floats, 16) * 16; return r; };
@@ -107,12 +107,13 @@ class BackwardBf16Task {
   void run(int64_t b, int64_t h, int64_t block_begin, int64_t block_end, float* dq_out) {
     b_ = b;
     h_ = h;
+    walk_.start(b, h);
     for (int64_t rb = 0; rb < R_; rb += kMaxRows) {
       rb_ = rb;
       re_ = std::min(R_, rb + kMaxRows);
       start_rows();
       for (int64_t i = block_begin; i < block_end; ++i) {
-        list_lines(i + 1 < block_end ? i + 1 : -1);
+        walk_.list_lines(i + 1 < block_end ? i + 1 : -1);
         key_block(i);
       }
       // dQᵀ back to rows, kLanes rows x kLanes dims at a time
@@ -211,13 +212,6 @@ class BackwardBf16Task {
     std::fill(dQT_, dQT_ + dp_ * rp_, 0.f);
   }
 
-  // Keys [j0, j0 + n) of block i (BackwardTask's walk: the memory's blocks, then the row's valid chunk keys).
-  void block_keys(int64_t i, int64_t& j0, int64_t& n) const {
-    const bool mem = i < nmem_;
-    j0 = mem ? i * kKeyBlock : P_.chunk_begin(b_) + (i - nmem_) * kKeyBlock;
-    n = std::min<int64_t>(kKeyBlock, (mem ? P_.M : P_.chunk_end(b_)) - j0);
-  }
-
   // The block's keys into K2 (rows: bf16(k), and for rotated keys lo = bf16(k − hi) after it) and KT (Kᵀ, bf16(k),
   // zero columns up to the next multiple of kGemmK: K of dQᵀ), values into V16.
   void pack_block(const Rows& K, const Rows& V, int64_t j0, int64_t n, bool split) {
@@ -240,35 +234,11 @@ class BackwardBf16Task {
     for (int64_t d = 0; d < dp_; ++d) std::fill(KT_ + d * kKeyBlock + n, KT_ + (d + 1) * kKeyBlock, bf16_t{0});
   }
 
-  // The cache lines of block i's K and V rows (none for i < 0), prefetched a few per chunk while block i − 1 runs.
-  void list_lines(int64_t i) {
-    lines_.clear();
-    next_line_ = 0;
-    if (i < 0) return;
-    int64_t j0, n;
-    block_keys(i, j0, n);
-    const bool mem = i < nmem_;
-    const Rows &K = mem ? P_.mk : P_.k, &V = mem ? P_.mv : P_.v;
-    for (int64_t j = j0; j < j0 + n; ++j) {
-      const char *k = reinterpret_cast<const char*>(K.row(b_, j, h_)),
-                 *v = reinterpret_cast<const char*>(V.row(b_, j, h_));
-      for (int64_t off = 0; off < D_ * static_cast<int64_t>(sizeof(float)); off += 64) {
-        lines_.push_back(k + off);
-        lines_.push_back(v + off);
-      }
-    }
-  }
-
-  void prefetch_some(int64_t count) {
-    for (const int64_t e = std::min<int64_t>(next_line_ + count, lines_.size()); next_line_ < e; ++next_line_)
-      prefetch_line(lines_[next_line_]);
-  }
-
   void key_block(int64_t i) {
     const bool mem = i < nmem_;
     const int64_t kv_end = P_.chunk_end(b_);
     int64_t j0, n;
-    block_keys(i, j0, n);
+    walk_.keys(i, j0, n);
     const bool split = mem && P_.mk_rotated;
     pack_block(mem ? P_.mk : P_.k, mem ? P_.mv : P_.v, j0, n, split);
     float* dk_out = mem ? P_.dmk_rot + (b_ * P_.M + j0) * P_.Hkv * D_ : P_.dk + (b_ * P_.Tk + j0) * P_.Hkv * D_;
@@ -289,9 +259,9 @@ class BackwardBf16Task {
     const int64_t t_min = masked ? std::clamp<int64_t>(j0 + P_.Tq - kv_end, 0, P_.Tq) : 0;
     const int64_t rows = re_ - rb_, first = (std::max(rb_, t_min * P_.G) - rb_) / kRows * kRows;
     const int64_t per_chunk =
-        ceil_div(static_cast<int64_t>(lines_.size()), std::max<int64_t>(ceil_div(rows - first, kRows), 1));
+        ceil_div(walk_.lines(), std::max<int64_t>(ceil_div(rows - first, kRows), 1));
     for (int64_t r0 = first; r0 < rows; r0 += kRows) {
-      prefetch_some(per_chunk);
+      walk_.prefetch_some(per_chunk);
       const int64_t nr = std::min(kRows, rows - r0), cols = rows_padded(nr);
       for (int64_t r = 0; r < cols; ++r)
         lim_[r] = r >= nr   ? 0
@@ -300,7 +270,7 @@ class BackwardBf16Task {
                            : static_cast<int32_t>(n);
       chunk(r0, cols, n, split ? 2 * dp_ : dp_);
     }
-    prefetch_some(static_cast<int64_t>(lines_.size()));
+    walk_.prefetch_some(walk_.lines());
     for (int64_t j = 0; j < n; ++j) {
       std::copy_n(dk_ + j * dp_, D_, dk_out + (j * P_.Hkv + h_) * D_);
       std::copy_n(dv_ + j * dp_, D_, dv_out + (j * P_.Hkv + h_) * D_);
@@ -345,9 +315,8 @@ class BackwardBf16Task {
   Scratch ws_;
   const int64_t R_, D_, dp_, nmem_;
   int64_t b_ = 0, h_ = 0, rb_ = 0, re_ = 0, rp_ = 0;  // (batch, KV head), the pass's rows [rb_, re_), padded count
+  KeyBlockWalk walk_;
   std::vector<int32_t> lim_;
-  std::vector<const char*> lines_;
-  int64_t next_line_ = 0;
   bf16_t *QT2_, *OT_, *Qv_, *Ov_, *rows16_, *K2_, *V16_, *KT_, *PT16_, *dST16_, *dSv_;
   float *dQT_, *lse2_, *cf_, *dk_, *dv_, *ST_, *dPT_, *tmp_;
 };

@@ -128,6 +128,60 @@ inline void acc_tile(float* C, int64_t ldc, const float* A, const float* const* 
     for (int v = 0; v < NV; ++v) store(C + m * ldc + v * kLanes, acc[m][v]);
 }
 
+// The key blocks of a task's (batch row, KV head): [memory ; valid chunk keys of the row] in blocks of kKeyBlock, the
+// memory's first; and the cache lines of a block's K and V rows (fp32 rows of D), prefetched a few at a time while the
+// block before it is processed: the rows are read once per task, from L3 or memory. The walk of both the fp32 and the
+// bf16 tasks.
+class KeyBlockWalk {
+ public:
+  explicit KeyBlockWalk(const BackwardProblem& P) : P_(P), nmem_(ceil_div(P.M, kKeyBlock)) {}
+
+  void start(int64_t b, int64_t h) {
+    b_ = b;
+    h_ = h;
+  }
+
+  // Keys [j0, j0 + n) of block i, in the memory or the chunk.
+  void keys(int64_t i, int64_t& j0, int64_t& n) const {
+    const bool mem = i < nmem_;
+    j0 = mem ? i * kKeyBlock : P_.chunk_begin(b_) + (i - nmem_) * kKeyBlock;
+    n = std::min<int64_t>(kKeyBlock, (mem ? P_.M : P_.chunk_end(b_)) - j0);
+  }
+
+  // Lists the lines of block i's K and V rows (none for i < 0) for prefetch_some.
+  void list_lines(int64_t i) {
+    lines_.clear();
+    next_line_ = 0;
+    if (i < 0) return;
+    int64_t j0, n;
+    keys(i, j0, n);
+    const bool mem = i < nmem_;
+    const Rows &K = mem ? P_.mk : P_.k, &V = mem ? P_.mv : P_.v;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      const char *k = reinterpret_cast<const char*>(K.row(b_, j, h_)),
+                 *v = reinterpret_cast<const char*>(V.row(b_, j, h_));
+      for (int64_t off = 0; off < P_.D * static_cast<int64_t>(sizeof(float)); off += 64) {
+        lines_.push_back(k + off);
+        lines_.push_back(v + off);
+      }
+    }
+  }
+
+  int64_t lines() const { return static_cast<int64_t>(lines_.size()); }
+
+  void prefetch_some(int64_t count) {
+    for (const int64_t e = std::min<int64_t>(next_line_ + count, lines()); next_line_ < e; ++next_line_)
+      prefetch_line(lines_[next_line_]);
+  }
+
+ private:
+  const BackwardProblem& P_;
+  const int64_t nmem_;
+  int64_t b_ = 0, h_ = 0;
+  std::vector<const char*> lines_;
+  int64_t next_line_ = 0;
+};
+
 // One task: the key blocks [block_begin, block_end) of (batch b, KV head h), against every query row of the head.
 class BackwardTask {
  public:
@@ -139,8 +193,8 @@ class BackwardTask {
 
   explicit BackwardTask(const BackwardProblem& P)
       : P_(P), ws_(scratch_size(P)), R_(P.G * P.Tq), D_(P.D), dp_(padded(P.D)), nv_(dp_ / kLanes),
-        nmem_(ceil_div(P.M, kKeyBlock)), qrow_(std::min(R_, kMaxRows)), orow_(qrow_.size()), krow_(kKeyBlock),
-        lim_(kRowChunk) {
+        nmem_(ceil_div(P.M, kKeyBlock)), walk_(P), qrow_(std::min(R_, kMaxRows)), orow_(qrow_.size()),
+        krow_(kKeyBlock), lim_(kRowChunk) {
     const int64_t rows = std::min(R_, kMaxRows);
     dq_ = ws_.p;
     qpack_ = dq_ + rows * dp_;
@@ -169,12 +223,13 @@ class BackwardTask {
   void run(int64_t b, int64_t h, int64_t block_begin, int64_t block_end, float* dq_out) {
     b_ = b;
     h_ = h;
+    walk_.start(b, h);
     for (int64_t rb = 0; rb < R_; rb += kMaxRows) {
       rb_ = rb;
       re_ = std::min(R_, rb + kMaxRows);
       start_rows();
       for (int64_t i = block_begin; i < block_end; ++i) {
-        list_lines(i + 1 < block_end ? i + 1 : -1);
+        walk_.list_lines(i + 1 < block_end ? i + 1 : -1);
         key_block(i);
       }
       for (int64_t r = rb_; r < re_; ++r) {
@@ -240,43 +295,11 @@ class BackwardTask {
     }
   }
 
-  // Keys [j0, j0 + n) of block i, in the memory or the chunk.
-  void block_keys(int64_t i, int64_t& j0, int64_t& n) const {
-    const bool mem = i < nmem_;
-    j0 = mem ? i * kKeyBlock : P_.chunk_begin(b_) + (i - nmem_) * kKeyBlock;
-    n = std::min<int64_t>(kKeyBlock, (mem ? P_.M : P_.chunk_end(b_)) - j0);
-  }
-
-  // The cache lines of block i's K and V rows (none for i < 0), prefetched a few at a time while the block before
-  // it is processed: the rows are read once per task, from L3 or memory.
-  void list_lines(int64_t i) {
-    lines_.clear();
-    next_line_ = 0;
-    if (i < 0) return;
-    int64_t j0, n;
-    block_keys(i, j0, n);
-    const bool mem = i < nmem_;
-    const Rows &K = mem ? P_.mk : P_.k, &V = mem ? P_.mv : P_.v;
-    for (int64_t j = j0; j < j0 + n; ++j) {
-      const char *k = reinterpret_cast<const char*>(K.row(b_, j, h_)),
-                 *v = reinterpret_cast<const char*>(V.row(b_, j, h_));
-      for (int64_t off = 0; off < D_ * static_cast<int64_t>(sizeof(float)); off += 64) {
-        lines_.push_back(k + off);
-        lines_.push_back(v + off);
-      }
-    }
-  }
-
-  void prefetch_some(int64_t count) {
-    for (const int64_t e = std::min<int64_t>(next_line_ + count, lines_.size()); next_line_ < e; ++next_line_)
-      prefetch_line(lines_[next_line_]);
-  }
-
   void key_block(int64_t i) {
     const bool mem = i < nmem_;
     const int64_t kv_end = P_.chunk_end(b_);
     int64_t j0, n;
-    block_keys(i, j0, n);
+    walk_.keys(i, j0, n);
     pack(mem ? P_.mk : P_.k, mem ? P_.mv : P_.v, j0, n);
     // dK, dV so far: 0 on the first pass over the rows, else what the previous passes left in the outputs
     float* dk_out = mem ? P_.dmk_rot + (b_ * P_.M + j0) * P_.Hkv * D_ : P_.dk + (b_ * P_.Tk + j0) * P_.Hkv * D_;
@@ -296,9 +319,9 @@ class BackwardTask {
     const int64_t t_min = masked ? std::clamp<int64_t>(j0 + P_.Tq - kv_end, 0, P_.Tq) : 0;
     const int64_t first = std::max(rb_, t_min * P_.G) - rb_, rows = re_ - rb_;  // local rows
     const int64_t per_chunk =
-        ceil_div(static_cast<int64_t>(lines_.size()), std::max<int64_t>(ceil_div(rows - first, kRowChunk), 1));
+        ceil_div(walk_.lines(), std::max<int64_t>(ceil_div(rows - first, kRowChunk), 1));
     for (int64_t r0 = first; r0 < rows; r0 += kRowChunk) {
-      prefetch_some(per_chunk);
+      walk_.prefetch_some(per_chunk);
       const int64_t nr = std::min(kRowChunk, rows - r0);
       for (int64_t r = 0; r < nr; ++r)
         lim_[r] = masked ? static_cast<int>(std::clamp<int64_t>(P_.visible_end(b_, (rb_ + r0 + r) / P_.G) - j0, 0, n))
@@ -311,7 +334,7 @@ class BackwardTask {
       accumulate<false>(dk_, n, dSt_, qrow_.data() + r0, nr);       // dK += dSᵀ·Q
       accumulate<true>(dq_ + r0 * dp_, nr, dSt_, krow_.data(), n);  // dQ += dS·K
     }
-    prefetch_some(static_cast<int64_t>(lines_.size()));
+    walk_.prefetch_some(walk_.lines());
     for (int64_t j = 0; j < n; ++j) {
       std::copy_n(dk_ + j * dp_, D_, dk_out + (j * P_.Hkv + h_) * D_);
       std::copy_n(dv_ + j * dp_, D_, dv_out + (j * P_.Hkv + h_) * D_);
@@ -370,10 +393,9 @@ class BackwardTask {
   Scratch ws_;
   const int64_t R_, D_, dp_, nv_, nmem_;
   int64_t b_ = 0, h_ = 0, rb_ = 0, re_ = 0;  // the task's (batch, KV head), the pass's task rows [rb_, re_)
+  KeyBlockWalk walk_;
   std::vector<const float*> qrow_, orow_, krow_;
   std::vector<int> lim_;
-  std::vector<const char*> lines_;
-  int64_t next_line_ = 0;
   float *dq_, *qpack_, *opack_, *KT_, *VT_, *Kr_, *dk_, *dv_, *Pt_, *dSt_, *lse2_, *cf_;
 };
 

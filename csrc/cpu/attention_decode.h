@@ -19,9 +19,21 @@
 // Each split keeps (max, sum, out) per row; the last split of a batch row to finish merges them through their LSEs, in
 // split order. The number of splits depends on the shapes only, so the bits do not depend on the thread count.
 // Measured on 2 Zen 4 cores (M 12,801, 8 KV heads, G 4, D 128, memory keys rotated from a permuted position table):
-// bf16 at 61% of the read bandwidth of a same-size sum, fp32 at 75%. bf16 is compute-bound there: ~28 ns per (key, KV
-// head) per core with the data in L2 (RoPE ~8 of them: 16 multiplies per head and the cos/sin rows), and the random
-// rope rows and 4 KiB pages (no THP) cost another ~15 in the stream.
+// bf16 at 54-63% of the read bandwidth (a 512 MiB sum), fp32 at 66-77% (docs/bench/levels.md). What holds it there
+// (measured, issue 22):
+// * compute and memory do not overlap: per (key, KV head) a core spends ~30 ns computing with the data in L2/L3
+//   (bf16 with RoPE: ~100 vector instructions: widening 16, RoPE 16, Q.K 32 FMAs, P.V 16 vdpbf16ps + 8 for the pairs
+//   and p, the reductions and softmax ~12) and ~55 ns from DRAM, close to the sum of the two; without RoPE (keys
+//   given rotated) bf16 reaches 60-80% (noisy runs);
+// * the software prefetches are ~26% of the samples (perf): issued at the rate the loop runs, they wait on the core's
+//   miss buffers; fewer (every second line, K or V only, no rope rows) or farther ones (2 blocks), prefetcht0/t2/nta
+//   and demand loads were all slower, and without them the loop runs at half the speed (its demand misses stall the
+//   compute);
+// * the access pattern itself is not the limit: a C loop reading the same rows in this order with these prefetches
+//   and no compute moves ~28 GB/s on the 2 cores, as fast as a sequential sum of the same bytes;
+// * 2 MiB pages (THP_MEM_ALLOC_ENABLE=1, torch's allocator) take 10-25% off, for the sum as well.
+// Reaching 80% needs the compute per key well under the memory time (RoPE off the decode path, or fewer instructions
+// per key), not a different prefetch.
 
 constexpr int kDecodeBlock = 64;                       // keys per softmax step
 constexpr int64_t kSplitKeys = 1024, kMaxSplits = 64;  // split-KV: keys per split, most splits per row
