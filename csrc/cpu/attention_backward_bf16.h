@@ -76,7 +76,7 @@ class BackwardBf16Task {
 
   explicit BackwardBf16Task(const BackwardProblem& P)
       : P_(P), ws_(scratch_size(P)), R_(P.G * P.Tq), D_(P.D), dp_(ceil_div(P.D, kGemmK) * kGemmK),
-        nmem_(ceil_div(P.M, kKeyBlock)), walk_(P), lim_(kRows) {
+        walk_(P), lim_(kRows) {
     const int64_t rp = ceil_div(std::min(R_, kMaxRows), kRows) * kRows;
     float* p = ws_.p;
     auto take = [&p](int64_t floats) { float* r = p; p += ceil_div(floats, 16) * 16; return r; };
@@ -235,7 +235,7 @@ class BackwardBf16Task {
   }
 
   void key_block(int64_t i) {
-    const bool mem = i < nmem_;
+    const bool mem = walk_.memory(i);
     const int64_t kv_end = P_.chunk_end(b_);
     int64_t j0, n;
     walk_.keys(i, j0, n);
@@ -313,7 +313,7 @@ class BackwardBf16Task {
 
   const BackwardProblem& P_;
   Scratch ws_;
-  const int64_t R_, D_, dp_, nmem_;
+  const int64_t R_, D_, dp_;
   int64_t b_ = 0, h_ = 0, rb_ = 0, re_ = 0, rp_ = 0;  // (batch, KV head), the pass's rows [rb_, re_), padded count
   KeyBlockWalk walk_;
   std::vector<int32_t> lim_;

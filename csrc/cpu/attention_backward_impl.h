@@ -141,6 +141,9 @@ class KeyBlockWalk {
     h_ = h;
   }
 
+  // Whether block i is one of the memory's (they come first).
+  bool memory(int64_t i) const { return i < nmem_; }
+
   // Keys [j0, j0 + n) of block i, in the memory or the chunk.
   void keys(int64_t i, int64_t& j0, int64_t& n) const {
     const bool mem = i < nmem_;
@@ -193,7 +196,7 @@ class BackwardTask {
 
   explicit BackwardTask(const BackwardProblem& P)
       : P_(P), ws_(scratch_size(P)), R_(P.G * P.Tq), D_(P.D), dp_(padded(P.D)), nv_(dp_ / kLanes),
-        nmem_(ceil_div(P.M, kKeyBlock)), walk_(P), qrow_(std::min(R_, kMaxRows)), orow_(qrow_.size()),
+        walk_(P), qrow_(std::min(R_, kMaxRows)), orow_(qrow_.size()),
         krow_(kKeyBlock), lim_(kRowChunk) {
     const int64_t rows = std::min(R_, kMaxRows);
     dq_ = ws_.p;
@@ -296,7 +299,7 @@ class BackwardTask {
   }
 
   void key_block(int64_t i) {
-    const bool mem = i < nmem_;
+    const bool mem = walk_.memory(i);
     const int64_t kv_end = P_.chunk_end(b_);
     int64_t j0, n;
     walk_.keys(i, j0, n);
@@ -391,7 +394,7 @@ class BackwardTask {
 
   const BackwardProblem& P_;
   Scratch ws_;
-  const int64_t R_, D_, dp_, nv_, nmem_;
+  const int64_t R_, D_, dp_, nv_;
   int64_t b_ = 0, h_ = 0, rb_ = 0, re_ = 0;  // the task's (batch, KV head), the pass's task rows [rb_, re_)
   KeyBlockWalk walk_;
   std::vector<const float*> qrow_, orow_, krow_;

@@ -62,16 +62,32 @@ struct KeyBlock {
   int64_t j0 = 0, n = 0, jc0 = -1;
 };
 
-// Block i of a prefill task's walk over its keys, `size` keys a block: the nmem memory blocks, then the chunk's keys
-// [jbegin, jend). The fp32 tasks and the bf16 ones walk alike, with their own block sizes.
-inline KeyBlock prefill_block(const Problem& P, int64_t i, int64_t size, int64_t nmem, int64_t jbegin, int64_t jend) {
-  if (i < nmem) {
-    const int64_t j0 = i * size;
-    return {&P.mk, &P.mv, P.pos, j0, std::min<int64_t>(size, P.M - j0), -1};
+// A prefill task's walk over its keys, `size` keys a block: the memory's nmem blocks, then the batch row's valid
+// chunk keys [jbegin, kv_end), cut to [jbegin, jend), those that at least the task's last query (t0 + nt - 1) sees.
+// The fp32 tasks and the bf16 ones walk alike, with their own block sizes.
+struct PrefillWalk {
+  PrefillWalk(const Problem& P, int64_t b, int64_t t0, int64_t nt, int64_t size)
+      : P(P),
+        size(size),
+        kv_end(P.chunk_end(b)),
+        jbegin(P.chunk_begin(b)),
+        jend(P.causal ? std::clamp<int64_t>(t0 + nt + kv_end - P.Tq, 0, kv_end) : kv_end),
+        nmem((P.M + size - 1) / size),
+        nblocks(nmem + (std::max<int64_t>(jend - jbegin, 0) + size - 1) / size) {}
+
+  // Block i < nblocks.
+  KeyBlock block(int64_t i) const {
+    if (i < nmem) {
+      const int64_t j0 = i * size;
+      return {&P.mk, &P.mv, P.pos, j0, std::min<int64_t>(size, P.M - j0), -1};
+    }
+    const int64_t j0 = jbegin + (i - nmem) * size;
+    return {&P.k, &P.v, nullptr, j0, std::min<int64_t>(size, jend - j0), j0};
   }
-  const int64_t j0 = jbegin + (i - nmem) * size;
-  return {&P.k, &P.v, nullptr, j0, std::min<int64_t>(size, jend - j0), j0};
-}
+
+  const Problem& P;
+  const int64_t size, kv_end, jbegin, jend, nmem, nblocks;
+};
 
 template <typename T>
 class PrefillTask {
@@ -91,7 +107,7 @@ class PrefillTask {
 
   PrefillTask(const Problem& P, float* ws, int64_t b, int64_t h, int64_t t0, int64_t nt)
       : P_(P), b_(b), h_(h), t0_(t0), nt_(nt), rows_(P.G * nt), rp_(round_up(rows_, kLanes)),
-        ld_(leading_dim(rp_)), dp_(round_up(P.D, 8)) {
+        ld_(leading_dim(rp_)), dp_(round_up(P.D, 8)), walk_(P, b, t0, nt, kKeyBlock) {
     QT_ = ws;
     OT_ = QT_ + dp_ * ld_;
     K_ = OT_ + dp_ * ld_;
@@ -101,12 +117,6 @@ class PrefillTask {
     l_ = m_ + rp_;
     thr_ = l_ + rp_;
     tmp_ = thr_ + rp_;
-    // This row's valid chunk keys [jbegin_, kv_len), cut to those that at least the block's last query sees.
-    kv_end_ = P.chunk_end(b);
-    jbegin_ = P.chunk_begin(b);
-    jend_ = P.causal ? std::clamp<int64_t>(t0 + nt + kv_end_ - P.Tq, 0, kv_end_) : kv_end_;
-    nmem_ = (P.M + kKeyBlock - 1) / kKeyBlock;
-    nblocks_ = nmem_ + (std::max<int64_t>(jend_ - jbegin_, 0) + kKeyBlock - 1) / kKeyBlock;
   }
 
   void run() {
@@ -116,17 +126,17 @@ class PrefillTask {
     for (int64_t r = 0; r < rp_; ++r) {
       m_[r] = kNegInf;
       l_[r] = 0.f;
-      thr_[r] = r < rows_ ? static_cast<float>(t0_ + r / G + kv_end_ - P_.Tq) : 0.f;
+      thr_[r] = r < rows_ ? static_cast<float>(t0_ + r / G + walk_.kv_end - P_.Tq) : 0.f;
     }
     for (int64_t r = 0; r < rows_; ++r) {
       load_row(P_.q.row<T>(b_, t0_ + r / G, h_ * G + r % G), tmp_, D);
       for (int64_t i = 0; i < D; ++i) QT_[i * ld_ + r] = tmp_[i] * P_.scale2;
     }
-    for (int64_t i = 0; i < nblocks_; ++i) {
+    for (int64_t i = 0; i < walk_.nblocks; ++i) {
       const KeyBlock blk = block(i);
       pack(*blk.k, blk, blk.pos, K_);
       pack(*blk.v, blk, nullptr, V_);
-      key_block(blk, i + 1 < nblocks_ ? block(i + 1) : KeyBlock{});
+      key_block(blk, i + 1 < walk_.nblocks ? block(i + 1) : KeyBlock{});
     }
     for (int64_t r = 0; r < rows_; ++r) {
       float* acc = tmp_;  // O^T column r, then finish_row normalises it in place
@@ -136,7 +146,7 @@ class PrefillTask {
   }
 
  private:
-  KeyBlock block(int64_t i) const { return prefill_block(P_, i, kKeyBlock, nmem_, jbegin_, jend_); }
+  KeyBlock block(int64_t i) const { return walk_.block(i); }
 
   // The block's rows of one tensor into a [kKeyBlock][dp] fp32 tile (rotated when pos is given), zero-padded.
   void pack(const View& src, const KeyBlock& blk, const int32_t* pos, float* tile) const {
@@ -188,7 +198,7 @@ class PrefillTask {
       bool masked = n < kKeyBlock;
       if (jc0 >= 0) {
         const int64_t last_row = std::min<int64_t>(r0 + rv * kLanes, rows_) - 1;
-        const int64_t off = t0_ + kv_end_ - P_.Tq;  // query t0 + i sees chunk key j iff j <= i + off
+        const int64_t off = t0_ + walk_.kv_end - P_.Tq;  // query t0 + i sees chunk key j iff j <= i + off
         if (jc0 > last_row / P_.G + off) continue;
         masked = masked || jc0 + n - 1 > r0 / P_.G + off;
       }
@@ -225,8 +235,7 @@ class PrefillTask {
   const Problem& P_;
   // rp_: rows padded to whole vectors, ld_: their row stride in Q^T/O^T, dp_: head dim padded to the PV tile (8)
   const int64_t b_, h_, t0_, nt_, rows_, rp_, ld_, dp_;
-  // kv_end_, jbegin_: the row's valid chunk keys; jend_: the end of those the block's last query sees
-  int64_t kv_end_, jbegin_, jend_, nmem_, nblocks_;
+  const PrefillWalk walk_;
   std::vector<const char*> lines_;
   float *QT_, *OT_, *K_, *V_, *S_, *m_, *l_, *thr_, *tmp_;
 };

@@ -39,7 +39,7 @@ class PrefillBf16Task {
   }
 
   PrefillBf16Task(const Problem& P, float* ws, int64_t b, int64_t h, int64_t t0, int64_t nt)
-      : P_(P), b_(b), h_(h), t0_(t0), rows_(P.G * nt), dp_(round_up(P.D, kGemmK)) {
+      : P_(P), b_(b), h_(h), t0_(t0), rows_(P.G * nt), dp_(round_up(P.D, kGemmK)), walk_(P, b, t0, nt, kKeys) {
     float* p = ws;
     auto take = [&p](int64_t floats) { float* r = p; p += round_up(floats, 16); return r; };
     Q2_ = reinterpret_cast<bf16_t*>(take(rows_ * dp_));
@@ -53,11 +53,6 @@ class PrefillBf16Task {
     thr_ = take(rows_);
     tmp_ = take(dp_);
     row16_ = reinterpret_cast<bf16_t*>(take(dp_));
-    kv_end_ = P.chunk_end(b);
-    jbegin_ = P.chunk_begin(b);
-    jend_ = P.causal ? std::clamp<int64_t>(t0 + nt + kv_end_ - P.Tq, 0, kv_end_) : kv_end_;
-    nmem_ = (P.M + kKeys - 1) / kKeys;
-    nblocks_ = nmem_ + (std::max<int64_t>(jend_ - jbegin_, 0) + kKeys - 1) / kKeys;
   }
 
   void run() {
@@ -71,14 +66,14 @@ class PrefillBf16Task {
       }
       m_[r] = kNegInf;
       l_[r] = 0.f;
-      thr_[r] = static_cast<float>(t0_ + r / G + kv_end_ - P_.Tq);
+      thr_[r] = static_cast<float>(t0_ + r / G + walk_.kv_end - P_.Tq);
     }
     std::fill(O_, O_ + rows_ * dp_, 0.f);
-    for (int64_t i = 0; i < nblocks_; ++i) {
+    for (int64_t i = 0; i < walk_.nblocks; ++i) {
       const KeyBlock blk = block(i);
       pack_keys(blk);
       pack_values(blk);
-      list_lines(i + 1 < nblocks_ ? block(i + 1) : KeyBlock{});
+      list_lines(i + 1 < walk_.nblocks ? block(i + 1) : KeyBlock{});
       key_block(blk);
     }
     gemm_bf16_release();
@@ -89,7 +84,7 @@ class PrefillBf16Task {
   }
 
  private:
-  KeyBlock block(int64_t i) const { return prefill_block(P_, i, kKeys, nmem_, jbegin_, jend_); }
+  KeyBlock block(int64_t i) const { return walk_.block(i); }
 
   const bf16_t* key_row(const View& src, int64_t j) const {
     return reinterpret_cast<const bf16_t*>(src.row<c10::BFloat16>(b_, j, h_));
@@ -188,7 +183,7 @@ class PrefillBf16Task {
       const int64_t r0 = g * kGroup, nr = std::min(kGroup, rows_ - r0);
       bool masked = blk.n < kKeys;
       if (jc0 >= 0) {
-        const int64_t off = t0_ + kv_end_ - P_.Tq;  // query t0 + i sees chunk key j iff j <= i + off
+        const int64_t off = t0_ + walk_.kv_end - P_.Tq;  // query t0 + i sees chunk key j iff j <= i + off
         if (jc0 > (r0 + nr - 1) / P_.G + off) {
           for (int64_t r = 0; r < nr; ++r) pf.step();
           continue;
@@ -248,7 +243,7 @@ class PrefillBf16Task {
 
   const Problem& P_;
   const int64_t b_, h_, t0_, rows_, dp_;  // dp_: head dim padded to kGemmK
-  int64_t kv_end_, jbegin_, jend_, nmem_, nblocks_;
+  const PrefillWalk walk_;
   std::vector<const char*> lines_;
   bf16_t *Q2_, *P16_, *KB_, *VB_, *row16_;
   float *O_, *S_, *m_, *l_, *thr_, *tmp_;
