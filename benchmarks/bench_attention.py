@@ -174,3 +174,57 @@ def test_memory_attention(bench, benchmark, provider, dtype, tq):
         if "mplus_out" not in x:
             x["mplus_out"] = _mplus(x)()
         benchmark.extra_info["max_abs_diff_vs_mplus"] = float((out.float() - x["mplus_out"].float()).abs().max())
+
+
+# --- one memory shared by a batch (serving): B rows decode over the same memory ---------------------------------------
+# The model serves one memory state to a batch as an expand (batch stride 0). mplus reads each memory key once for the
+# batch's rows (``mplus``); ``mplus_per_row`` is the same kernel on a dense copy per row (what it does for rows with
+# different memories, and did for a shared one before); ``sdpa_gqa`` gets [memory ; chunk] rotated, concatenated and
+# laid out per row outside the timing (SDPA has no notion of a shared prefix). ``gbps`` counts the memory once.
+B_SHARED = 4
+SHARED_PROVIDERS = ["sdpa_gqa", "mplus_per_row", *mplus_providers()]
+
+
+def _shared_inputs(dtype: torch.dtype) -> dict:
+    key = ("shared", dtype)
+    if key not in _cache:
+        one = dict(_inputs(1, dtype))  # the decode inputs (batch 1): their memory is the shared one
+        _cache.clear()
+        gc.collect()
+        g = torch.Generator().manual_seed(7)
+        rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+        x = {k: one[k] for k in ("mem_pos", "cos", "sin")}
+        x.update(q=rnd(B_SHARED, 1, HQ, D), k=rnd(B_SHARED, 1, HKV, D), v=rnd(B_SHARED, 1, HKV, D))
+        x["mem_k"] = one["mem_k"].expand(B_SHARED, -1, -1, -1)
+        x["mem_v"] = one["mem_v"].expand(B_SHARED, -1, -1, -1)
+        _cache[key] = x
+    return _cache[key]
+
+
+@pytest.mark.parametrize("provider", SHARED_PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_shared_memory_decode(bench, benchmark, provider, dtype):
+    x = _shared_inputs(dtype)
+    if provider == "sdpa_gqa":
+        fn = _sdpa_gqa(x)
+    elif provider == "mplus_per_row":
+        dense = {**x, "mem_k": x["mem_k"].contiguous(), "mem_v": x["mem_v"].contiguous()}
+        fn = _mplus(dense)
+    else:
+        fn = _mplus(x)
+    elt = x["q"].element_size()
+    out = bench(
+        fn,
+        group=f"attention/decode shared memory B{B_SHARED}/{str(dtype).replace('torch.', '')}",
+        provider=provider,
+        **({"variant": "a dense copy of the memory per row"} if provider == "mplus_per_row" else {}),
+        shape=f"B{B_SHARED} (one memory) Tq1 Tk1 M{M} Hq{HQ} Hkv{HKV} D{D}",
+        dtype=dtype,
+        rounds=20,
+        output_bytes=B_SHARED * HQ * D * elt + B_SHARED * HQ * 4,
+        moved_bytes=(2 * M * HKV * D + 2 * B_SHARED * HKV * D + 2 * B_SHARED * HQ * D) * elt,
+    )
+    if provider != "mplus":
+        if "mplus_out" not in x:
+            x["mplus_out"] = _mplus(x)()
+        benchmark.extra_info["max_abs_diff_vs_mplus"] = float((out.float() - x["mplus_out"].float()).abs().max())

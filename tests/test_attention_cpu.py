@@ -296,6 +296,41 @@ def test_bits_do_not_depend_on_thread_count(b, tq, group, m, dtype):
         assert_equal(lse, results[0][1], name=f"lse on {threads} threads vs 1")
 
 
+# Batch rows that share one memory (an expand, batch stride 0: how the model serves a memory state to a batch) are
+# decoded up to 32 query rows at a time, reading each memory key once for all of them; their chunk keys stay per row.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [40, 2500])
+@pytest.mark.parametrize(
+    ("b", "tq", "group", "ends"),
+    [
+        (9, 1, 4, [5, 0, 1300, 1, 2, 3, 4, 5, 700]),  # 8 rows a group: a group of 8 and one of 1
+        (5, 2, 4, None),  # 4 rows a group
+        (3, 1, 8, [0, 0, 0]),  # memory only
+        (2, 1, 2, [1300, 64]),  # a chunk long enough for two splits
+    ],
+)
+def test_shared_memory_decode(b, tq, group, ends, m, dtype):
+    """The shared memory's result matches the reference, has the bits of a dense copy of the memory (the same
+    arithmetic per row, alone or with others) and does not depend on the thread count."""
+    q, k, v, mem_k, mem_v, pos, cos, sin = make_case(b, tq, 1300, m, 2 * group, 2, 128, dtype, gen_seed=b + m)
+    shared = (q, k, v, mem_k[:1].expand_as(mem_k), mem_v[:1].expand_as(mem_v), pos, cos, sin)
+    args, kv = static_cache(shared, ends, None)
+    assert args[3].stride(0) == 0
+    out, lse = check(args, 1 / math.sqrt(128), True, kv=kv, name=f"shared memory B={b} Tq={tq} G={group}")
+    dense = tuple(x.contiguous() if x is not None else None for x in args)
+    out_d, lse_d = attention(*dense, 1 / math.sqrt(128), True, *kv)
+    assert_equal(out, out_d, name="shared vs dense memory out")
+    assert_equal(lse, lse_d, name="shared vs dense memory lse")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        out_3, lse_3 = attention(*args, 1 / math.sqrt(128), True, *kv)
+    finally:
+        torch.set_num_threads(old)
+    assert_equal(out_3, out, name="out on 3 threads")
+    assert_equal(lse_3, lse, name="lse on 3 threads")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_merge_of_parts_equals_single_call(dtype):
     """attention over [mem ; chunk] == merge(attention over mem only, attention over the chunk only)."""

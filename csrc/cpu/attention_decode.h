@@ -4,12 +4,17 @@
 // Decode reads every K/V byte once for a handful of FMAs each, so it is meant to run at the memory's read bandwidth;
 // what stands in the way is the instruction count per key (conversion, RoPE rotation, Q.K, P.V) and the memory
 // stalls. The kernel is built around both:
-// * split-KV: one task per (batch row, range of ~kSplitKeys keys), handed out dynamically; inside a task every KV
-//   head is processed per block of kDecodeBlock keys, so each K/V byte is read once, for all G query heads of its
-//   KV head, and a block's rows of all heads (a contiguous region of a [B, T, Hkv, D] tensor) are read together;
+// * split-KV: one task per (batch row, range of ~kSplitKeys memory keys or of its chunk keys), handed out dynamically;
+//   inside a task every KV head is processed per block of kDecodeBlock keys, so each K/V byte is read once, for all G
+//   query heads of its KV head, and a block's rows of all heads (a contiguous region of a [B, T, Hkv, D] tensor) are
+//   read together;
+// * a memory shared by the batch rows (an expand, batch stride 0: a memory state served to a batch) is read once per
+//   group of rows, up to kMaxJointRows query rows scored together: at B 4, M 12,801 half the time of a read per row
+//   (bench_attention's shared-memory decode), where the rows' scores, not the bytes, set the time;
 // * the next block is prefetched while this one computes, in (key, head) order (one sequential stream per tensor for
-//   contiguous inputs), a few lines per step of the score loop, every line (the hardware prefetchers do not fill in
-//   lines skipped: prefetching every second line doubled the time);
+//   contiguous inputs; the scattered RoPE rows first), a few lines per step of the score loop, every line (the
+//   hardware prefetchers do not fill in lines skipped: prefetching every second line doubled the time); a task's first
+//   block is requested all at once before it starts;
 // * "dims in lanes" for Q.K: a key row is loaded, converted and rotated into registers once and dotted with every
 //   query row; kScoreKeys keys at a time (on AVX-512: 4 at D 64, 2 at D 128), so that each query vector loaded from
 //   L1 serves several keys. kLanes keys' partial sums are folded into one score vector by a transpose-reduction tree;
@@ -39,8 +44,10 @@ constexpr int kDecodeBlock = 64;                       // keys per softmax step
 constexpr int64_t kSplitKeys = 1024, kMaxSplits = 64;  // split-KV: keys per split, most splits per row
 static_assert(kDecodeBlock % kLanes == 0, "decode blocks are whole vectors of keys");
 
-// NV = D / kLanes vectors per row. q [R][D] fp32 (scaled), R <= kMaxDecodeRows.
+// NV = D / kLanes vectors per row. q [R][D] fp32 (scaled): R = G x Tq <= kMaxDecodeRows query rows of one batch row,
+// or up to kMaxJointRows of several batch rows that share the memory (their memory keys are read once for all).
 constexpr int kMaxDecodeRows = 8;
+constexpr int kMaxJointRows = 32;
 constexpr int kDecodeRowChunk = 4;  // rows per pass of the P.V accumulators (and of the long-row score path)
 // Dims (in vectors) per pass of the P.V accumulators: kDecodeRowChunk x kPvChunk accumulators + kPvChunk values.
 constexpr int kPvChunk = MPLUS_ISA_LEVEL >= 2 ? 4 : 2;
@@ -116,7 +123,7 @@ template <typename T, int NV, typename F>
 inline void decode_scores(const T* const* key, const float* const* cos, const float* const* sin, const float* q,
                           int R, float* s, int64_t lds, F&& step) {
   static_assert(NV % 2 == 0, "decode needs an even number of vectors per row");
-  vf part[kMaxDecodeRows][kLanes];
+  vf part[kMaxJointRows][kLanes];
   constexpr int KEYS = kScoreKeys<NV>;
   if constexpr (KEYS > 0) {
     static_assert(kLanes % KEYS == 0, "passes must tile a vector of keys");
@@ -283,15 +290,15 @@ class RangePrefetcher {
     next_ = 0;
     cur_ = stop_ = nullptr;
     const int64_t split = std::clamp(P_.M, j, end);  // memory keys [j, split), chunk keys [split, end)
-    for (const View* src : {&P_.mk, &P_.mv}) add_rows(*src, j, split);
-    for (const View* src : {&P_.k, &P_.v}) add_rows(*src, c0_ + std::max(j, split) - P_.M, c0_ + end - P_.M);
-    if (P_.pos != nullptr) {
+    if (P_.pos != nullptr) {  // first: scattered rows, the longest to arrive
       const int64_t bytes = P_.D / 2 * static_cast<int64_t>(sizeof(float));
       for (int64_t i = j; i < split; ++i) {
         add(P_.cos + P_.pos[i] * P_.rope_ld, bytes);
         add(P_.sin + P_.pos[i] * P_.rope_ld, bytes);
       }
     }
+    for (const View* src : {&P_.mk, &P_.mv}) add_rows(*src, j, split);
+    for (const View* src : {&P_.k, &P_.v}) add_rows(*src, c0_ + std::max(j, split) - P_.M, c0_ + end - P_.M);
     int64_t lines = 0;
     for (const auto& r : ranges_) lines += (r.second + 63) / 64;
     return lines;
@@ -333,20 +340,23 @@ class RangePrefetcher {
   const char *cur_ = nullptr, *stop_ = nullptr;
 };
 
-// Keys [k0, k1) of the concatenation [memory ; valid chunk keys of row b] for every KV head of batch b. Results:
-// finished rows in P.out/P.lse when `part` is null, else normalised fp32 rows part[h][r][D] and their LSE
-// part_lse[h][r].
+// Keys [k0, k1) of the concatenation [memory ; valid chunk keys of row b] for every KV head of batch rows
+// [b, b + nb), whose G x Tq query rows each are scored together (row r: batch row b + r / (G Tq)); nb > 1 only for
+// memory keys (k1 <= M) of a memory the rows share. Results: finished rows in P.out/P.lse when `part` is null, else
+// normalised fp32 rows part[h][r][D] and their LSE part_lse[h][r].
 template <typename T, int NV>
-void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* part, float* part_lse) {
+void decode_split(const Problem& P, int64_t b, int64_t nb, int64_t k0, int64_t k1, float* part, float* part_lse) {
   constexpr int64_t D = NV * kLanes;
-  const int64_t G = P.G, H = P.Hkv;
-  const int R = static_cast<int>(G * P.Tq);
+  const int64_t G = P.G, H = P.Hkv, RB = G * P.Tq;  // query rows per batch row
+  const int R = static_cast<int>(nb * RB);
+  TORCH_CHECK(R <= kMaxJointRows && (nb == 1 || k1 <= P.M), "decode_split: ", nb, " batch rows over keys [", k0,
+              ", ", k1, ")");
   Scratch ws(2 * H * R * D + 2 * H * R + D);
   float *q = ws.p, *o = q + H * R * D, *m = o + H * R * D, *l = m + H * R, *tmp = l + H * R;
   for (int64_t h = 0; h < H; ++h) {
     for (int r = 0; r < R; ++r) {
       float* qr = q + (h * R + r) * D;
-      const T* src = P.q.row<T>(b, r / G, h * G + r % G);
+      const T* src = P.q.row<T>(b + r / RB, r % RB / G, h * G + r % G);
       for (int64_t i = 0; i < D; i += kLanes) store(qr + i, load_cvt(src + i) * P.scale2);  // D: whole vectors
     }
   }
@@ -356,9 +366,9 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
 
   const T *key[kDecodeBlock], *val[kDecodeBlock];
   const float *cos[kDecodeBlock], *sin[kDecodeBlock];
-  alignas(64) float s[kMaxDecodeRows * kDecodeBlock];
-  alignas(64) uint16_t p16[kMaxDecodeRows * kDecodeBlock];
-  float alpha[kMaxDecodeRows];
+  alignas(64) float s[kMaxJointRows * kDecodeBlock];
+  alignas(64) uint16_t p16[kMaxJointRows * kDecodeBlock];
+  float alpha[kMaxJointRows];
   const int64_t c0 = P.chunk_begin(b), c_end = P.chunk_end(b);  // key j >= M is chunk row c0 + j - M
   // The next block's lines, spread over this block's score passes (H heads x kDecodeBlock / keys per pass).
   RangePrefetcher<T> pf(P, b, c0);
@@ -366,6 +376,8 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
   const int64_t passes = H * kDecodeBlock / kPassKeys;
   int per_pass = 0;
   auto step = [&] { pf.step(per_pass); };
+  pf.start(k0, std::min(k0 + kDecodeBlock, k1));  // the first block's lines, all at once
+  pf.finish();
   for (int64_t j0 = k0; j0 < k1; j0 += kDecodeBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kDecodeBlock, k1 - j0));
     const int64_t lines = pf.start(j0 + kDecodeBlock, std::min(j0 + 2 * kDecodeBlock, k1));
@@ -390,7 +402,7 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
       }
       if (n < kDecodeBlock || causal_mask) {
         for (int r = 0; r < R; ++r) {
-          const int64_t thr = r / G + c_end - P.Tq;  // last chunk row visible to the row's query
+          const int64_t thr = r % RB / G + c_end - P.Tq;  // last chunk row visible to the row's query (nb == 1)
           for (int jj = 0; jj < kDecodeBlock; ++jj) {
             const int64_t j = j0 + jj;
             if (jj >= n || (P.causal && j >= P.M && c0 + j - P.M > thr)) s[r * kDecodeBlock + jj] = kNegInf;
@@ -429,7 +441,7 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
     for (int r = 0; r < R; ++r) {
       const int64_t i = h * R + r;
       if (part == nullptr) {
-        finish_row<T>(P, b, r / G, h * G + r % G, o + i * D, m[i], l[i], tmp);
+        finish_row<T>(P, b + r / RB, r % RB / G, h * G + r % G, o + i * D, m[i], l[i], tmp);
       } else {
         const bool empty = !(l[i] > 0.f);
         for (int64_t d = 0; d < D; ++d) part[i * D + d] = empty ? 0.f : o[i * D + d] / l[i];
@@ -439,48 +451,90 @@ void decode_split(const Problem& P, int64_t b, int64_t k0, int64_t k1, float* pa
   }
 }
 
+// Row (b, r) of the output (r < G Tq: query row r / G of head h G + r % G) from n normalised partial rows and their
+// natural-log LSEs, merged exactly in the given order: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
+template <typename T>
+void merge_partials(const Problem& P, int64_t b, int64_t h, int64_t r, const float* const* rows, const float* lse,
+                    int64_t n, float* acc) {
+  float mx = kNegInf;
+  for (int64_t s = 0; s < n; ++s) mx = std::max(mx, lse[s]);
+  std::fill(acc, acc + P.D, 0.f);
+  float l = 0.f;
+  for (int64_t s = 0; s < n && mx != kNegInf; ++s) {
+    const float w = std::exp(lse[s] - mx);
+    for (int64_t d = 0; d < P.D; ++d) acc[d] += w * rows[s][d];
+    l += w;
+  }
+  // finish_row wants (m, l) in log2 units with acc unnormalised: m = mx / ln 2.
+  finish_row<T>(P, b, r / P.G, h * P.G + r % P.G, acc, mx / kLn2, l, acc);
+}
+
+// Decode of every batch row: its memory keys in splits of ~kSplitKeys keys and its valid chunk keys in splits of their
+// own (boundaries on decode blocks; the counts depend on the shapes only, never on the thread count), handed out
+// dynamically; a row's splits merge through their LSEs in a fixed order (memory, then chunk), by the last of its tasks
+// to finish: the bits do not depend on the machine's threads. Batch rows that share the memory (a batch-stride-0
+// expand: how the model serves one memory state to a batch) are taken nb at a time, as many as fit kMaxJointRows query
+// rows: a memory split then reads its keys once for the nb rows, whose rows are scored together, with the same
+// arithmetic per row as alone, so that an expanded memory gives the bits of a dense copy. One split in all (short
+// rows): the rows are finished in place.
 template <typename T, int NV>
 void decode(const Problem& P) {
-  const int64_t R = P.G * P.Tq, H = P.Hkv, D = NV * kLanes;
-  // Keys of row b: the memory and its valid chunk keys (only those are split; causality hides none of them here,
-  // since the last query sees every chunk key below kv_len).
-  auto row_keys = [&](int64_t b) { return P.M + P.chunk_end(b) - P.chunk_begin(b); };
-  // Splits of ~kSplitKeys keys of the largest row (boundaries on decode blocks), handed out dynamically; each row
-  // spreads its own keys over them. The count depends on the shape only, never on the thread count, and the splits
-  // are merged in a fixed order: the result's bits do not depend on the machine's threads either.
-  int64_t n_max = 0;
-  for (int64_t b = 0; b < P.B; ++b) n_max = std::max(n_max, row_keys(b));
-  const int64_t splits = std::clamp<int64_t>(n_max / kSplitKeys, 1, kMaxSplits);
-  if (splits == 1) {
-    parallel_tasks(P.B, [&](int64_t b) { decode_split<T, NV>(P, b, 0, row_keys(b), nullptr, nullptr); });
+  const int64_t RB = P.G * P.Tq, H = P.Hkv, D = NV * kLanes, slot = H * RB * D;  // slot: one batch row's partial
+  const bool shared = P.B > 1 && P.M > 0 && P.mk.sb == 0 && P.mv.sb == 0;
+  const int64_t nb = shared ? std::max<int64_t>(1, std::min<int64_t>(P.B, kMaxJointRows / RB)) : 1;
+  const int64_t groups = (P.B + nb - 1) / nb;
+  auto chunk_keys = [&](int64_t b) { return P.chunk_end(b) - P.chunk_begin(b); };
+  int64_t c_max = 0;
+  for (int64_t b = 0; b < P.B; ++b) c_max = std::max(c_max, chunk_keys(b));
+  const int64_t ms = P.M == 0 ? 0 : std::clamp<int64_t>(P.M / kSplitKeys, 1, kMaxSplits);
+  const int64_t cs = c_max == 0 ? 0 : std::clamp<int64_t>(c_max / kSplitKeys, 1, kMaxSplits);
+  const int64_t mper = ms == 0 ? 0 : round_up((P.M + ms - 1) / ms, kDecodeBlock);
+  if (ms + cs <= 1) {  // nb > 1 only when cs == 0
+    parallel_tasks(groups, [&](int64_t g) {
+      const int64_t b0 = g * nb;
+      decode_split<T, NV>(P, b0, std::min(nb, P.B - b0), 0, P.M + (nb == 1 ? chunk_keys(b0) : 0), nullptr, nullptr);
+    });
     return;
   }
-  std::vector<float> part(P.B * splits * H * R * D), part_lse(P.B * splits * H * R);
+  // memory partials [groups][ms][H][nb RB][D] (a short last group leaves its tail unused), chunk ones [B][cs][H][RB][D]
+  std::vector<float> mpart(groups * ms * nb * slot), mlse(groups * ms * nb * H * RB);
+  std::vector<float> cpart(P.B * cs * slot), clse(P.B * cs * H * RB);
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[P.B]());
-  // Exact merge of batch b's splits: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
-  auto merge_splits = [&](int64_t b) {
-    std::vector<float> acc(D);
-    for (int64_t hr = 0; hr < H * R; ++hr) {
-      const int64_t h = hr / R, r = hr % R;
-      float mx = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, part_lse[(b * splits + sp) * H * R + hr]);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float l = 0.f;
-      for (int64_t sp = 0; sp < splits && mx != kNegInf; ++sp) {
-        const float w = std::exp(part_lse[(b * splits + sp) * H * R + hr] - mx);
-        const float* src = part.data() + ((b * splits + sp) * H * R + hr) * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
-        l += w;
+  auto merge = [&](int64_t b) {
+    const int64_t g = b / nb, R = std::min(nb, P.B - g * nb) * RB, r0 = (b - g * nb) * RB;  // b's rows in its group
+    std::vector<const float*> rows(ms + cs);
+    std::vector<float> lse(ms + cs), acc(D);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t r = 0; r < RB; ++r) {
+        for (int64_t sp = 0; sp < ms; ++sp) {
+          const int64_t i = (g * ms + sp) * nb * H * RB + h * R + r0 + r;
+          rows[sp] = mpart.data() + i * D;
+          lse[sp] = mlse[i];
+        }
+        for (int64_t sp = 0; sp < cs; ++sp) {
+          const int64_t i = (b * cs + sp) * H * RB + h * RB + r;
+          rows[ms + sp] = cpart.data() + i * D;
+          lse[ms + sp] = clse[i];
+        }
+        merge_partials<T>(P, b, h, r, rows.data(), lse.data(), ms + cs, acc.data());
       }
-      // finish_row wants (m, l) in log2 units with acc unnormalised: m = mx / ln 2.
-      finish_row<T>(P, b, r / P.G, h * P.G + r % P.G, acc.data(), mx / kLn2, l, acc.data());
     }
   };
-  parallel_tasks(P.B * splits, [&](int64_t task) {
-    const int64_t b = task / splits, sp = task % splits, n = row_keys(b);
-    const int64_t per = round_up((n + splits - 1) / splits, kDecodeBlock);
-    decode_split<T, NV>(P, b, std::min(n, sp * per), std::min(n, (sp + 1) * per), part.data() + task * H * R * D,
-                        part_lse.data() + task * H * R);
-    if (done[b].fetch_add(1) + 1 == splits) merge_splits(b);  // the last split of b to finish merges (no 2nd pass)
+  auto finished = [&](int64_t b) {
+    if (done[b].fetch_add(1) + 1 == ms + cs) merge(b);
+  };
+  parallel_tasks(groups * ms + P.B * cs, [&](int64_t task) {
+    if (task < groups * ms) {
+      const int64_t b0 = task / ms * nb, sp = task % ms, n = std::min(nb, P.B - b0);
+      decode_split<T, NV>(P, b0, n, std::min(P.M, sp * mper), std::min(P.M, (sp + 1) * mper),
+                          mpart.data() + task * nb * slot, mlse.data() + task * nb * H * RB);
+      for (int64_t b = b0; b < b0 + n; ++b) finished(b);
+    } else {
+      const int64_t t = task - groups * ms, b = t / cs, sp = t % cs, n = chunk_keys(b);
+      const int64_t per = round_up((n + cs - 1) / cs, kDecodeBlock);
+      decode_split<T, NV>(P, b, 1, P.M + std::min(n, sp * per), P.M + std::min(n, (sp + 1) * per),
+                          cpart.data() + t * slot, clse.data() + t * H * RB);
+      finished(b);
+    }
   });
 }
