@@ -118,17 +118,6 @@ void micro_tile_bf16(const float* __restrict q, const float* __restrict kb, int6
 }
 #endif
 
-// n elements of `dtype` -> fp32 (exact for bf16 and fp16).
-void row_to_float(const void* src, c10::ScalarType dtype, int64_t n, float* dst) {
-  if (dtype == c10::ScalarType::Float) {
-    load_row(static_cast<const float*>(src), dst, n);
-  } else if (dtype == c10::ScalarType::BFloat16) {
-    load_row(static_cast<const c10::BFloat16*>(src), dst, n);
-  } else {
-    load_row(static_cast<const c10::Half*>(src), dst, n);
-  }
-}
-
 // The operands of a kernel: `depth` 32-bit elements per query or key row (packed queries [depth][block lanes], key
 // rows `depth` apart), what `row` writes from a row of ds input elements, and the micro-tiles.
 // Fp32Operands: each element widened to fp32 (every dtype, every level).

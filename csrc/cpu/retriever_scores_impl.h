@@ -159,17 +159,6 @@ const void* input_row(const Input& in, c10::ScalarType dtype, int64_t l, int64_t
   return static_cast<const char*>(in.data) + (l * in.layer + r * in.row) * element_size(dtype);
 }
 
-// n elements of `dtype` -> fp32 (exact for bf16 and fp16).
-void row_to_float(const void* src, c10::ScalarType dtype, int64_t n, float* dst) {
-  if (dtype == c10::ScalarType::Float) {
-    load_row(static_cast<const float*>(src), dst, n);
-  } else if (dtype == c10::ScalarType::BFloat16) {
-    load_row(static_cast<const c10::BFloat16*>(src), dst, n);
-  } else {
-    load_row(static_cast<const c10::Half*>(src), dst, n);
-  }
-}
-
 // n fp32 values -> `dtype` at element `index` of `base` (round to nearest even).
 void store_out(void* base, c10::ScalarType dtype, int64_t index, const float* src, int64_t n) {
   if (dtype == c10::ScalarType::Float) {

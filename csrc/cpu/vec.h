@@ -152,6 +152,16 @@ inline void store_row(T* dst, const float* src, int64_t n) {
   for (; i + kLanes <= n; i += kLanes) store_cvt(dst + i, load(src + i));
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
+// n elements of `dtype` (fp32, bf16 or fp16) -> fp32 (exact), for kernels that take the dtype at run time.
+inline void row_to_float(const void* src, c10::ScalarType dtype, int64_t n, float* dst) {
+  if (dtype == c10::ScalarType::Float) {
+    load_row(static_cast<const float*>(src), dst, n);
+  } else if (dtype == c10::ScalarType::BFloat16) {
+    load_row(static_cast<const c10::BFloat16*>(src), dst, n);
+  } else {
+    load_row(static_cast<const c10::Half*>(src), dst, n);
+  }
+}
 
 // 2^x for x in [-125, 126]: x = n + f with f in [-1/2, 1/2], 2^f by Cephes' exp2f polynomial (relative error ~1e-7),
 // 2^n added to the exponent bits. The callers clamp x to that range first.
