@@ -412,6 +412,44 @@ def test_triton_kv_ranges(b, tq, cap, hq, hkv, m, ends, starts, causal, splits, 
     _check(out, lse, ref, dtype, causal=causal, name=f"triton splits={splits}")
 
 
+# A memory shared by the batch rows (an expand, batch stride 0: how the model serves a memory state to a batch): one
+# launch over the memory for all B·Tq queries, one over each row's chunk keys, merged by the split combine.
+@pytest.mark.parametrize(
+    ("b", "tq", "cap", "ends", "starts", "splits", "config", "dtype"),
+    [
+        (3, 1, 5, None, None, None, None, torch.float16),  # decode, automatic config and splits
+        (4, 1, 9, [9, 0, 3, 5], [0, 0, 1, 5], 3, TINY, torch.bfloat16),  # static cache, a row with no chunk key
+        (2, 2, 0, None, None, 2, TINY, torch.float32),  # memory only
+        (3, 3, 7, [7, 2, 4], None, 1, TINY, torch.float32),  # Tq > valid keys: queries that see memory only
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_shared_memory_reads_it_once(b, tq, cap, ends, starts, splits, config, dtype, causal, monkeypatch,
+                                     nan_outputs):  # fmt: skip
+    x = _static_cache(b, tq, cap, 8, 2, 64, 70, dtype, ends, starts, seed=b * 10 + tq)
+    x["mem_k"], x["mem_v"] = x["mem_k"][:1].expand_as(x["mem_k"]), x["mem_v"][:1].expand_as(x["mem_v"])
+    assert ti.shares_memory(x["q"], x["mem_k"], x["mem_v"])
+    grids = []
+    real = ti._memory_attention_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ti, "_memory_attention_fwd_kernel", Spy())
+    args = [x[n] for n in ("q", "k", "v", "mem_k", "mem_v", "mem_pos", "rope_cos", "rope_sin")]
+    out, lse = ti.memory_attention_fwd(
+        *args, 0.125, causal, x["kv_len"], x["kv_start"], config=config, num_splits=splits
+    )  # fmt: skip
+    assert grids[0][1] == 2, f"the memory launch covers batch 1 x 2 KV heads, got grid {grids[0]}"
+    assert len(grids) == (2 if cap else 1)
+    assert not out.isnan().any() and not lse.isnan().any()
+    _check(out, lse, dict(x, softmax_scale=0.125), dtype, causal=causal, name="shared memory")
+    dense = dict(x, mem_k=x["mem_k"].contiguous(), mem_v=x["mem_v"].contiguous())
+    assert not ti.shares_memory(dense["q"], dense["mem_k"], dense["mem_v"])
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 @pytest.mark.parametrize("tq", [1, 6])
 def test_wrapper_static_cache_equals_sliced_cache(backend, tq, nan_outputs):

@@ -170,7 +170,7 @@ def run(rec: Recorder) -> None:
             shape=f"B{B} Tq{tq} Tk{tq} M{M} Hq{HQ} Hkv{HKV} D{D}",
             dtype=DTYPE,
             flops=4 * D * HQ * B * _visible_pairs(tq, tq),
-            check=(lambda o: {"max_abs_diff_vs_mplus": max_abs_diff(o, ref)}) if ref is not None else None,
+            check=(lambda o, ref=ref: {"max_abs_diff_vs_mplus": max_abs_diff(o, ref)}) if ref is not None else None,
             min_budget_s=min_budget_s,
             **extra,
         )
@@ -191,6 +191,42 @@ def run(rec: Recorder) -> None:
             case(tq, "sdpa_gqa_mask", _sdpa_gqa_mask)
         if not missing_fa:
             case(tq, "flash_attn", _flash_attn)
+    _shared_memory_decode(rec)
     for tq in TQS:
         if tq in inputs:
             case(tq, "flex", _flex, min_budget_s=25.0)
+
+
+B_SHARED = 16  # serving: a batch decoding over one memory state
+
+
+def _shared_memory_decode(rec: Recorder) -> None:
+    """B_SHARED rows decode over one memory, given as the model gives it (an expand, batch stride 0): ``mplus`` reads
+    it once for the batch; ``mplus_per_row`` is the same call on a dense copy per row; ``sdpa_gqa`` gets [memory ;
+    chunk] per row, rotated and concatenated outside the timing. ``gbps`` counts the memory once."""
+    try:
+        one = _inputs(1)
+        g = torch.Generator(device="cuda").manual_seed(16)
+        rnd = lambda *s: torch.randn(*s, generator=g, device="cuda").to(DTYPE)  # noqa: E731
+        x = {k: one[k] for k in ("mem_pos", "cos", "sin")}
+        x.update(q=rnd(B_SHARED, 1, HQ, D), k=rnd(B_SHARED, 1, HKV, D), v=rnd(B_SHARED, 1, HKV, D))
+        x["mem_k"], x["mem_v"] = (one[n].expand(B_SHARED, -1, -1, -1) for n in ("mem_k", "mem_v"))
+        dense = dict(x, mem_k=x["mem_k"].contiguous(), mem_v=x["mem_v"].contiguous())
+    except Exception as exc:
+        rec.note("attention/decode shared memory", error=f"inputs: {type(exc).__name__}: {exc}")
+        return
+    ref = None
+    for provider, make in (("mplus", lambda: _mplus(x)), ("mplus_per_row", lambda: _mplus(dense)),
+                           ("sdpa_gqa", lambda: _sdpa_gqa(dense))):  # fmt: skip
+        out = rec.measure(
+            f"attention/decode shared memory B{B_SHARED}",
+            provider,
+            make,
+            shape=f"B{B_SHARED} (one memory) Tq1 Tk1 M{M} Hq{HQ} Hkv{HKV} D{D}",
+            dtype=DTYPE,
+            flops=4 * D * HQ * B_SHARED * (M + 1),
+            moved_bytes=(2 * M * HKV * D + 2 * B_SHARED * HKV * D + 2 * B_SHARED * HQ * D) * 2,
+            check=(lambda o, ref=ref: {"max_abs_diff_vs_mplus": max_abs_diff(o, ref)}) if ref is not None else None,
+        )
+        if provider == "mplus":
+            ref = out

@@ -27,6 +27,10 @@ One attention kernel serves prefill and decode, plus two small merge kernels:
   writes the final output; with more it writes fp32 partials ``[S, B, Tq, Hq, D]`` / ``[S, B, Hq, Tq]`` that
   ``_combine_splits_kernel`` merges exactly. Used when (batch × KV heads × row blocks) would leave SMs idle and there
   are enough keys (``plan_splits``): every decode step over the M+ memory.
+* **A memory shared by the batch** (an expand, batch stride 0: how the model serves one memory state to a batch) is
+  read once: the launcher runs the memory keys for all B·Tq queries as the tokens of one row (their G·B·Tq packed
+  rows fill the tensor-core tiles a single decode step leaves mostly empty), each row's chunk keys in a second
+  launch, and merges the fp32 partials of both with the split combine.
 
 ``tl.dot`` takes 16-bit tiles on tensor cores with fp32 accumulation. fp32 inputs use ``input_precision="ieee"``
 (no TF32), so fp32 results match the fp32 reference to fp32 rounding; that path is for checking, not speed.
@@ -413,6 +417,94 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+@dataclasses.dataclass
+class _Table:
+    """The RoPE of the memory keys as the kernel reads it: positions, their stride, the tables and their rows."""
+
+    pos: Tensor
+    stride_pos: int
+    cos: Tensor
+    sin: Tensor
+    num_pos: int
+
+
+def _rope_table(m: int, mem_pos, rope_cos, rope_sin, d: int, device) -> _Table:
+    if m > 0 and mem_pos is not None:
+        pos = mem_pos.to(torch.int32)
+        cos = _aligned(rope_cos.float().contiguous())
+        sin = _aligned(rope_sin.float().contiguous())
+        return _Table(pos, pos.stride(0), cos, sin, rope_cos.shape[0])
+    # no rotation: every row reads table row 0 = (cos 1, sin 0), the identity, exactly
+    pos = torch.zeros(1, dtype=torch.int32, device=device)
+    cos = torch.ones((1, d // 2), dtype=torch.float32, device=device)
+    sin = torch.zeros((1, d // 2), dtype=torch.float32, device=device)
+    return _Table(pos, 0, cos, sin, 1)
+
+
+def _split_plan(programs: int, num_keys: int, cfg: AttnConfig, device, num_splits: int | None) -> tuple[int, int]:
+    if num_splits is None:
+        return plan_splits(programs, num_keys, cfg.block_n, _num_sms(device))
+    split_len = triton.cdiv(triton.cdiv(max(num_keys, 1), num_splits), cfg.block_n) * cfg.block_n
+    return triton.cdiv(max(num_keys, 1), split_len), split_len
+
+
+def _launch(q, k, v, mem_k, mem_v, m, table: _Table, o_buf, l_buf, kv_len, kv_start, causal, softmax_scale,
+            split_len, cfg: AttnConfig) -> None:  # fmt: skip
+    """One ``_memory_attention_fwd_kernel`` launch writing ``o_buf [S, B, Tq, Hq, D]`` / ``l_buf [S, B, Hq, Tq]``
+    (S = the splits of ``split_len`` keys: the final output when S is 1, else fp32 partials)."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    if m == 0:
+        mem_k, mem_v = k, v  # never read (the memory loop is empty); any valid pointers do
+    # absent per-row ranges: the kernel does not load them (masked loads), any int32 pointer will do
+    has_kv_len, has_kv_start = int(kv_len is not None), int(kv_start is not None)
+    kv_len = table.pos if kv_len is None else kv_len.contiguous()
+    kv_start = table.pos if kv_start is None else kv_start.contiguous()
+    grid = (triton.cdiv(tq * group, cfg.block_m), b * hkv, o_buf.shape[0])
+    _memory_attention_fwd_kernel[grid](
+        q, k, v, mem_k, mem_v, table.pos, table.cos, table.sin, o_buf, l_buf, kv_len, kv_start, has_kv_len,
+        has_kv_start, tq, tk, m, table.num_pos, hkv, group, -tq if causal else 0, split_len, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        mem_k.stride(0), mem_k.stride(1), mem_k.stride(2),
+        mem_v.stride(0), mem_v.stride(1), mem_v.stride(2),
+        table.stride_pos,
+        o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), o_buf.stride(3),
+        l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _check_combine_rows(rows: int) -> None:
+    if rows >= 2**31:
+        raise ValueError(f"memory_attention: B·Tq·Hq = {rows} rows; the split-KV combine indexes rows with int32")
+
+
+def _combine(o_buf: Tensor, l_buf: Tensor, out: Tensor, lse: Tensor) -> None:
+    splits, b, tq, hq, d = o_buf.shape
+    grid = (triton.cdiv(b * tq * hq, COMBINE_BLOCK_R),)
+    _combine_splits_kernel[grid](
+        o_buf, l_buf, out, lse, splits, b, tq, hq, HEAD_DIM=d, BLOCK_R=COMBINE_BLOCK_R,
+        num_warps=MERGE_NUM_WARPS, num_stages=MERGE_NUM_STAGES,
+    )  # fmt: skip
+
+
+def shares_memory(q: Tensor, mem_k: Tensor | None, mem_v: Tensor | None) -> bool:
+    """Whether the batch rows share one memory (an expand, batch stride 0: how the model serves a memory state to a
+    batch), which the launcher then reads once for all of them."""
+    return (
+        q.shape[0] > 1
+        and mem_k is not None
+        and mem_v is not None
+        and mem_k.shape[1] > 0
+        and mem_k.stride(0) == 0
+        and mem_v.stride(0) == 0
+    )
+
+
 def memory_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -435,8 +527,13 @@ def memory_attention_fwd(
     ``kv_len`` / ``kv_start`` (``[B]`` int32, on q's device) are read by the kernel, never here: nothing in the launch
     depends on their values, so a CUDA graph of a decode step over a static cache stays valid as they change.
 
-    ``config`` and ``num_splits`` override the automatic choices (``select_config``, ``plan_splits``); tests use them
-    to drive many blocks and splits through tiny shapes.
+    A memory the batch rows share (``shares_memory``) is read once: one launch over the memory keys for all B·Tq
+    queries (the batch as the tokens of one row: its K/V tiles are loaded once for B·Tq·G packed rows), one over each
+    row's chunk keys, and their fp32 partials merged exactly by the split combine. (Its bits may differ from those of
+    a dense copy of the memory, which is split differently.)
+
+    ``config`` and ``num_splits`` override the automatic choices (``select_config``, ``plan_splits``; with a shared
+    memory, for each of the two launches); tests use them to drive many blocks and splits through tiny shapes.
     """
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -445,71 +542,59 @@ def memory_attention_fwd(
     lse = _empty((b, hq, tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    shared = shares_memory(q, mem_k, mem_v)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    if mem_k is None or mem_k.shape[1] == 0:
-        m = 0
-        mem_k, mem_v = k, v  # never read (the memory loop is empty); any valid pointers do
-    else:
-        m = mem_k.shape[1]
-        mem_k, mem_v = _aligned(mem_k), _aligned(mem_v)
-    if m > 0 and mem_pos is not None:
-        pos = mem_pos.to(torch.int32)
-        num_pos = rope_cos.shape[0]
-        stride_pos = pos.stride(0)
-        cos = _aligned(rope_cos.float().contiguous())
-        sin = _aligned(rope_sin.float().contiguous())
-    else:  # no rotation: every row reads table row 0 = (cos 1, sin 0), the identity, exactly
-        pos = torch.zeros(1, dtype=torch.int32, device=q.device)
-        num_pos = 1
-        stride_pos = 0
-        cos = torch.ones((1, d // 2), dtype=torch.float32, device=q.device)
-        sin = torch.zeros((1, d // 2), dtype=torch.float32, device=q.device)
+    m = 0 if mem_k is None else mem_k.shape[1]
+    if m > 0:  # a shared memory as its one copy ([1, M, Hkv, D]: aligning never materialises the expand)
+        mem_k, mem_v = (_aligned(mem_k[:1]), _aligned(mem_v[:1])) if shared else (_aligned(mem_k), _aligned(mem_v))
+    table = _rope_table(m, mem_pos, rope_cos, rope_sin, d, q.device)
+    if shared:
+        return _shared_memory_fwd(q, k, v, mem_k, mem_v, table, softmax_scale, causal, kv_len, kv_start, config,
+                                  num_splits, out, lse)  # fmt: skip
 
-    # absent per-row ranges: the kernel does not load them (masked loads), any int32 pointer will do
-    has_kv_len, has_kv_start = int(kv_len is not None), int(kv_start is not None)
-    kv_len = pos if kv_len is None else kv_len.contiguous()
-    kv_start = pos if kv_start is None else kv_start.contiguous()
-
-    rows = tq * group
-    cfg = config or select_config(d, q.dtype, rows)
-    row_blocks = triton.cdiv(rows, cfg.block_m)
-    num_keys = m + tk  # the most keys a row can have (shapes only: the split plan never depends on kv_len)
-    if num_splits is None:
-        splits, split_len = plan_splits(b * hkv * row_blocks, num_keys, cfg.block_n, _num_sms(q.device))
-    else:
-        split_len = triton.cdiv(triton.cdiv(max(num_keys, 1), num_splits), cfg.block_n) * cfg.block_n
-        splits = triton.cdiv(max(num_keys, 1), split_len)
-    if splits > 1 and b * tq * hq >= 2**31:
-        raise ValueError(
-            f"memory_attention: B·Tq·Hq = {b * tq * hq} rows; the split-KV combine indexes rows with int32"
-        )
+    cfg = config or select_config(d, q.dtype, tq * group)
+    programs = b * hkv * triton.cdiv(tq * group, cfg.block_m)
+    # the most keys a row can have (shapes only: the split plan never depends on kv_len)
+    splits, split_len = _split_plan(programs, m + tk, cfg, q.device, num_splits)
+    if splits > 1:
+        _check_combine_rows(b * tq * hq)
     if splits == 1:
         o_buf, l_buf = out.unsqueeze(0), lse.unsqueeze(0)
     else:
         o_buf = _empty((splits, b, tq, hq, d), dtype=torch.float32, device=q.device)
         l_buf = _empty((splits, b, hq, tq), dtype=torch.float32, device=q.device)
-
-    grid = (row_blocks, b * hkv, splits)
-    _memory_attention_fwd_kernel[grid](
-        q, k, v, mem_k, mem_v, pos, cos, sin, o_buf, l_buf, kv_len, kv_start, has_kv_len, has_kv_start,
-        tq, tk, m, num_pos, hkv, group, -tq if causal else 0, split_len, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        mem_k.stride(0), mem_k.stride(1), mem_k.stride(2),
-        mem_v.stride(0), mem_v.stride(1), mem_v.stride(2),
-        stride_pos,
-        o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), o_buf.stride(3),
-        l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    _launch(q, k, v, mem_k, mem_v, m, table, o_buf, l_buf, kv_len, kv_start, causal, softmax_scale, split_len, cfg)
     if splits > 1:
-        grid = (triton.cdiv(b * tq * hq, COMBINE_BLOCK_R),)
-        _combine_splits_kernel[grid](
-            o_buf, l_buf, out, lse, splits, b, tq, hq, HEAD_DIM=d, BLOCK_R=COMBINE_BLOCK_R,
-            num_warps=MERGE_NUM_WARPS, num_stages=MERGE_NUM_STAGES,
-        )  # fmt: skip
+        _combine(o_buf, l_buf, out, lse)
+    return out, lse
+
+
+def _shared_memory_fwd(q, k, v, mem_k, mem_v, table, softmax_scale, causal, kv_len, kv_start, config, num_splits,
+                       out, lse) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``memory_attention_fwd`` over a memory ``mem_k/mem_v [1, M, Hkv, D]`` shared by the B rows of q."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group, m = hq // hkv, mem_k.shape[1]
+    qm = _aligned(q.reshape(1, b * tq, hq, d))  # the batch as one row's tokens (a view of a contiguous q)
+    cfg_m = config or select_config(d, q.dtype, b * tq * group)
+    s_m, len_m = _split_plan(hkv * triton.cdiv(b * tq * group, cfg_m.block_m), m, cfg_m, q.device, num_splits)
+    cfg_c = config or select_config(d, q.dtype, tq * group)
+    s_c, len_c = (0, 0) if tk == 0 else _split_plan(
+        b * hkv * triton.cdiv(tq * group, cfg_c.block_m), tk, cfg_c, q.device, num_splits
+    )  # fmt: skip
+    _check_combine_rows(b * tq * hq)
+    o_buf = _empty((s_m + s_c, b, tq, hq, d), dtype=torch.float32, device=q.device)
+    l_buf = _empty((s_m + s_c, b, hq, tq), dtype=torch.float32, device=q.device)
+    # memory: partials [S_m, 1, B·Tq, Hq, D] are o_buf's first S_m as they are; their lse [S_m, 1, Hq, B·Tq] is laid
+    # out for (B, Hq, Tq) after the launch
+    l_m = _empty((s_m, 1, hq, b * tq), dtype=torch.float32, device=q.device)
+    _launch(qm, k[:1, :0], v[:1, :0], mem_k, mem_v, m, table, o_buf[:s_m].view(s_m, 1, b * tq, hq, d), l_m, None,
+            None, False, softmax_scale, len_m, cfg_m)  # fmt: skip
+    l_buf[:s_m].copy_(l_m.view(s_m, hq, b, tq).transpose(1, 2))
+    if s_c > 0:  # each row's chunk keys alone (no memory: m = 0)
+        _launch(q, k, v, None, None, 0, table, o_buf[s_m:], l_buf[s_m:], kv_len, kv_start, causal, softmax_scale,
+                len_c, cfg_c)  # fmt: skip
+    _combine(o_buf, l_buf, out, lse)
     return out, lse
 
 
