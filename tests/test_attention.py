@@ -142,17 +142,23 @@ def test_split_kv_decode(tq, tk, m, splits, dtype, nan_outputs):
     _assert_lse_close(lse, one_l, atol=1e-5, name="split vs single pass lse")
 
 
-def test_wrapper_decode_takes_the_split_kv_path(monkeypatch, nan_outputs):
-    """A decode step over a long memory is split across programs automatically (few programs per SM otherwise)."""
-    calls = []
-    real = ti._combine_splits_kernel
+def _spy_launches(monkeypatch, kernel: str) -> list:
+    """The grids of every launch of ``ti.<kernel>`` from now on (the kernel still runs)."""
+    grids = []
+    real = getattr(ti, kernel)
 
     class Spy:
         def __getitem__(self, grid):
-            calls.append(grid)
+            grids.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(ti, "_combine_splits_kernel", Spy())
+    monkeypatch.setattr(ti, kernel, Spy())
+    return grids
+
+
+def test_wrapper_decode_takes_the_split_kv_path(monkeypatch, nan_outputs):
+    """A decode step over a long memory is split across programs automatically (few programs per SM otherwise)."""
+    calls = _spy_launches(monkeypatch, "_combine_splits_kernel")
     x = _inputs(1, 1, 3, 8, 2, 64, 700, torch.float16, seed=13)
     out, lse = mk.memory_attention(**x, backend="triton")
     assert calls, "the decode step did not use split-KV"
@@ -429,15 +435,7 @@ def test_shared_memory_reads_it_once(b, tq, cap, ends, starts, splits, config, d
     x = _static_cache(b, tq, cap, 8, 2, 64, 70, dtype, ends, starts, seed=b * 10 + tq)
     x["mem_k"], x["mem_v"] = x["mem_k"][:1].expand_as(x["mem_k"]), x["mem_v"][:1].expand_as(x["mem_v"])
     assert ti.shares_memory(x["q"], x["mem_k"], x["mem_v"])
-    grids = []
-    real = ti._memory_attention_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(ti, "_memory_attention_fwd_kernel", Spy())
+    grids = _spy_launches(monkeypatch, "_memory_attention_fwd_kernel")
     args = [x[n] for n in ("q", "k", "v", "mem_k", "mem_v", "mem_pos", "rope_cos", "rope_sin")]
     out, lse = ti.memory_attention_fwd(
         *args, 0.125, causal, x["kv_len"], x["kv_start"], config=config, num_splits=splits
