@@ -24,8 +24,8 @@
 // Each split keeps (max, sum, out) per row; the last split of a batch row to finish merges them through their LSEs, in
 // split order. The number of splits depends on the shapes only, so the bits do not depend on the thread count.
 // Measured on 2 Zen 4 cores (M 12,801, 8 KV heads, G 4, D 128, memory keys rotated from a permuted position table):
-// bf16 at 54-63% of the read bandwidth (a 512 MiB sum), fp32 at 66-77% (docs/bench/levels.md). What holds it there
-// (measured, issue 22):
+// bf16 at 54-63% of the read bandwidth (a 512 MiB sum), fp32 at 56-77% (docs/bench/levels.md; the machine is shared
+// and its bandwidth swings by 30% between runs). What holds it there (measured, issue 22):
 // * compute and memory do not overlap: per (key, KV head) a core spends ~30 ns computing with the data in L2/L3
 //   (bf16 with RoPE: ~100 vector instructions: widening 16, RoPE 16, Q.K 32 FMAs, P.V 16 vdpbf16ps + 8 for the pairs
 //   and p, the reductions and softmax ~12) and ~55 ns from DRAM, close to the sum of the two; without RoPE (keys
@@ -36,7 +36,11 @@
 //   compute);
 // * the access pattern itself is not the limit: a C loop reading the same rows in this order with these prefetches
 //   and no compute moves ~28 GB/s on the 2 cores, as fast as a sequential sum of the same bytes;
-// * 2 MiB pages (THP_MEM_ALLOC_ENABLE=1, torch's allocator) take 10-25% off, for the sum as well.
+// * 2 MiB pages (THP_MEM_ALLOC_ENABLE=1, torch's allocator) took 10-25% off, for the sum as well, in one session and
+//   nothing in the next;
+// * the RoPE rows of memory slots in position order (identity positions) instead of a permutation: -14% (2.36 vs 2.73
+//   ms, one process); keys given rotated (no RoPE): -25%. cos and sin rows side by side (one 512-byte read): 2-3%,
+//   within the noise; prefetching the RoPE rows two blocks ahead, or spreading the prefetches over P.V too: no change.
 // Reaching 80% needs the compute per key well under the memory time (RoPE off the decode path, or fewer instructions
 // per key), not a different prefetch.
 
