@@ -493,10 +493,10 @@ void decode(const Problem& P) {
   const int64_t ms = P.M == 0 ? 0 : std::clamp<int64_t>(P.M / kSplitKeys, 1, kMaxSplits);
   const int64_t cs = c_max == 0 ? 0 : std::clamp<int64_t>(c_max / kSplitKeys, 1, kMaxSplits);
   const int64_t mper = ms == 0 ? 0 : round_up((P.M + ms - 1) / ms, kDecodeBlock);
-  if (ms + cs <= 1) {  // nb > 1 only when cs == 0
+  if (ms + cs <= 1) {  // nb > 1 only when cs == 0, i.e. no row has chunk keys
     parallel_tasks(groups, [&](int64_t g) {
       const int64_t b0 = g * nb;
-      decode_split<T, NV>(P, b0, std::min(nb, P.B - b0), 0, P.M + (nb == 1 ? chunk_keys(b0) : 0), nullptr, nullptr);
+      decode_split<T, NV>(P, b0, std::min(nb, P.B - b0), 0, P.M + chunk_keys(b0), nullptr, nullptr);
     });
     return;
   }
