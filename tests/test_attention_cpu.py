@@ -277,6 +277,18 @@ def test_decode_split_kv(tq, group, dtype):
     check(args, 1 / math.sqrt(128), True, name=f"split-KV Tq={tq} G={group}")
 
 
+# Decode over memory keys given rotated (what the model's decode steps read) or rotated in the kernel, at every head
+# dim: bf16 keys without RoPE are scored on vdpbf16ps at the avx512_bf16 level; M 77 and 1001 end the memory inside a
+# pass of keys, so one pass mixes rotated memory keys and chunk keys.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("use_pos", [True, False])
+@pytest.mark.parametrize(("m", "tk"), [(77, 9), (1001, 1300), (3000, 64)])
+@pytest.mark.parametrize(("d", "group"), [(64, 8), (128, 4), (256, 2)])
+def test_decode_memory_rotated_or_not(d, group, m, tk, use_pos, dtype):
+    args = make_case(2, 1, tk, m, 2 * group, 2, d, dtype, use_pos=use_pos, gen_seed=m + d)
+    check(args, 1 / math.sqrt(d), True, name=f"decode D={d} G={group} M={m} pos={use_pos}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("b", "tq", "group", "m"), [(1, 1, 4, 5000), (2, 2, 4, 2500), (1, 64, 4, 700), (3, 1, 1, 40)])
 def test_bits_do_not_depend_on_thread_count(b, tq, group, m, dtype):

@@ -17,7 +17,9 @@
 //   block is requested all at once before it starts;
 // * "dims in lanes" for Q.K: a key row is loaded, converted and rotated into registers once and dotted with every
 //   query row; kScoreKeys keys at a time (on AVX-512: 4 at D 64, 2 at D 128), so that each query vector loaded from
-//   L1 serves several keys. kLanes keys' partial sums are folded into one score vector by a transpose-reduction tree;
+//   L1 serves several keys. kLanes keys' partial sums are folded into one score vector by a transpose-reduction tree.
+//   At the avx512_bf16 level, bf16 keys given rotated (chunk keys; the memory keys of the model's decode steps, which
+//   a generation rotates once at its prefill) are dotted on vdpbf16ps as they are stored, twice the keys per pass;
 // * P.V on the avx512_bf16 and amx levels (bf16 values): vdpbf16ps on pairs of keys, the pairs of value rows
 //   interleaved by one vpermt2w per 16 dims and p rounded to bf16 (as in the bf16 prefill; l keeps the fp32 p): half
 //   the multiply instructions of the fp32 FMAs and no widening of V. Elsewhere fp32 FMAs on the widened rows.
@@ -42,7 +44,15 @@
 //   ms, one process); keys given rotated (no RoPE): -25%. cos and sin rows side by side (one 512-byte read): 2-3%,
 //   within the noise; prefetching the RoPE rows two blocks ahead, or spreading the prefetches over P.V too: no change.
 // Reaching 80% needs the compute per key well under the memory time (RoPE off the decode path, or fewer instructions
-// per key), not a different prefetch.
+// per key), not a different prefetch. Since then (next session, same machine kind):
+// * RoPE is off the model's decode path (MemoryKV.rotated) and rotated bf16 keys take vdpbf16ps for Q.K: in one
+//   process, rotated keys 0.72-0.77 of the in-kernel rotation's time (0.79 before vdpbf16ps); in bench_attention
+//   2.25 ms bf16 (69% of a 33.9 GB/s probe) and 4.93 ms fp32 (63%) against 3.02 and 5.20 ms rotating in the kernel;
+// * with the keys in L2 (M 128 vs 384, one thread) a (key, KV head) costs ~22 ns bf16 rotated (~66 vector
+//   instructions: Q.K 16 vdpbf16ps and 8 loads, the reduction tree ~11, softmax ~5, P.V 16 vdpbf16ps, 4 permutes
+//   and 6 loads/broadcasts) and ~34 ns fp32, against ~38 / 75 ns of memory time per core at 80% of the probe: the
+//   compute fits, the overlap does not (splits of 2048 or 4096 keys, prefetching two blocks ahead: within the noise;
+//   no software prefetch: 30% slower).
 
 constexpr int kDecodeBlock = 64;                       // keys per softmax step
 constexpr int64_t kSplitKeys = 1024, kMaxSplits = 64;  // split-KV: keys per split, most splits per row
@@ -121,18 +131,69 @@ inline void score_long_key(const T* key, const float* cos, const float* sin, con
   for (int r = 0; r < RC; ++r) part[r][col] = lo[r] + hi[r];
 }
 
-// Scores of up to kLanes keys for the R query rows: s[r * lds + jj]. step() runs once per pass (the caller's
-// prefetches, spread over the loop).
+#if MPLUS_ISA_LEVEL == 3
+// Keys already rotated (chunk keys, or memory keys given after RoPE), bf16: part[r][col + c] for KEYS keys on
+// vdpbf16ps, each 32-bit lane the products of a pair of dims (exact) added to its fp32 sum: the key rows are read as
+// they are (no widening), half the multiply instructions of the fp32 FMAs. q16 holds the R query rows unscaled, in
+// bf16 (the input's own bits, so the products are those of the fp32 path); the partial sums are scaled by `scale`
+// here, as the fp32 path's prescaled q does. Only the avx512_bf16 level: Intel's cores retire vdpbf16ps at a quarter
+// of the FMA's rate (bf16_pairs.h).
+template <int NV, int KEYS>
+inline void score_keys_bf16(const c10::BFloat16* const* key, const uint16_t* q16, int R, float scale,
+                            vf (*part)[kLanes], int col) {
+  constexpr int NB = NV / 2;  // vectors of 32 bf16 per row
+  __m512bh k[KEYS][NB];
+  for (int c = 0; c < KEYS; ++c) {
+    for (int i = 0; i < NB; ++i) {
+      k[c][i] = key[c] == nullptr ? reinterpret_cast<__m512bh>(_mm512_setzero_si512())
+                                  : reinterpret_cast<__m512bh>(_mm512_loadu_si512(key[c] + 32 * i));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* qr = q16 + r * NB * 32;
+    __m512 acc[KEYS];
+    for (int c = 0; c < KEYS; ++c) acc[c] = _mm512_setzero_ps();
+    for (int i = 0; i < NB; ++i) {
+      __m512i qi = _mm512_loadu_si512(qr + 32 * i);
+      if constexpr (KEYS > 1) asm("" : "+v"(qi));  // one load for the KEYS instructions
+      for (int c = 0; c < KEYS; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], reinterpret_cast<__m512bh>(qi), k[c][i]);
+    }
+    for (int c = 0; c < KEYS; ++c) part[r][col + c] = reinterpret_cast<vf>(acc[c]) * scale;
+  }
+}
+#endif
+
+// Scores of up to kLanes keys for the R query rows: s[r * lds + jj]. step() runs once per pass of kScoreKeys keys
+// (the caller's prefetches, spread over the loop). q16/scale: the unscaled bf16 rows of score_keys_bf16 (bf16 at the
+// avx512_bf16 level only; q holds them scaled, for the other paths).
 template <typename T, int NV, typename F>
 inline void decode_scores(const T* const* key, const float* const* cos, const float* const* sin, const float* q,
-                          int R, float* s, int64_t lds, F&& step) {
+                          const uint16_t* q16, float scale, int R, float* s, int64_t lds, F&& step) {
   static_assert(NV % 2 == 0, "decode needs an even number of vectors per row");
   vf part[kMaxJointRows][kLanes];
   constexpr int KEYS = kScoreKeys<NV>;
+  (void)q16;
+  (void)scale;
   if constexpr (KEYS > 0) {
     static_assert(kLanes % KEYS == 0, "passes must tile a vector of keys");
     // Rotated or not, per pass: a block mixes both only where the memory ends (a missing key is either)
     for (int jj = 0; jj < kLanes; jj += KEYS) {
+#if MPLUS_ISA_LEVEL == 3
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        constexpr int KEYS16 = 2 * KEYS;  // half the registers per key row: twice the keys per pass
+        if (jj % KEYS16 == 0) {
+          bool none = true;
+          for (int c = 0; c < KEYS16; ++c) none = none && cos[jj + c] == nullptr;
+          if (none) {
+            step();
+            step();
+            score_keys_bf16<NV, KEYS16>(key + jj, q16, R, scale, part, jj);
+            jj += KEYS;  // (and the loop's += KEYS)
+            continue;
+          }
+        }
+      }
+#endif
       step();
       bool all = true, none = true;
       for (int c = 0; c < KEYS; ++c) {
@@ -355,13 +416,15 @@ void decode_split(const Problem& P, int64_t b, int64_t nb, int64_t k0, int64_t k
   const int R = static_cast<int>(nb * RB);
   TORCH_CHECK(R <= kMaxJointRows && (nb == 1 || k1 <= P.M), "decode_split: ", nb, " batch rows over keys [", k0,
               ", ", k1, ")");
-  Scratch ws(2 * H * R * D + 2 * H * R + D);
+  Scratch ws(2 * H * R * D + 2 * H * R + D + H * R * D / 2);
   float *q = ws.p, *o = q + H * R * D, *m = o + H * R * D, *l = m + H * R, *tmp = l + H * R;
+  uint16_t* q16 = reinterpret_cast<uint16_t*>(tmp + D);  // bf16 only: the rows' own bits, unscaled
   for (int64_t h = 0; h < H; ++h) {
     for (int r = 0; r < R; ++r) {
       float* qr = q + (h * R + r) * D;
       const T* src = P.q.row<T>(b + r / RB, r % RB / G, h * G + r % G);
       for (int64_t i = 0; i < D; i += kLanes) store(qr + i, load_cvt(src + i) * P.scale2);  // D: whole vectors
+      if constexpr (std::is_same_v<T, c10::BFloat16>) std::memcpy(q16 + (h * R + r) * D, src, D * sizeof(T));
     }
   }
   std::fill(o, o + H * R * D, 0.f);
@@ -399,7 +462,8 @@ void decode_split(const Problem& P, int64_t b, int64_t nb, int64_t k0, int64_t k
       const float* qh = q + h * R * D;
       for (int g = 0; g < kDecodeBlock; g += kLanes) {
         if (g < n) {
-          decode_scores<T, NV>(key + g, cos + g, sin + g, qh, R, s + g, kDecodeBlock, step);
+          decode_scores<T, NV>(key + g, cos + g, sin + g, qh, q16 + h * R * D, P.scale2, R, s + g, kDecodeBlock,
+                               step);
         } else {
           for (int jj = 0; jj < kLanes; jj += kPassKeys) step();
         }
