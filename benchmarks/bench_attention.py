@@ -181,6 +181,32 @@ def test_memory_attention(bench, benchmark, provider, dtype, tq):
     _record_diff_vs_mplus(benchmark, provider, x, out)
 
 
+# --- decode over memory keys given rotated: what the model's decode steps read ---------------------------------------
+# A generation rotates its memory keys once, at the prefill (``MemoryKV.rotated``), so every decode step calls the
+# kernel with the keys rotated, as the peers above get them. Same inputs and group as ``test_memory_attention[1-*]``;
+# ``mplus_rotated`` is the variant the model runs (the ``mplus`` row rotates the keys in the kernel at every call).
+@pytest.mark.parametrize("provider", mplus_providers("mplus_rotated"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_rotated_memory(bench, benchmark, provider, dtype):
+    x = _inputs(1, dtype)
+    if "mem_k_rot" not in x:
+        x["mem_k_rot"] = apply_rope(x["mem_k"].float(), x["mem_pos"], x["cos"], x["sin"]).to(dtype)
+    args = (x["q"], x["k"], x["v"], x["mem_k_rot"], x["mem_v"], None, None, None, SCALE, True)
+    elt = x["q"].element_size()
+    out = bench(
+        lambda: torch.ops.mplus.memory_attention(*args)[0],
+        group=f"attention/decode/T1/{str(dtype).replace('torch.', '')}",
+        provider=provider,
+        variant="memory keys given rotated, as the model's decode steps",
+        shape=f"B{B} Tq1 Tk1 M{M} Hq{HQ} Hkv{HKV} D{D}",
+        dtype=dtype,
+        rounds=ROUNDS[1],
+        output_bytes=B * HQ * D * elt + B * HQ * 4,
+        moved_bytes=(2 * B * (M + 1) * HKV * D + 2 * B * HQ * D) * elt,
+    )
+    _record_diff_vs_mplus(benchmark, provider, x, out)
+
+
 # --- one memory shared by a batch (serving): B rows decode over the same memory ---------------------------------------
 # The model serves one memory state to a batch as an expand (batch stride 0). mplus reads each memory key once for the
 # batch's rows (``mplus``); ``mplus_per_row`` is the same kernel on a dense copy per row (what it does for rows with

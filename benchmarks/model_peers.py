@@ -114,7 +114,9 @@ def _official_forward(
         if isinstance(segment, PendingSegment):
             segment = segment.resolve()
         rows = segment if isinstance(segment, list) else [segment]  # a list: each batch row its own memory
-        seg_k = torch.cat([apply_rope(s.k, s.positions, s.rope_cos, s.rope_sin) for s in rows]).to(q.dtype)
+        # keys rotated at every call (the official prefill), or as the decode cache holds them (rotated: positions None)
+        seg_k = torch.cat([s.k if s.positions is None else apply_rope(s.k, s.positions, s.rope_cos, s.rope_sin)
+                           for s in rows]).to(q.dtype)  # fmt: skip
         seg_v = torch.cat([s.v for s in rows]).to(q.dtype)
         mem_k.append(seg_k.expand(b, -1, -1, -1))
         mem_v.append(seg_v.expand(b, -1, -1, -1))

@@ -28,7 +28,7 @@ from .attention import KVCache
 from .llama import RopeRows, check_ids
 from .lora import DECODER
 from .memory.state import MemoryState
-from .segments import MemorySegments, PendingSegment, layer_segments, prefix_segment
+from .segments import MemorySegments, PendingSegment, layer_segments, prefix_segment, rotated_segment
 
 if TYPE_CHECKING:  # annotations only: mplus.model imports this module
     from .model import MPlusForCausalLM
@@ -93,6 +93,7 @@ class MPlusCache:
     kv_start: Tensor | None = None  # [B] int32: each row's left padding (its first valid cache row); None: none
     pads: list[int] | None = None  # the same on the host
     use_memory: bool = True  # False: prefilled with model.use_memory = False (no memory segments, positions from 0)
+    rotated_memory: bool = True  # the prefill kept its memory segments' keys rotated (model.rotate_decode_memory)
     is_compileable = False  # read by transformers' generate (no automatic torch.compile of the decode step)
 
     @property
@@ -182,7 +183,8 @@ def prefill_segments(
     k0, cos, sin = cfg.num_ltm_tokens, model.rope_cos, model.rope_sin
     states = mem if isinstance(mem, list) else [mem] * b
     if isinstance(mem, list):  # each row its own short-term memory: per-row segments (views, no stacking)
-        stm = [(m.stm.k[layer_idx], m.stm.v[layer_idx], m.stm.pos[layer_idx] + (1 + k0)) for m in mem]
+        of_state = {id(m): (m.stm.k[layer_idx], m.stm.v[layer_idx], m.stm.pos[layer_idx] + (1 + k0)) for m in mem}
+        stm = [of_state[id(m)] for m in mem]  # a state serving several rows: the same tensors (one rotated copy)
     else:
         stm = (mem.stm.k[layer_idx], mem.stm.v[layer_idx], mem.stm.pos[layer_idx] + (1 + k0))
     bos_k, bos_v = layer.memory_kv(model.bos_embedding[layer_idx])
@@ -212,10 +214,17 @@ def _one_count(got: list) -> bool:
     return len({g.index.numel() for g in got}) == 1
 
 
-def settle_segments(segments: MemorySegments, batch: int) -> tuple[MemorySegments, Tensor | list[Tensor] | None]:
+def settle_segments(
+    segments: MemorySegments, batch: int, rotate: bool = True
+) -> tuple[MemorySegments, Tensor | list[Tensor] | None]:
     """After the prefill's layer ran: its segments with the pending one resolved (what the cache keeps for decoding),
     and the long-term rows it retrieved (``[K0]`` for one row, ``[B, K0]``, or a list of B when the counts differ;
-    None without a long-term memory)."""
+    None without a long-term memory).
+
+    ``rotate``: the kept segments have their keys rotated once (:meth:`MemoryKV.rotated`), so that no decode step
+    rotates them again: one rotated copy of the short-term keys per layer and per distinct memory state (rows that
+    share a state share it); the prefix [BOS ; long-term rows] is a copy of the generation's own already, replaced
+    by its rotated one."""
     retrieved = None
     for part in segments:
         if isinstance(part, PendingSegment):
@@ -225,7 +234,10 @@ def settle_segments(segments: MemorySegments, batch: int) -> tuple[MemorySegment
                 retrieved = got[0].index if batch == 1 else torch.stack([g.index for g in got])
             else:
                 retrieved = [g.index for g in got]
-    return segments.resolved(), retrieved
+    segments = segments.resolved()
+    if rotate:
+        segments = MemorySegments(tuple(rotated_segment(part) for part in segments))
+    return segments, retrieved
 
 
 # transformers' forward keywords beyond mplus's own: the loss keywords a Trainer passes, and those taken only unset

@@ -135,6 +135,10 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
         # False: generation bypasses the memory (no memory segments, positions from 0: the base Llama; from_base's
         # LoRA B = 0 then reproduces the base model). Read at each prefill; the cache keeps it for its decode steps
         self.use_memory = True
+        # True: a prefill keeps its memory segments with their keys rotated once (MemoryKV.rotated), so that decode
+        # steps read the keys as a plain Llama's KV cache holds them (no per-step RoPE, no RoPE-table reads), for one
+        # rotated copy of the short-term keys per layer while the generation lives. Read at each prefill
+        self.rotate_decode_memory = True
         self._set_rope()
         # the model's state_dict holds its weights: the memory is user data, saved per state (MemoryState.save)
         leave_out_of_state_dict(self, "memory")
@@ -372,6 +376,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
                 cache.memory = mem
                 cache.memory_version = [m.version for m in mem] if isinstance(mem, list) else mem.version
                 cache.use_memory = bool(self.use_memory)  # read once, at the prefill: the cache keeps it
+                cache.rotated_memory = bool(self.rotate_decode_memory)
                 cache.pads = left_padding(attention_mask, b, t)
                 cache.kv_start = None
                 if cache.pads is not None:
@@ -389,7 +394,9 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
                         segments = prefill_segments(self, layer_idx, layer, h, cache)
                     h = layer(h, pos, segments, cache.layers[layer_idx], kv_start=cache.kv_start)
                     if prefill and cache.use_memory:  # the layer resolved its long-term rows: the cache keeps them
-                        cache.memories[layer_idx], cache.retrieved[layer_idx] = settle_segments(segments, b)
+                        cache.memories[layer_idx], cache.retrieved[layer_idx] = settle_segments(
+                            segments, b, cache.rotated_memory
+                        )
                 h = self.model.norm(h)
         hiddens.append(h)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()

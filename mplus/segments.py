@@ -5,7 +5,8 @@ position) and the prefix [BOS ; retrieved long-term rows]. :class:`~mplus.attent
 first segment together with the chunk and each other one alone, and merges the partial results exactly through
 their LSE, so the segments are never concatenated. The types:
 
-* :class:`MemoryKV` — one segment (keys before RoPE, values, positions, the RoPE tables);
+* :class:`MemoryKV` — one segment (keys before RoPE, values, positions, the RoPE tables; or keys already rotated,
+  :meth:`MemoryKV.rotated`, what a generation's decode steps read);
 * a list of B :class:`MemoryKV` of batch 1 — a per-row segment (each row its own memory: no stacking copy);
 * :class:`PendingSegment` — a segment still being fetched (the long-term retrieval on the transfer engine's worker),
   resolved once, when the attention reaches it, after the segments before it;
@@ -24,6 +25,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from mplus_kernels.attention.reference import apply_rope
+
 __all__ = [
     "Memory",
     "MemoryKV",
@@ -33,6 +36,7 @@ __all__ = [
     "as_segments",
     "layer_segments",
     "prefix_segment",
+    "rotated_segment",
     "shared_segment",
 ]
 
@@ -42,19 +46,42 @@ class MemoryKV:
     """One layer's memory segment as its attention sees it.
 
     Attributes:
-        k: ``[B, M, Hkv, D]`` memory keys *before* RoPE (model dtype); a memory shared by the batch may be
-            ``x.expand(B, -1, -1, -1)`` (no copy).
+        k: ``[B, M, Hkv, D]`` memory keys *before* RoPE (model dtype), or already rotated when ``positions`` is None;
+            a memory shared by the batch may be ``x.expand(B, -1, -1, -1)`` (no copy).
         v: ``[B, M, Hkv, D]`` memory values.
         positions: ``[M]`` int32/int64, the RoPE position of each row (generation: BOS 0, long-term rows 1..K0,
-            short-term rows K0+1..K0+N in logical order — DESIGN.md §3), indexing the tables below.
-        rope_cos, rope_sin: ``[P, D/2]`` fp32 (see :func:`mplus.attention.rope_tables`), ``P > max(positions)``.
+            short-term rows K0+1..K0+N in logical order — DESIGN.md §3), indexing the tables below; None: ``k`` is
+            rotated already (:meth:`rotated`).
+        rope_cos, rope_sin: ``[P, D/2]`` fp32 (see :func:`mplus.attention.rope_tables`), ``P > max(positions)``;
+            None with ``positions``.
     """
 
     k: Tensor
     v: Tensor
-    positions: Tensor
-    rope_cos: Tensor
-    rope_sin: Tensor
+    positions: Tensor | None
+    rope_cos: Tensor | None
+    rope_sin: Tensor | None
+
+    def rotated(self) -> MemoryKV:
+        """The segment with its keys rotated by their positions, once: fp32 arithmetic on the widened keys (as the
+        kernels rotate), rounded to the keys' dtype (as a plain Llama's KV cache holds its keys), ``positions``
+        None. A shared expand (batch stride 0) is rotated once and expanded again, so the batch still shares one
+        copy. What a generation's decode steps read (:func:`mplus.generation.settle_segments`): the kernels then
+        skip the rotation and the RoPE-table reads at every step, for one rotated copy of the keys while the
+        generation lives."""
+        if self.positions is None:
+            return self
+        k = self.k
+        shared = k.shape[0] > 1 and k.stride(0) == 0
+        rows = k[:1] if shared else k
+        out = torch.empty(rows.shape, dtype=k.dtype, device=k.device)
+        for i in range(0, rows.shape[1], _ROTATE_ROWS):  # bounded fp32 temporaries
+            j = min(i + _ROTATE_ROWS, rows.shape[1])
+            out[:, i:j] = apply_rope(rows[:, i:j].float(), self.positions[i:j], self.rope_cos, self.rope_sin)
+        return MemoryKV(out.expand(k.shape) if shared else out, self.v, None, None, None)
+
+
+_ROTATE_ROWS = 4096  # rows rotated per step by MemoryKV.rotated
 
 
 Ready = MemoryKV | list[MemoryKV]  # a segment ready to attend
@@ -203,3 +230,18 @@ def layer_segments(
     k, v = prefix
     positions = torch.arange(k.shape[0], dtype=torch.int32, device=k.device)
     return MemorySegments((short, shared_segment(k, v, positions, rope_cos, rope_sin, batch)))
+
+
+def rotated_segment(part: MemoryKV | list[MemoryKV]) -> MemoryKV | list[MemoryKV]:
+    """A ready segment with its keys rotated (:meth:`MemoryKV.rotated`); the rows of a per-row list that are views
+    of the same keys at the same positions tensor (one state serving several rows) share one rotated copy."""
+    if isinstance(part, MemoryKV):
+        return part.rotated()
+    done: dict[tuple, MemoryKV] = {}
+    out = []
+    for seg in part:
+        key = (seg.k.data_ptr(), tuple(seg.k.shape), seg.k.stride(), id(seg.positions))
+        if key not in done:
+            done[key] = seg.rotated()
+        out.append(done[key])
+    return out

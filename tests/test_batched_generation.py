@@ -108,7 +108,9 @@ def test_the_short_term_memory_is_shared_and_each_row_retrieves_its_own():
     ids, mask = _left_padded(PROMPTS)
     cache = model(ids, attention_mask=mask).past_key_values
     stm_segment = cache.memories[0][0]
-    assert stm_segment.k.stride(0) == 0 and stm_segment.k.data_ptr() == model.stm.k[0].data_ptr(), "a copy"
+    # values: a view of the state; keys: one rotated copy for the batch (decode steps read them rotated)
+    assert stm_segment.v.stride(0) == 0 and stm_segment.v.data_ptr() == model.stm.v[0].data_ptr(), "a copy"
+    assert stm_segment.k.stride(0) == 0 and stm_segment.positions is None, "keys not rotated once for the batch"
     assert cache.retrieved[0].shape[0] == len(PROMPTS)
     for i, p in enumerate(PROMPTS):
         alone = model(torch.tensor([p])).past_key_values
@@ -187,9 +189,11 @@ def test_a_batch_over_different_memories_equals_each_row_alone(kernels, _triton_
     model = _golden_model(kernels)
     a, b = _two_memories(model)
     _check_batch_equals_alone(model, PROMPTS, 2e-5, [a, b, a])
-    ids, mask = _left_padded(PROMPTS[:2])
-    segments = model(ids, attention_mask=mask, memory=[a, b]).past_key_values.memories[0]
-    assert isinstance(segments[0], list) and segments[0][0].k.data_ptr() == a.stm.k[0].data_ptr(), "a copy"
+    ids, mask = _left_padded(PROMPTS)
+    segments = model(ids, attention_mask=mask, memory=[a, b, a]).past_key_values.memories[0]
+    assert isinstance(segments[0], list) and segments[0][0].v.data_ptr() == a.stm.v[0].data_ptr(), "a copy"
+    rows = segments[0]
+    assert rows[0].k.data_ptr() == rows[2].k.data_ptr() != rows[1].k.data_ptr(), "one rotated copy per state"
     assert isinstance(segments[1], list), "stores of different sizes give per-row long-term segments"
 
 
