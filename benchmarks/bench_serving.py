@@ -8,8 +8,8 @@ Per batch: a prefill of ``PROMPT`` tokens per row (left padded: rows of differen
 steps over the cached prefix. Throughput is generated tokens per second (B x DECODE / median) for decode and
 prompt tokens per second for prefill. Beside time and peak extra memory each result records what one more
 sequence costs by design, counted on the cache a prefill returns: its chunk K/V cache rows and its gathered long-term
-segment ([BOS ; K0 rows] K/V per layer). The short-term memory is shared (an expand: 0 bytes per row) and, with
-different memories, read in place from each state. Every provider of a batch runs the same rounds (1 at B 16).
+segment ([BOS ; K0 rows] K/V per layer) and its share of the short-term keys rotated for decoding (one copy per
+layer and state: ``MemoryKV.rotated``); the short-term values are read in place from each state. Every provider of a batch runs the same rounds (1 at B 16).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def _prompts(b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _per_row_bytes(cache) -> dict[str, int]:
-    """What each sequence of a prefilled cache holds by design: its K/V cache rows and its long-term segments."""
+    """What each sequence of a prefilled cache holds by design: its K/V cache rows, its long-term segments and its
+    share of the short-term keys rotated for decoding (one copy per layer and distinct state; the values are read in
+    the state itself)."""
     b = cache.batch_size
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.k, layer.v))
     segments = 0
@@ -42,12 +44,22 @@ def _per_row_bytes(cache) -> dict[str, int]:
             parts = seg if isinstance(seg, list) else [seg]
             segments += sum(p.k.numel() * p.k.element_size() * 2 for p in parts)
     states = cache.memory if isinstance(cache.memory, list) else [cache.memory] * b
-    for layer, memories in enumerate(cache.memories):  # the short-term segment reads each row's state in place
+    rotated: dict[int, int] = {}  # the short-term keys' rotated copies, by storage
+    for layer, memories in enumerate(cache.memories):  # the short-term segment reads each row's values in place
         stm = memories[0] if isinstance(memories[0], list) else [memories[0]] * b
         for row, (seg, state) in enumerate(zip(stm, states)):
-            k = seg.k[0] if seg.k.shape[0] == 1 else seg.k[row]
-            assert k.data_ptr() == state.stm.k[layer].data_ptr(), "the short-term memory was copied"
-    return {"kv_cache_bytes_per_row": kv // b, "ltm_segment_bytes_per_row": segments // b, "stm_bytes_per_row": 0}
+            one = 0 if seg.v.shape[0] == 1 else row
+            assert seg.v[one].data_ptr() == state.stm.v[layer].data_ptr(), "the short-term values were copied"
+            k = seg.k[0 if seg.k.shape[0] == 1 else row]
+            if seg.positions is None:  # rotated once at the prefill (MemoryKV.rotated)
+                rotated[k.data_ptr()] = k.numel() * k.element_size()
+            else:
+                assert k.data_ptr() == state.stm.k[layer].data_ptr(), "the short-term keys were copied"
+    return {
+        "kv_cache_bytes_per_row": kv // b,
+        "ltm_segment_bytes_per_row": segments // b,
+        "stm_rotated_key_bytes_per_row": sum(rotated.values()) // b,
+    }
 
 
 def _llama_per_row_bytes(cache, b: int) -> dict[str, int]:

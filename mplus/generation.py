@@ -221,10 +221,10 @@ def settle_segments(
     and the long-term rows it retrieved (``[K0]`` for one row, ``[B, K0]``, or a list of B when the counts differ;
     None without a long-term memory).
 
-    ``rotate``: the kept segments have their keys rotated once (:meth:`MemoryKV.rotated`), so that no decode step
-    rotates them again: one rotated copy of the short-term keys per layer and per distinct memory state (rows that
-    share a state share it); the prefix [BOS ; long-term rows] is a copy of the generation's own already, replaced
-    by its rotated one."""
+    ``rotate``: the short-term segment is kept with its keys rotated once (:meth:`MemoryKV.rotated`), so that no
+    decode step rotates them again: one rotated copy per layer and per distinct memory state (rows that share a
+    state share it). The prefix [BOS ; long-term rows] keeps its keys before RoPE: it is each row's own, a fifth of
+    the short-term rows at mplus-8b's sizes, and rotating it would cost a rotation per row at every prefill."""
     retrieved = None
     for part in segments:
         if isinstance(part, PendingSegment):
@@ -236,7 +236,7 @@ def settle_segments(
                 retrieved = [g.index for g in got]
     segments = segments.resolved()
     if rotate:
-        segments = MemorySegments(tuple(rotated_segment(part) for part in segments))
+        segments = MemorySegments((rotated_segment(segments[0]), *segments[1:]))
     return segments, retrieved
 
 

@@ -25,8 +25,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from mplus_kernels.attention.reference import apply_rope
-
 __all__ = [
     "Memory",
     "MemoryKV",
@@ -75,13 +73,21 @@ class MemoryKV:
         shared = k.shape[0] > 1 and k.stride(0) == 0
         rows = k[:1] if shared else k
         out = torch.empty(rows.shape, dtype=k.dtype, device=k.device)
-        for i in range(0, rows.shape[1], _ROTATE_ROWS):  # bounded fp32 temporaries
+        h = k.shape[-1] // 2
+        for i in range(0, rows.shape[1], _ROTATE_ROWS):  # fp32 temporaries of a few MiB (they stay in the caches)
             j = min(i + _ROTATE_ROWS, rows.shape[1])
-            out[:, i:j] = apply_rope(rows[:, i:j].float(), self.positions[i:j], self.rope_cos, self.rope_sin)
+            x = rows[:, i:j].float()
+            a, b = x[..., :h], x[..., h:]  # RoPE mixes dims d and d + D/2 (rotate_half's convention)
+            p = self.positions[i:j].long()
+            c, s = self.rope_cos[p][:, None], self.rope_sin[p][:, None]  # [rows, 1, D/2]
+            lo, hi = a * c, b * c
+            lo.addcmul_(b, s, value=-1.0)  # a cos - b sin
+            hi.addcmul_(a, s)  # b cos + a sin
+            out[:, i:j, :, :h], out[:, i:j, :, h:] = lo, hi
         return MemoryKV(out.expand(k.shape) if shared else out, self.v, None, None, None)
 
 
-_ROTATE_ROWS = 4096  # rows rotated per step by MemoryKV.rotated
+_ROTATE_ROWS = 1024  # rows rotated per step by MemoryKV.rotated
 
 
 Ready = MemoryKV | list[MemoryKV]  # a segment ready to attend

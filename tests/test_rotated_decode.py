@@ -1,4 +1,4 @@
-"""Issue 22: a generation's decode steps read the memory keys rotated once, at the prefill (``MemoryKV.rotated``).
+"""Issue 22: a generation's decode steps read the short-term keys rotated once, at the prefill (``MemoryKV.rotated``).
 
 The rotation is the kernels' (fp32 on the widened keys) rounded once to the keys' dtype, as a plain Llama's KV cache
 holds its keys; a memory the batch shares keeps one rotated copy (an expand), and a state serving several rows of a
@@ -89,9 +89,9 @@ def test_decode_from_rotated_keys_equals_decode_from_keys_before_rope():
             prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
         cache = model(prompt).past_key_values
-        for layer, segments in enumerate(cache.memories):
-            for part in segments:
-                assert (part.positions is None) == rotate, f"layer {layer}: rotate_decode_memory={rotate} not kept"
+        for layer, segments in enumerate(cache.memories):  # the short-term segment rotated, the prefix as it was
+            assert (segments[0].positions is None) == rotate, f"layer {layer}: rotate_decode_memory={rotate} not kept"
+            assert all(part.positions is not None for part in segments[1:]), f"layer {layer}: prefix rotated"
         stm = cache.memories[0][0]
         assert (stm.k.data_ptr() == model.stm.k[0].data_ptr()) != rotate, "keys before RoPE: a view of the state"
         assert_equal(model.stm.k, stm_k, name="short-term keys of the state after generating")

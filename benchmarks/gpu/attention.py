@@ -5,7 +5,8 @@ stored before RoPE, positions a permutation, as after many updates), chunk Tq = 
 Tq = Tk = 1 (decode), bf16. Providers, on the same inputs:
 
 * ``mplus``: ``mplus_kernels.memory_attention`` (the wrapper; on CUDA the dispatcher runs the Triton kernel): memory
-  keys rotated inside the kernel, native GQA, no mask tensor, out + LSE;
+  keys rotated inside the kernel, native GQA, no mask tensor, out + LSE; ``mplus_rotated`` (decode): the memory keys
+  given rotated, as the model's decode steps call it;
 * ``official``: what the official code does per layer: rotate the memory keys, concatenate memory and chunk,
   ``repeat_kv`` to 32 heads, a boolean [Tq, M+Tk] mask, SDPA (everything inside the timing);
 * ``sdpa_gqa``: SDPA at its best: memory rotated and [memory ; chunk] concatenated as [B, H, T, D] *outside* the
@@ -80,6 +81,14 @@ def _visible_pairs(tq: int, tk: int) -> int:
 
 def _mplus(x: dict):
     args = (x["q"], x["k"], x["v"], x["mem_k"], x["mem_v"], x["mem_pos"], x["cos"], x["sin"])
+    return lambda: mk.memory_attention(*args, softmax_scale=SCALE, causal=True)[0]
+
+
+def _mplus_rotated(x: dict):
+    """The memory keys given rotated (what the model's decode steps read: a generation rotates them at its prefill)."""
+    if "mem_k_rot" not in x:
+        x["mem_k_rot"] = apply_rope(x["mem_k"].float(), x["mem_pos"], x["cos"], x["sin"]).to(DTYPE)
+    args = (x["q"], x["k"], x["v"], x["mem_k_rot"], x["mem_v"])
     return lambda: mk.memory_attention(*args, softmax_scale=SCALE, causal=True)[0]
 
 
@@ -185,6 +194,8 @@ def run(rec: Recorder) -> None:
             rec.note(f"attention/T{tq}", error=f"inputs: {type(exc).__name__}: {exc}")
             continue
         case(tq, "mplus", _mplus)
+        if tq == 1:
+            case(tq, "mplus_rotated", _mplus_rotated)
         case(tq, "official", _official)
         case(tq, "sdpa_gqa", _sdpa_gqa)
         if tq > 1:  # decode: no mask at all (one query sees every key); sdpa_gqa is that case
