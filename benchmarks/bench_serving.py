@@ -9,7 +9,8 @@ steps over the cached prefix. Throughput is generated tokens per second (B x DEC
 prompt tokens per second for prefill. Beside time and peak extra memory each result records what one more
 sequence costs by design, counted on the cache a prefill returns: its chunk K/V cache rows and its gathered long-term
 segment ([BOS ; K0 rows] K/V per layer) and its share of the short-term keys rotated for decoding (one copy per
-layer and state: ``MemoryKV.rotated``); the short-term values are read in place from each state. Every provider of a batch runs the same rounds (1 at B 16).
+layer and state: ``MemoryKV.rotated``); the short-term values are read in place from each state. Every provider of
+a batch runs the same rounds (1 at B 16).
 """
 
 from __future__ import annotations
