@@ -182,9 +182,10 @@ def test_memory_attention(bench, benchmark, provider, dtype, tq):
 
 
 # --- decode over memory keys given rotated: what the model's decode steps read ---------------------------------------
-# A generation rotates its memory keys once, at the prefill (``MemoryKV.rotated``), so every decode step calls the
-# kernel with the keys rotated, as the peers above get them. Same inputs and group as ``test_memory_attention[1-*]``;
-# ``mplus_rotated`` is the variant the model runs (the ``mplus`` row rotates the keys in the kernel at every call).
+# A generation rotates its short-term keys once, at the prefill (``MemoryKV.rotated``), so every decode step calls the
+# kernel with them rotated, as the peers above get every key (the prefix, a fifth of the rows, keeps RoPE in the
+# kernel). Same inputs and group as ``test_memory_attention[1-*]``; ``mplus_rotated`` gives all 12,801 keys rotated
+# (the ``mplus`` row rotates them in the kernel at every call).
 @pytest.mark.parametrize("provider", mplus_providers("mplus_rotated"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_decode_rotated_memory(bench, benchmark, provider, dtype):
@@ -197,7 +198,7 @@ def test_decode_rotated_memory(bench, benchmark, provider, dtype):
         lambda: torch.ops.mplus.memory_attention(*args)[0],
         group=f"attention/decode/T1/{str(dtype).replace('torch.', '')}",
         provider=provider,
-        variant="memory keys given rotated, as the model's decode steps",
+        variant="memory keys given rotated, as decode steps give the short-term rows",
         shape=f"B{B} Tq1 Tk1 M{M} Hq{HQ} Hkv{HKV} D{D}",
         dtype=dtype,
         rounds=ROUNDS[1],

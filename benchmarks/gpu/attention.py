@@ -6,7 +6,7 @@ Tq = Tk = 1 (decode), bf16. Providers, on the same inputs:
 
 * ``mplus``: ``mplus_kernels.memory_attention`` (the wrapper; on CUDA the dispatcher runs the Triton kernel): memory
   keys rotated inside the kernel, native GQA, no mask tensor, out + LSE; ``mplus_rotated`` (decode): the memory keys
-  given rotated, as the model's decode steps call it;
+  given rotated, as the model's decode steps give its short-term rows;
 * ``official``: what the official code does per layer: rotate the memory keys, concatenate memory and chunk,
   ``repeat_kv`` to 32 heads, a boolean [Tq, M+Tk] mask, SDPA (everything inside the timing);
 * ``sdpa_gqa``: SDPA at its best: memory rotated and [memory ; chunk] concatenated as [B, H, T, D] *outside* the
