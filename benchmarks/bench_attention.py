@@ -257,3 +257,53 @@ def test_shared_memory_decode(bench, benchmark, provider, dtype):
         moved_bytes=(2 * M * HKV * D + 2 * B_SHARED * HKV * D + 2 * B_SHARED * HQ * D) * elt,
     )
     _record_diff_vs_mplus(benchmark, provider, x, out)
+
+
+# --- the rotation a generation does once per layer and memory state, at its prefill (``MemoryKV.rotated``) -----------
+# The 10,240 short-term keys of one layer (bf16, slot order scrambled) rotated into a new tensor, allocation included
+# (what the prefill does): ``mplus`` the op (``mplus_kernels.rotate_keys``, C++), ``torch_chunked`` the torch code it
+# replaced (chunks of 1,024 rows, fp32 temporaries, ``addcmul_``), ``reference`` the op's reference (whole-tensor
+# torch). ``gbps``: the keys read, the rotated keys written and the table rows read, once.
+STM_ROWS = 10_240
+
+
+def _torch_chunked(k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(k.shape, dtype=k.dtype)
+    h = k.shape[-1] // 2
+    for i in range(0, k.shape[1], 1024):
+        j = min(i + 1024, k.shape[1])
+        x = k[:, i:j].float()
+        a, b = x[..., :h], x[..., h:]
+        p = positions[i:j].long()
+        c, s = cos[p][:, None], sin[p][:, None]
+        lo, hi = a * c, b * c
+        lo.addcmul_(b, s, value=-1.0)
+        hi.addcmul_(a, s)
+        out[:, i:j, :, :h], out[:, i:j, :, h:] = lo, hi
+    return out
+
+
+@pytest.mark.parametrize("provider", ["reference", "torch_chunked", *mplus_providers()])
+def test_rotate_keys(bench, benchmark, provider):
+    x = _inputs(1, torch.bfloat16)
+    args = (x["mem_k"][:, M - STM_ROWS :], x["mem_pos"][M - STM_ROWS :], x["cos"], x["sin"])
+    if provider == "reference":
+        fn = lambda: mplus_kernels.rotate_keys_reference(*args)  # noqa: E731
+    elif provider == "torch_chunked":
+        fn = lambda: _torch_chunked(*args)  # noqa: E731
+    else:
+        fn = lambda: mplus_kernels.rotate_keys(*args)  # noqa: E731
+    key_bytes = B * STM_ROWS * HKV * D * 2
+    out = bench(
+        fn,
+        group="attention/rotate keys/bfloat16",
+        provider=provider,
+        shape=f"B{B} N{STM_ROWS} H{HKV} D{D} (one layer's short-term keys)",
+        dtype=torch.bfloat16,
+        rounds=10,
+        output_bytes=key_bytes,
+        moved_bytes=2 * key_bytes + STM_ROWS * D * 4,
+    )
+    benchmark.extra_info["max_abs_diff_vs_reference"] = float(
+        (out.float() - mplus_kernels.rotate_keys_reference(*args).float()).abs().max()
+    )

@@ -66,6 +66,7 @@ QUICK = (
     "bench_attention.py::test_memory_attention[1-bf16-*]",  # decode, Tq 1: every provider
     "bench_attention.py::test_decode_rotated_memory[bf16-*]",  # decode as the model runs it (keys rotated)
     "bench_attention.py::test_shared_memory_decode[bf16-*]",  # decode of a batch over one memory (serving)
+    "bench_attention.py::test_rotate_keys[*]",  # the rotation a generation does once per layer at its prefill
     "bench_attention.py::test_memory_attention[2048-bf16-official]",  # prefill, Tq 2048 (flex: in the full run)
     "bench_attention.py::test_memory_attention[2048-bf16-sdpa_gqa]",
     "bench_attention.py::test_memory_attention[2048-bf16-mplus*]",

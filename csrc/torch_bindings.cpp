@@ -103,6 +103,11 @@ TORCH_LIBRARY(mplus, m) {
       "Tensor dmem_k, Tensor dmem_v)");
   // out_a, out_b [B, T, H, D]; lse_a, lse_b [B, H, T] fp32 -> exact merge over disjoint key sets.
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+  // k [B, N, H, D] keys before RoPE (fp32 / bf16 / fp16); positions [N] int32 rows of rope_cos/rope_sin [P, D/2] fp32
+  // -> [B, N, H, D] contiguous in k's dtype: each row rotated as the attention kernels rotate memory keys (fp32
+  // products, rotate_half's convention), rounded once to k's dtype. What a generation's decode steps read instead
+  // of rotating the same memory keys at every step (mplus/segments.py: MemoryKV.rotated).
+  m.def("rotate_keys(Tensor k, Tensor positions, Tensor rope_cos, Tensor rope_sin) -> Tensor");
 
   // --- retriever scoring + top-K, mplus_kernels/retrieval --------------------------------------------------------
   // queries [T, ds]; keys [S1, ds]; keys2 [S2, ds] (optional second range, indices continue after S1).

@@ -215,7 +215,7 @@ def _one_count(got: list) -> bool:
 
 
 def settle_segments(
-    segments: MemorySegments, batch: int, rotate: bool = True
+    segments: MemorySegments, batch: int, rotate: bool = True, backend: str | None = None
 ) -> tuple[MemorySegments, Tensor | list[Tensor] | None]:
     """After the prefill's layer ran: its segments with the pending one resolved (what the cache keeps for decoding),
     and the long-term rows it retrieved (``[K0]`` for one row, ``[B, K0]``, or a list of B when the counts differ;
@@ -224,7 +224,8 @@ def settle_segments(
     ``rotate``: the short-term segment is kept with its keys rotated once (:meth:`MemoryKV.rotated`), so that no
     decode step rotates them again: one rotated copy per layer and per distinct memory state (rows that share a
     state share it). The prefix [BOS ; long-term rows] keeps its keys before RoPE: it is each row's own, a fifth of
-    the short-term rows at mplus-8b's sizes, and rotating it would cost a rotation per row at every prefill."""
+    the short-term rows at mplus-8b's sizes, and rotating it would cost a rotation per row at every prefill.
+    ``backend``: the rotation's (``rotate_keys``), the model's kernels."""
     retrieved = None
     for part in segments:
         if isinstance(part, PendingSegment):
@@ -236,7 +237,7 @@ def settle_segments(
                 retrieved = [g.index for g in got]
     segments = segments.resolved()
     if rotate:
-        segments = MemorySegments((rotated_segment(segments[0]), *segments[1:]))
+        segments = MemorySegments((rotated_segment(segments[0], backend), *segments[1:]))
     return segments, retrieved
 
 
@@ -303,7 +304,6 @@ class MPlusGenerationMixin(GenerationMixin):
             for _ in range(cfg.num_hidden_layers)
         ]
         return MPlusCache(layers, [MemorySegments() for _ in layers], [None] * len(layers))
-
 
     @torch.no_grad()
     def decode_step(self, input_ids: Tensor, cache_position: Tensor, past_key_values: MPlusCache) -> Tensor:

@@ -66,6 +66,7 @@ __all__ = [
 Semantics = Literal["fast", "reference"]
 _TRANSFER_LOCK = threading.Lock()
 
+
 class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin):
     """M+ (or MemoryLLM) on Llama. Build with :meth:`from_pretrained` from an official checkpoint directory, or with
     :meth:`from_base` from a pretrained Llama (a new, untrained M+).
@@ -395,7 +396,7 @@ class MPlusForCausalLM(FixedDtypeBuffers, PreTrainedModel, MPlusGenerationMixin)
                     h = layer(h, pos, segments, cache.layers[layer_idx], kv_start=cache.kv_start)
                     if prefill and cache.use_memory:  # the layer resolved its long-term rows: the cache keeps them
                         cache.memories[layer_idx], cache.retrieved[layer_idx] = settle_segments(
-                            segments, b, cache.rotated_memory
+                            segments, b, cache.rotated_memory, self.backend
                         )
                 h = self.model.norm(h)
         hiddens.append(h)

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from mplus_kernels import rotate_keys
+
 __all__ = [
     "Memory",
     "MemoryKV",
@@ -60,34 +62,20 @@ class MemoryKV:
     rope_cos: Tensor | None
     rope_sin: Tensor | None
 
-    def rotated(self) -> MemoryKV:
-        """The segment with its keys rotated by their positions, once: fp32 arithmetic on the widened keys (as the
-        kernels rotate), rounded to the keys' dtype (as a plain Llama's KV cache holds its keys), ``positions``
-        None. A shared expand (batch stride 0) is rotated once and expanded again, so the batch still shares one
-        copy. What a generation's decode steps read (:func:`mplus.generation.settle_segments`): the kernels then
-        skip the rotation and the RoPE-table reads at every step, for one rotated copy of the keys while the
-        generation lives."""
+    def rotated(self, backend: str | None = None) -> MemoryKV:
+        """The segment with its keys rotated by their positions, once (``mplus_kernels.rotate_keys``: fp32
+        arithmetic on the widened keys, as the kernels rotate, rounded to the keys' dtype, as a plain Llama's KV cache
+        holds its keys), ``positions`` None. A shared expand (batch stride 0) is rotated once and expanded again, so
+        the batch still shares one copy. What a generation's decode steps read
+        (:func:`mplus.generation.settle_segments`): the kernels then skip the rotation and the RoPE-table reads at
+        every step, for one rotated copy of the keys while the generation lives. ``backend``: the op's (the model's
+        ``kernels="reference"`` passes ``"reference"``)."""
         if self.positions is None:
             return self
         k = self.k
         shared = k.shape[0] > 1 and k.stride(0) == 0
-        rows = k[:1] if shared else k
-        out = torch.empty(rows.shape, dtype=k.dtype, device=k.device)
-        h = k.shape[-1] // 2
-        for i in range(0, rows.shape[1], _ROTATE_ROWS):  # fp32 temporaries of a few MiB (they stay in the caches)
-            j = min(i + _ROTATE_ROWS, rows.shape[1])
-            x = rows[:, i:j].float()
-            a, b = x[..., :h], x[..., h:]  # RoPE mixes dims d and d + D/2 (rotate_half's convention)
-            p = self.positions[i:j].long()
-            c, s = self.rope_cos[p][:, None], self.rope_sin[p][:, None]  # [rows, 1, D/2]
-            lo, hi = a * c, b * c
-            lo.addcmul_(b, s, value=-1.0)  # a cos - b sin
-            hi.addcmul_(a, s)  # b cos + a sin
-            out[:, i:j, :, :h], out[:, i:j, :, h:] = lo, hi
+        out = rotate_keys(k[:1] if shared else k, self.positions, self.rope_cos, self.rope_sin, backend=backend)
         return MemoryKV(out.expand(k.shape) if shared else out, self.v, None, None, None)
-
-
-_ROTATE_ROWS = 1024  # rows rotated per step by MemoryKV.rotated
 
 
 Ready = MemoryKV | list[MemoryKV]  # a segment ready to attend
@@ -238,16 +226,16 @@ def layer_segments(
     return MemorySegments((short, shared_segment(k, v, positions, rope_cos, rope_sin, batch)))
 
 
-def rotated_segment(part: MemoryKV | list[MemoryKV]) -> MemoryKV | list[MemoryKV]:
+def rotated_segment(part: MemoryKV | list[MemoryKV], backend: str | None = None) -> MemoryKV | list[MemoryKV]:
     """A ready segment with its keys rotated (:meth:`MemoryKV.rotated`); the rows of a per-row list that are views
     of the same keys at the same positions tensor (one state serving several rows) share one rotated copy."""
     if isinstance(part, MemoryKV):
-        return part.rotated()
+        return part.rotated(backend)
     done: dict[tuple, MemoryKV] = {}
     out = []
     for seg in part:
         key = (seg.k.data_ptr(), tuple(seg.k.shape), seg.k.stride(), id(seg.positions))
         if key not in done:
-            done[key] = seg.rotated()
+            done[key] = seg.rotated(backend)
         out.append(done[key])
     return out

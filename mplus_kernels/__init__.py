@@ -19,6 +19,8 @@ from .attention import (
     memory_attention_reference,
     merge_attention_states,
     merge_attention_states_reference,
+    rotate_keys,
+    rotate_keys_reference,
 )
 from .gather import gather_rows_
 from .memory_update import draw_victims, memory_update_, memory_update_reference_, official_memory_update_
@@ -44,6 +46,8 @@ __all__ = [
     "retrieve_topk",
     "retrieve_topk_chunked",
     "retrieve_topk_reference",
+    "rotate_keys",
+    "rotate_keys_reference",
     "set_cpu_isa",
     "supported_cpu_isas",
     "use_cpu_isa",

@@ -24,7 +24,10 @@ from typing import Any
 
 OP_FAMILIES = ("memory_update", "attention", "retrieval", "gather")
 # modules of a family that define kernels, each with a compile_specs() (default: the family's triton_impl only)
-SPEC_MODULES = {"attention": ("triton_impl", "triton_backward"), "retrieval": ("triton_impl", "triton_scores")}
+SPEC_MODULES = {
+    "attention": ("triton_impl", "triton_backward", "triton_rotate"),
+    "retrieval": ("triton_impl", "triton_scores"),
+}
 
 # Opt-in shared memory per block (bytes) and registers per SM.
 TARGETS = {

@@ -49,7 +49,8 @@ def _cuda(x):
 def test_ops_have_cuda_kernels_behind_the_dispatcher():
     """On CUDA, ``auto`` is Triton and every op has a CUDA kernel under ``torch.ops.mplus`` (the extension loaded)."""
     assert mk.cpp_available(), f"mplus_kernels._C did not load: {_backend.cpp_import_error()}"
-    for op in ("memory_update_", "memory_attention", "merge_attention_states", "retrieve_topk", "gather_rows_"):
+    for op in ("memory_update_", "memory_attention", "merge_attention_states", "rotate_keys", "retrieve_topk",
+               "gather_rows_"):  # fmt: skip
         assert _backend.resolve(op, CUDA) == "triton"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mplus::{op}", "CUDA"), f"mplus::{op} has no CUDA kernel"
 
@@ -255,6 +256,21 @@ def test_merge_attention_states_matches_reference(dtype, b, t, h, d):
     finite = torch.isfinite(ref_l)
     assert torch.equal(torch.isfinite(lse), finite), "merged lse: the -inf pattern differs from the reference"
     assert_close(lse[finite], ref_l[finite], dtype=torch.float32, name="merged lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize(("b", "n", "h", "d"), [(1, 10240, 8, 128), (2, 77, 3, 64), (1, 300, 4, 96)])
+def test_rotate_keys_matches_reference_bits(dtype, b, n, h, d):
+    """Compiled with enable_fp_fusion=False: the reference's bits (products rounded before the sum), on a strided
+    view of the keys too."""
+    g = _gen(n)
+    k = torch.randn(b, h, n, d, generator=g).to(dtype).transpose(1, 2)  # heads-major storage
+    positions = torch.randperm(n + 100, generator=g)[:n]
+    angles = torch.rand(n + 100, d // 2, generator=g) * 6.3
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    want = mk.rotate_keys_reference(k, positions, cos, sin)
+    got = mk.rotate_keys(k.to(CUDA), positions.to(CUDA), cos.to(CUDA), sin.to(CUDA))
+    assert_equal(got.cpu(), want, name="rotate_keys on CUDA")
 
 
 def test_attention_parts_merge_to_one_call():

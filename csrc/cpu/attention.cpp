@@ -19,6 +19,7 @@ namespace mplus {
   namespace level {                                                     \
   void attention_kernel(const attn::Problem& P, c10::ScalarType dtype); \
   void merge_kernel(const attn::MergeProblem& P);                       \
+  void rotate_kernel(const attn::RotateProblem& P);                     \
   }
 MPLUS_DECLARE_ATTENTION(baseline)
 MPLUS_DECLARE_ATTENTION(avx2)
@@ -36,6 +37,7 @@ using attn::View;
 constexpr float kLog2e = 1.4426950408889634f;
 const IsaTable<void (*)(const Problem&, c10::ScalarType)> kAttention = MPLUS_ISA_TABLE(attention_kernel);
 const IsaTable<void (*)(const attn::MergeProblem&)> kMerge = MPLUS_ISA_TABLE(merge_kernel);
+const IsaTable<void (*)(const attn::RotateProblem&)> kRotate = MPLUS_ISA_TABLE(rotate_kernel);
 
 View view_of(const Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -208,9 +210,47 @@ std::tuple<Tensor, Tensor> merge_attention_states_cpu(const Tensor& out_a_in, co
   return {out, lse};
 }
 
+Tensor rotate_keys_cpu(const Tensor& k_in, const Tensor& positions, const Tensor& rope_cos, const Tensor& rope_sin) {
+  check_defined("rotate_keys", "k", k_in);
+  TORCH_CHECK_VALUE(k_in.device().is_cpu() && k_in.dim() == 4, "rotate_keys: k must be a 4-D CPU tensor [B, N, H, D], "
+                    "got ", k_in.sizes(), " on ", k_in.device());
+  const auto dtype = k_in.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "rotate_keys: k must be float32, bfloat16 or float16, got ", dtype);
+  const int64_t B = k_in.size(0), N = k_in.size(1), H = k_in.size(2), D = k_in.size(3);
+  TORCH_CHECK_VALUE(D % 2 == 0, "rotate_keys: k ", k_in.sizes(),
+                    " must have an even head dim (RoPE mixes d and d + D/2)");
+  check_defined("rotate_keys", "positions", positions);
+  TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt && positions.dim() == 1 && positions.size(0) == N &&
+                        positions.device().is_cpu(),
+                    "rotate_keys: positions must be a CPU int32 [N=", N, "] tensor, got ", positions.scalar_type(), " ",
+                    positions.sizes(), " on ", positions.device());
+  for (const auto& [name, t] : {std::pair{"rope_cos", &rope_cos}, std::pair{"rope_sin", &rope_sin}}) {
+    check_defined("rotate_keys", name, *t);
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D / 2 && t->device().is_cpu() &&
+                          t->sizes() == rope_cos.sizes(),
+                      "rotate_keys: ", name, " must be a CPU float32 [P, D/2=", D / 2,
+                      "] tensor shaped like rope_cos, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  const Tensor pos = positions.contiguous(), cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
+  const int32_t* p = pos.data_ptr<int32_t>();
+  const int64_t rows = cos.size(0);
+  for (int64_t n = 0; n < N; ++n) {  // every row the kernel indexes the tables with, before anything is written
+    TORCH_CHECK_VALUE(p[n] >= 0 && p[n] < rows, "rotate_keys: positions[", n, "]=", p[n], " is outside [0, ", rows,
+                      ") (the rows of rope_cos/rope_sin)");
+  }
+  const Tensor k = dense_rows(k_in);
+  Tensor out = at::empty({B, N, H, D}, k.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  kRotate.active()(attn::RotateProblem{B, N, H, D, view_of(k), dtype, p, cos.data_ptr<float>(),
+                                       sin.data_ptr<float>(), out.data_ptr()});
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mplus, CPU, m) {
+  m.impl("rotate_keys", &rotate_keys_cpu);
   m.impl("memory_attention", &memory_attention_cpu);
   m.impl("merge_attention_states", &merge_attention_states_cpu);
 }

@@ -316,6 +316,61 @@ void attention_kernel(const Problem& P, c10::ScalarType dtype) {
   });
 }
 
+// rotate_keys: one task per ~32 (batch row, key) pairs; each row is read once, widened, rotated (rotate_half's
+// convention) and rounded to its dtype. Each product is rounded before the sum: the asm barriers keep the compiler
+// from fusing a product into the add (an FMA rounds once, so the bits would depend on the ISA level), which makes
+// the result the reference's (rotate_keys_reference: torch's separate products) at every level.
+inline void rotate_pair(vf a, vf x, vf cs, vf sn, vf& lo, vf& hi) {
+  vf ac = a * cs, xs = x * sn, xc = x * cs, as = a * sn;
+  asm("" : "+v"(ac), "+v"(xs), "+v"(xc), "+v"(as));
+  lo = ac - xs;
+  hi = xc + as;
+}
+
+template <typename T>
+void rotate_typed(const RotateProblem& P) {
+  const int64_t half = P.D / 2, rows = P.B * P.N;
+  at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / P.N, n = i % P.N;
+      const float* c = P.cos + P.pos[n] * half;
+      const float* s = P.sin + P.pos[n] * half;
+      for (int64_t h = 0; h < P.H; ++h) {
+        const T* src = P.k.row<T>(b, n, h);
+        T* dst = static_cast<T*>(P.out) + (i * P.H + h) * P.D;
+        vf lo, hi;
+        int64_t d = 0;
+        for (; d + kLanes <= half; d += kLanes) {
+          rotate_pair(load_cvt(src + d), load_cvt(src + half + d), load(c + d), load(s + d), lo, hi);
+          store_cvt(dst + d, lo);
+          store_cvt(dst + half + d, hi);
+        }
+        if (d < half) {  // the last dims of a head dim that is not a multiple of 2 x kLanes, padded with zeros
+          const int64_t m = half - d;
+          alignas(64) float t[6][kLanes] = {};
+          for (int64_t j = 0; j < m; ++j) {
+            t[0][j] = static_cast<float>(src[d + j]);
+            t[1][j] = static_cast<float>(src[half + d + j]);
+            t[2][j] = c[d + j];
+            t[3][j] = s[d + j];
+          }
+          rotate_pair(load(t[0]), load(t[1]), load(t[2]), load(t[3]), lo, hi);
+          store(t[4], lo);
+          store(t[5], hi);
+          for (int64_t j = 0; j < m; ++j) {
+            dst[d + j] = static_cast<T>(t[4][j]);
+            dst[half + d + j] = static_cast<T>(t[5][j]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void rotate_kernel(const RotateProblem& P) {
+  with_dtype(P.type, [&](auto tag) { rotate_typed<decltype(tag)>(P); });
+}
+
 void merge_kernel(const MergeProblem& P) {
   with_dtype(P.ta, [&](auto a) {
     with_dtype(P.tb, [&](auto b) { merge_typed<decltype(a), decltype(b), decltype(a)>(P); });

@@ -47,4 +47,15 @@ struct MergeProblem {
   float* lse;               // [B, H, T] contiguous
 };
 
+// rotate_keys: out[b, n, h] = the row k[b, n, h] rotated by the RoPE rows cos/sin[pos[n]] (fp32 products, each
+// rounded, rounded once more to k's dtype).
+struct RotateProblem {
+  int64_t B, N, H, D;
+  View k;                // [B, N, H, D], rows dense
+  c10::ScalarType type;  // k's dtype (and out's)
+  const int32_t* pos;    // [N], range-checked
+  const float *cos, *sin;  // [P, D/2] contiguous
+  void* out;             // [B, N, H, D] contiguous
+};
+
 }  // namespace mplus::attn

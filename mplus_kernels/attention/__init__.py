@@ -1,8 +1,15 @@
-"""M+ memory attention (prefill and decode) and the exact merge of partial attentions: reference, Triton kernels,
-C++ kernel (csrc/cpu/attention.cpp), op registration."""
+"""M+ memory attention (prefill and decode), the exact merge of partial attentions and memory keys rotated once
+(``rotate_keys``): references, Triton kernels, C++ kernels (csrc/cpu/attention.cpp), op registration."""
 
 from .op import memory_attention, merge_attention_states
-from .reference import apply_rope, memory_attention_reference, merge_attention_states_reference, rotate_half
+from .reference import (
+    apply_rope,
+    memory_attention_reference,
+    merge_attention_states_reference,
+    rotate_half,
+    rotate_keys_reference,
+)
+from .rotate import rotate_keys
 
 __all__ = [
     "apply_rope",
@@ -11,4 +18,6 @@ __all__ = [
     "merge_attention_states",
     "merge_attention_states_reference",
     "rotate_half",
+    "rotate_keys",
+    "rotate_keys_reference",
 ]

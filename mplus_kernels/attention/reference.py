@@ -32,6 +32,18 @@ def apply_rope(x: Tensor, positions: Tensor, rope_cos: Tensor, rope_sin: Tensor)
     return x * cos + rotate_half(x) * sin
 
 
+def rotate_keys_reference(k: Tensor, positions: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+    """``k [B, N, H, D]`` (keys before RoPE) rotated by the rows ``positions [N]`` of the fp32 tables ``[P, D/2]``, in
+    fp32 with each product rounded before the sum, rounded once to ``k``'s dtype: what ``rotate_keys`` computes, bit
+    for bit. Contiguous, ``k``'s dtype."""
+    h = k.shape[-1] // 2
+    x = k.float()
+    a, b = x[..., :h], x[..., h:]  # RoPE mixes dims d and d + D/2 (rotate_half's convention)
+    p = positions.long()
+    c, s = rope_cos[p][:, None], rope_sin[p][:, None]  # [N, 1, D/2]
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1).to(k.dtype)
+
+
 def memory_attention_reference(
     q: Tensor,
     k: Tensor,
