@@ -108,6 +108,18 @@ def assert_within_reference_error(
         )
 
 
+def rope_rotation64(k: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``k [..., N, H, D]`` rotated by the table rows ``positions [N]`` in float64 (rotate_half's convention), and the
+    size of its terms (``|a cos| + |b sin|`` per element): a bound on the fp32 arithmetic's error is a few ulps of it.
+    """
+    d = k.shape[-1]
+    c, s = cos[positions.long()].double()[:, None, :], sin[positions.long()].double()[:, None, :]
+    a, b = k[..., : d // 2].double(), k[..., d // 2 :].double()
+    want = torch.cat([a * c - b * s, b * c + a * s], -1)
+    size = torch.cat([(a * c).abs() + (b * s).abs(), (b * c).abs() + (a * s).abs()], -1)
+    return want, size
+
+
 def nan_like(t: Tensor) -> Tensor:
     """An output buffer filled with NaN (or the int minimum), so unwritten elements are caught."""
     if t.is_floating_point():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mplus_kernels import _backend, rotate_keys, rotate_keys_reference
-from mplus_kernels.testing import assert_equal
+from mplus_kernels.testing import assert_equal, rope_rotation64
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 needs_cpp = pytest.mark.skipif(not _backend.cpp_available(), reason="the C++ extension is not built")
@@ -31,16 +31,6 @@ def _inputs(b=2, n=37, h=3, d=64, dtype=torch.bfloat16, table=90, seed=0, layout
     positions = torch.randperm(table, generator=g)[:n]
     angles = torch.rand(table, d // 2, generator=g) * 6.3
     return k, positions, torch.cos(angles), torch.sin(angles)
-
-
-def _rotate64(k, positions, cos, sin):
-    """The rotation in float64, and the size of its terms (|a cos| + |b sin| per element)."""
-    d = k.shape[-1]
-    c, s = cos[positions.long()].double()[:, None, :], sin[positions.long()].double()[:, None, :]
-    a, b = k[..., : d // 2].double(), k[..., d // 2 :].double()
-    want = torch.cat([a * c - b * s, b * c + a * s], -1)
-    size = torch.cat([(a * c).abs() + (b * s).abs(), (b * c).abs() + (a * s).abs()], -1)
-    return want, size
 
 
 @needs_cpp
@@ -65,7 +55,7 @@ def test_reference_within_one_rounding(dtype):
     the dtype (half an ulp of the result)."""
     k, positions, cos, sin = _inputs(n=200, h=4, d=128, dtype=dtype, table=400)
     got = rotate_keys_reference(k, positions, cos, sin).double()
-    want, size = _rotate64(k, positions, cos, sin)
+    want, size = rope_rotation64(k, positions, cos, sin)
     half_ulp = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     bound = half_ulp * want.abs() + 3 * 2.0**-24 * size
     excess = (got - want).abs() - bound

@@ -20,17 +20,7 @@ from mplus.checkpoint import load_official_memory
 from mplus.model import MPlusForCausalLM
 from mplus.segments import MemoryKV
 from mplus_kernels.attention import memory_attention
-from mplus_kernels.testing import assert_close, assert_equal
-
-
-def _rotate64(k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The rotation by the tables' rows in float64, and the size of its terms (|a cos| + |b sin| per element)."""
-    d = k.shape[-1]
-    c, s = cos[positions.long()].double()[:, None, :], sin[positions.long()].double()[:, None, :]
-    a, b = k[..., : d // 2].double(), k[..., d // 2 :].double()
-    want = torch.cat([a * c - b * s, b * c + a * s], -1)
-    size = torch.cat([(a * c).abs() + (b * s).abs(), (b * c).abs() + (a * s).abs()], -1)
-    return want, size
+from mplus_kernels.testing import assert_close, assert_equal, rope_rotation64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -54,7 +44,7 @@ def test_rotated_segment(dtype, shared):
     assert rot.k.dtype == dtype and rot.k.shape == k.shape
     assert (rot.k.stride(0) == 0) == shared, "a shared memory must stay one rotated copy"
     assert_equal(k, before, name="source keys")
-    want, size = _rotate64(k, positions, cos, sin)
+    want, size = rope_rotation64(k, positions, cos, sin)
     # one rounding to the dtype (half an ulp of the result) plus the fp32 arithmetic (a few ulps of its terms)
     half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
     bound = half_ulp * want.abs() + 3 * 2.0**-24 * size

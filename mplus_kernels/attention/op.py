@@ -33,6 +33,28 @@ OP_ATTENTION = "mplus::memory_attention"
 OP_MERGE = "mplus::merge_attention_states"
 
 
+def check_rope_tables(
+    fn: str, name: str, positions: Tensor, rope_cos: Tensor, rope_sin: Tensor, d: int, device: torch.device, where: str
+) -> None:
+    """The RoPE tables: fp32 ``[P, D/2]`` of one shape on ``device`` (that of argument ``where``), and the values of
+    ``positions`` (argument ``name``) rows of them, where they can be read without a device sync."""
+    for table, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        t = check_tensor(fn, table, t)
+        if t.dim() != 2 or t.shape[1] != d // 2:
+            raise ValueError(f"{fn}: {table} must be [P, D/2={d // 2}], got {_shape(t)}")
+        check_float(fn, table, t, torch.float32)
+        check_device(fn, table, t, device, where)
+    if rope_sin.shape != rope_cos.shape:
+        raise ValueError(f"{fn}: rope_sin {_shape(rope_sin)} must have rope_cos's shape {_shape(rope_cos)}")
+    if positions.numel() > 0 and host_values(positions):
+        lo, hi = (int(x) for x in torch.aminmax(positions))
+        p = rope_cos.shape[0]
+        if lo < 0 or hi >= p:
+            raise ValueError(
+                f"{fn}: {name} must index the {p} rows of rope_cos/rope_sin (0 <= pos < {p}), got range [{lo}, {hi}]"
+            )
+
+
 def _validate_attention(
     q: Tensor,
     k: Tensor,
@@ -98,22 +120,7 @@ def _validate_attention(
         check_device(fn, "mem_pos", mem_pos, device, "q")
         if rope_cos is None or rope_sin is None:
             raise ValueError(f"{fn}: mem_pos needs both rope_cos and rope_sin tables [P, D/2={d // 2}]")
-        for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-            t = check_tensor(fn, name, t)
-            if t.dim() != 2 or t.shape[1] != d // 2:
-                raise ValueError(f"{fn}: {name} must be [P, D/2={d // 2}], got {_shape(t)}")
-            check_float(fn, name, t, torch.float32)
-            check_device(fn, name, t, device, "q")
-        if rope_sin.shape != rope_cos.shape:
-            raise ValueError(f"{fn}: rope_sin {_shape(rope_sin)} must have rope_cos's shape {_shape(rope_cos)}")
-        if m > 0 and host_values(mem_pos):
-            lo, hi = (int(x) for x in torch.aminmax(mem_pos))
-            p = rope_cos.shape[0]
-            if lo < 0 or hi >= p:
-                raise ValueError(
-                    f"{fn}: mem_pos must index the {p} rows of rope_cos/rope_sin (0 <= pos < {p}), "
-                    f"got range [{lo}, {hi}]"
-                )
+        check_rope_tables(fn, "mem_pos", mem_pos, rope_cos, rope_sin, d, device, "q")
 
     tk = k.shape[1]
     for name, t in (("kv_len", kv_len), ("kv_start", kv_start)):

@@ -21,11 +21,10 @@ from .._utils import (
     check_no_grad,
     check_same_device,
     check_tensor,
-    host_values,
     register_no_backward,
 )
 from .._utils import shape_str as _shape
-from .op import _route
+from .op import _route, check_rope_tables
 from .reference import rotate_keys_reference
 
 OP_ROTATE = "mplus::rotate_keys"
@@ -46,21 +45,7 @@ def _validate(k: Tensor, positions: Tensor, rope_cos: Tensor, rope_sin: Tensor) 
     if positions.dim() != 1 or positions.shape[0] != n:
         raise ValueError(f"{fn}: positions must be [N={n}] (one position per key row of k), got {_shape(positions)}")
     check_device(fn, "positions", positions, k.device, "k")
-    for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-        t = check_tensor(fn, name, t)
-        if t.dim() != 2 or t.shape[1] != d // 2:
-            raise ValueError(f"{fn}: {name} must be [P, D/2={d // 2}], got {_shape(t)}")
-        check_float(fn, name, t, torch.float32)
-        check_device(fn, name, t, k.device, "k")
-    if rope_sin.shape != rope_cos.shape:
-        raise ValueError(f"{fn}: rope_sin {_shape(rope_sin)} must have rope_cos's shape {_shape(rope_cos)}")
-    if n > 0 and host_values(positions):
-        lo, hi = (int(x) for x in torch.aminmax(positions))
-        p = rope_cos.shape[0]
-        if lo < 0 or hi >= p:
-            raise ValueError(
-                f"{fn}: positions must index the {p} rows of rope_cos/rope_sin (0 <= pos < {p}), got range [{lo}, {hi}]"
-            )
+    check_rope_tables(fn, "positions", positions, rope_cos, rope_sin, d, k.device, "k")
     check_no_grad(fn, {"k": k, "positions": positions, "rope_cos": rope_cos, "rope_sin": rope_sin})
 
 
