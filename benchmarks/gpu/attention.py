@@ -203,6 +203,7 @@ def run(rec: Recorder) -> None:
         if not missing_fa:
             case(tq, "flash_attn", _flash_attn)
     _shared_memory_decode(rec)
+    _rotate_keys(rec)
     for tq in TQS:
         if tq in inputs:
             case(tq, "flex", _flex, min_budget_s=25.0)
@@ -237,6 +238,35 @@ def _shared_memory_decode(rec: Recorder) -> None:
             dtype=DTYPE,
             flops=4 * D * HQ * B_SHARED * (M + 1),
             moved_bytes=(2 * M * HKV * D + 2 * B_SHARED * HKV * D + 2 * B_SHARED * HQ * D) * 2,
+            check=(lambda o, ref=ref: {"max_abs_diff_vs_mplus": max_abs_diff(o, ref)}) if ref is not None else None,
+        )
+        if provider == "mplus":
+            ref = out
+
+
+STM_ROWS = 10_240  # one layer's short-term keys at mplus-8b's sizes
+
+
+def _rotate_keys(rec: Recorder) -> None:
+    """The rotation a generation does once per layer and state at its prefill (``MemoryKV.rotated``): ``mplus`` the
+    Triton kernel behind ``mk.rotate_keys``, ``reference`` its torch reference; bit for bit the same (``max_abs_diff``
+    0 expected). ``gbps`` counts the keys read, the rotated keys written and the table rows read."""
+    try:
+        one = _inputs(1)
+        args = (one["mem_k"][:, M - STM_ROWS :], one["mem_pos"][M - STM_ROWS :], one["cos"], one["sin"])
+    except Exception as exc:
+        rec.note("attention/rotate keys", error=f"inputs: {type(exc).__name__}: {exc}")
+        return
+    key_bytes = B * STM_ROWS * HKV * D * 2
+    ref = None
+    for provider, fn in (("mplus", mk.rotate_keys), ("reference", mk.rotate_keys_reference)):
+        out = rec.measure(
+            "attention/rotate keys",
+            provider,
+            lambda fn=fn: (lambda: fn(*args)),
+            shape=f"B{B} N{STM_ROWS} H{HKV} D{D} (one layer's short-term keys)",
+            dtype=DTYPE,
+            moved_bytes=2 * key_bytes + STM_ROWS * D * 4,
             check=(lambda o, ref=ref: {"max_abs_diff_vs_mplus": max_abs_diff(o, ref)}) if ref is not None else None,
         )
         if provider == "mplus":
