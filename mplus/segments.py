@@ -191,8 +191,15 @@ def prefix_segment(
     """The prefix segment of len(rows) sequences, each its own: row b attends [BOS ; ``rows[b]``] at positions
     ``0 .. R`` (BOS 0, its long-term rows 1..R in age order). ``bos_k/bos_v [1, Hkv, D]``, ``rows[b] = (k, v)`` each
     ``[R, Hkv, D]`` (the same R for every row) → ``k/v [len(rows), 1 + R, Hkv, D]``."""
-    seg_k = torch.stack([torch.cat([bos_k, k]) for k, _ in rows])
-    seg_v = torch.stack([torch.cat([bos_v, v]) for _, v in rows])
+    r = rows[0][0].shape[0]
+    seg_k = bos_k.new_empty((len(rows), 1 + r, *bos_k.shape[1:]))  # one copy of each row (not a cat, then a stack)
+    seg_v = bos_v.new_empty(seg_k.shape)
+    seg_k[:, 0], seg_v[:, 0] = bos_k[0], bos_v[0]
+    for b, (k, v) in enumerate(rows):
+        if k.shape != (r, *seg_k.shape[2:]) or v.shape != k.shape:
+            raise ValueError(f"prefix_segment: rows[{b}] has k {tuple(k.shape)}, v {tuple(v.shape)}; expected "
+                             f"{(r, *seg_k.shape[2:])} like rows[0] (R rows of [Hkv, D] each)")  # fmt: skip
+        seg_k[b, 1:], seg_v[b, 1:] = k, v
     positions = torch.arange(seg_k.shape[1], dtype=torch.int32, device=seg_k.device)
     return MemoryKV(seg_k, seg_v, positions, rope_cos, rope_sin)
 

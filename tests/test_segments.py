@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mplus.attention import FusedMemoryAttention, rope_tables
-from mplus.segments import MemoryKV, MemorySegments, PendingSegment, layer_segments, shared_segment
+from mplus.segments import MemoryKV, MemorySegments, PendingSegment, layer_segments, prefix_segment, shared_segment
 from mplus_kernels.testing import assert_close, assert_equal
 
 D, HQ, HKV, P = 16, 4, 2, 64  # head dim, query / key-value heads, RoPE table rows
@@ -118,3 +118,18 @@ def test_layer_segments_share_the_short_term_rows_and_number_the_prefix():
     assert_equal(shared[1].positions, torch.arange(2, dtype=torch.int32), name="prefix positions")
     per_row = layer_segments([(k, v, pos), (k, v, pos + 1)], (pre_k, pre_v), cos, sin, batch=2)
     assert isinstance(per_row[0], list) and len(per_row[0]) == 2 and per_row[0][1].k.shape == (1, 5, HKV, D)
+
+
+def test_prefix_segment_rows_and_refusal():
+    """[BOS ; each row's long-term rows] per row, at positions 0..R, in one buffer; rows of another size are refused
+    by name (a copy would broadcast a single row silently)."""
+    g = torch.Generator().manual_seed(3)
+    bos_k, bos_v = torch.randn(1, 2, 8, generator=g), torch.randn(1, 2, 8, generator=g)
+    rows = [(torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)) for _ in range(3)]
+    cos = sin = torch.zeros(10, 4)
+    seg = prefix_segment(bos_k, bos_v, rows, cos, sin)
+    assert torch.equal(seg.k, torch.stack([torch.cat([bos_k, k]) for k, _ in rows]))
+    assert torch.equal(seg.v, torch.stack([torch.cat([bos_v, v]) for _, v in rows]))
+    assert seg.positions.tolist() == list(range(6))
+    with pytest.raises(ValueError, match=r"rows\[1\] has k \(1, 2, 8\)"):
+        prefix_segment(bos_k, bos_v, [rows[0], (rows[1][0][:1], rows[1][1][:1])], cos, sin)
