@@ -53,8 +53,8 @@
 //   and 6 loads/broadcasts) and ~34 ns fp32, against ~38 / 75 ns of memory time per core at 80% of the probe: the
 //   compute fits, the overlap does not (splits of 2048 or 4096 keys, prefetching two blocks ahead: within the noise;
 //   no software prefetch: 30% slower).
-// * make bench on that machine kind (2026-12-07/08): keys given rotated 1.94 ms (84% of a 30.0 GB/s probe) against
-//   2.79 ms (59%) rotating in the kernel in a quiet run; 3.68 against 3.52 ms in a busy one (fp32 peak 165), and
+// * make bench on that machine kind (2026-12-07/08): keys given rotated 1.94 ms (84% of a 32.1 GB/s probe) against
+//   2.79 ms (59%) rotating in the kernel in one run; 3.68 against 3.52 ms in the next (fp32 peak 165), and
 //   2.7-3.4 against 3.6-4.1 ms in reruns: on a shared machine the overlap, not the instruction count, sets the time.
 
 constexpr int kDecodeBlock = 64;                       // keys per softmax step
