@@ -94,6 +94,27 @@ def test_triton_matches_reference(dtype):
         assert got.shape == want.shape and got.dtype == want.dtype
 
 
+def test_triton_tables_of_any_layout_and_clamped_positions():
+    """The Triton launcher reads the tables whatever their strides (a transposed sin beside a contiguous cos), and
+    clamps a position outside them to the last row in the kernel, as the attention kernel does (device values are
+    not checked on the host): never an out-of-bounds read."""
+    pytest.importorskip("triton")
+    if _backend.triton_unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("Triton runs on CPU tensors only under the interpreter")
+    from mplus_kernels.attention import triton_rotate
+
+    k, positions, cos, sin = _inputs(n=9, h=3, d=32, dtype=torch.float32)
+    sin_t = sin.t().contiguous().t()  # the same values, strides (1, P)
+    got = triton_rotate.rotate_keys_fwd(k, positions.int(), cos, sin_t)
+    assert_equal(got, rotate_keys_reference(k, positions, cos, sin), name="triton, strided sin table")
+    past = positions.int().clone()
+    past[2] = 90 + 5  # beyond the 90 table rows
+    clamped = positions.clone()
+    clamped[2] = 89
+    got = triton_rotate.rotate_keys_fwd(k, past, cos, sin)
+    assert_equal(got, rotate_keys_reference(k, clamped, cos, sin), name="triton, position clamped to the tables")
+
+
 @needs_cpp
 def test_positions_int32_and_empty():
     k, positions, cos, sin = _inputs()
