@@ -63,6 +63,17 @@ void check_operand(const char* name, const Tensor& t, const Tensor& q, int64_t B
                     "]");
 }
 
+// The RoPE tables of head dim D: CPU float32 [P, D/2], rope_sin shaped like rope_cos.
+void check_rope_tables(const char* op, const Tensor& rope_cos, const Tensor& rope_sin, int64_t D) {
+  for (const auto& [name, t] : {std::pair{"rope_cos", &rope_cos}, std::pair{"rope_sin", &rope_sin}}) {
+    check_defined(op, name, *t);
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D / 2 && t->device().is_cpu() &&
+                          t->sizes() == rope_cos.sizes(),
+                      op, ": ", name, " must be a CPU float32 [P, D/2=", D / 2, "] tensor shaped like rope_cos, got ",
+                      t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+}
+
 // Kernels read rows through strides but need each row (the last dim) dense; other layouts get a dense copy.
 Tensor dense_rows(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -119,14 +130,7 @@ std::tuple<Tensor, Tensor> memory_attention_cpu(const Tensor& q_in, const Tensor
     TORCH_CHECK_VALUE(D % 2 == 0, "memory_attention: RoPE (mem_pos given) needs an even head dim, got ", D);
     TORCH_CHECK_VALUE(rope_cos.has_value() && rope_sin.has_value(),
                       "memory_attention: mem_pos needs rope_cos/rope_sin");
-    for (const auto& [name, t] : {std::pair{"rope_cos", &*rope_cos}, std::pair{"rope_sin", &*rope_sin}}) {
-      check_defined("memory_attention", name, *t);
-      TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D / 2 &&
-                            t->device().is_cpu() && t->sizes() == rope_cos->sizes(),
-                        "memory_attention: ", name, " must be a CPU float32 [P, D/2=", D / 2,
-                        "] tensor shaped like rope_cos, got ", t->scalar_type(), " ", t->sizes(), " on ",
-                        t->device());
-    }
+    check_rope_tables("memory_attention", *rope_cos, *rope_sin, D);
     pos = mem_pos->contiguous();
     cos = rope_cos->contiguous();
     sin = rope_sin->contiguous();
@@ -225,13 +229,7 @@ Tensor rotate_keys_cpu(const Tensor& k_in, const Tensor& positions, const Tensor
                         positions.device().is_cpu(),
                     "rotate_keys: positions must be a CPU int32 [N=", N, "] tensor, got ", positions.scalar_type(), " ",
                     positions.sizes(), " on ", positions.device());
-  for (const auto& [name, t] : {std::pair{"rope_cos", &rope_cos}, std::pair{"rope_sin", &rope_sin}}) {
-    check_defined("rotate_keys", name, *t);
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D / 2 && t->device().is_cpu() &&
-                          t->sizes() == rope_cos.sizes(),
-                      "rotate_keys: ", name, " must be a CPU float32 [P, D/2=", D / 2,
-                      "] tensor shaped like rope_cos, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
-  }
+  check_rope_tables("rotate_keys", rope_cos, rope_sin, D);
   const Tensor pos = positions.contiguous(), cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
   const int32_t* p = pos.data_ptr<int32_t>();
   const int64_t rows = cos.size(0);
